@@ -1,0 +1,311 @@
+"""A Python client for Parley, on trio-websocket.
+
+    async with open_client("ws://127.0.0.1:8080/ws", token) as client:
+        await client.join("lobby")
+        sent = await client.send("lobby", "hello")      # returns after the durable ack
+        async for event in client.events:                # messages, member events, ...
+            ...
+
+The client answers the server's pings, matches replies to requests by ``id`` and
+keeps each room's position (last seq seen, epoch) in ``positions``: pass that as
+``resume`` to the next ``open_client`` and the server replays what was missed.
+"""
+
+import itertools
+import secrets
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+
+from protocol.codec import decode_server, encode
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.frames import (
+    PROTOCOL_VERSION,
+    Create,
+    Direct,
+    Error,
+    Frame,
+    Hello,
+    History,
+    Invite,
+    Join,
+    Joined,
+    Leave,
+    Message,
+    Ok,
+    Page,
+    Ping,
+    Pong,
+    RoomKind,
+    Send,
+    Sent,
+    Unsubscribe,
+    Welcome,
+)
+
+F = TypeVar("F", bound=Frame)
+EVENT_BUFFER = 100_000
+SUBPROTOCOL = "parley.v1"
+CLOSE_TIMEOUT = 5.0
+
+
+class ServerError(Exception):
+    """The server answered a request with an ``error`` frame."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(f"{error.code} {error.msg}")
+        self.error = error
+        self.code = ErrorCode(error.code) if error.code in ErrorCode._value2member_map_ else None
+
+
+class Disconnected(Exception):
+    """The connection ended before the answer came."""
+
+
+class _Pending:
+    __slots__ = ("done", "frame")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.frame: Frame | None = None
+
+
+class ParleyClient:
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.welcome: Welcome | None = None
+        self.positions: dict[str, tuple[int, str]] = {}
+        self.close_code: int | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._events_send, self.events = trio.open_memory_channel[Frame](EVENT_BUFFER)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def send_frame(self, frame: Frame) -> None:
+        await self.ws.send_message(encode(frame))
+
+    async def request(self, frame: Frame, expect: type[F]) -> F:
+        """Send ``frame`` (with an ``id``) and return the reply; raises ``ServerError``."""
+        request_id: int = frame.id  # type: ignore[attr-defined]
+        pending = self._pending[request_id] = _Pending()
+        try:
+            await self.send_frame(frame)
+            await pending.done.wait()
+        finally:
+            self._pending.pop(request_id, None)
+        reply = pending.frame
+        if reply is None:
+            raise Disconnected(f"connection closed (code {self.close_code})")
+        if isinstance(reply, Error):
+            raise ServerError(reply)
+        if not isinstance(reply, expect):
+            raise TypeError(f"expected {expect.__name__}, got {reply!r}")
+        return reply
+
+    async def create(self, room: str, *, private: bool = False) -> Joined:
+        kind = RoomKind.PRIVATE if private else RoomKind.OPEN
+        return await self.request(Create(id=self.next_id(), room=room, kind=kind), Joined)
+
+    async def join(self, room: str, *, resume: bool = True) -> Joined:
+        """Subscribe to ``room``, replaying from ``positions`` if we have been there."""
+        seq, epoch = self.positions.get(room, (None, None)) if resume else (None, None)
+        return await self.request(Join(id=self.next_id(), room=room, seq=seq, epoch=epoch), Joined)
+
+    async def direct(self, user: str) -> Joined:
+        return await self.request(Direct(id=self.next_id(), user=user), Joined)
+
+    async def leave(self, room: str) -> None:
+        await self.request(Leave(id=self.next_id(), room=room), Ok)
+        self.positions.pop(room, None)
+
+    async def unsubscribe(self, room: str) -> None:
+        await self.request(Unsubscribe(id=self.next_id(), room=room), Ok)
+
+    async def invite(self, room: str, user: str) -> None:
+        await self.request(Invite(id=self.next_id(), room=room, user=user), Ok)
+
+    async def send(
+        self,
+        room: str,
+        text: str | None = None,
+        *,
+        data: dict[str, Any] | None = None,
+        cid: str | None = None,
+        retry: bool = False,
+    ) -> Sent:
+        """Post a message and wait for its sent-ack."""
+        frame = Send(
+            id=self.next_id(),
+            room=room,
+            cid=cid or secrets.token_hex(8),
+            text=text,
+            data=data,
+            retry=retry,
+        )
+        return await self.request(frame, Sent)
+
+    async def history(
+        self,
+        room: str,
+        *,
+        before: int | None = None,
+        after: int | None = None,
+        limit: int | None = None,
+    ) -> Page:
+        frame = History(id=self.next_id(), room=room, before=before, after=after, limit=limit)
+        return await self.request(frame, Page)
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds."""
+        started = trio.current_time()
+        await self.request(Ping(id=self.next_id()), Pong)
+        return trio.current_time() - started
+
+    async def next_event(self, kind: type[F] | None = None) -> Any:
+        """The next event (of type ``kind``, skipping others if given)."""
+        while True:
+            event = await self.events.receive()
+            if kind is None or isinstance(event, kind):
+                return event
+
+    # --- the reader -------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    data = await self.ws.get_message()
+                except ConnectionClosed as closed:
+                    self.close_code = closed.reason.code if closed.reason else None
+                    return
+                try:
+                    frame = decode_server(data if isinstance(data, bytes) else data.encode())
+                except RemoteProtocolError as exc:
+                    if exc.code is ErrorCode.UNKNOWN_TYPE:
+                        continue  # from a newer server: ignore, as PROTOCOL.md says
+                    raise
+                self._track(frame)
+                request_id = getattr(frame, "id", None)
+                if isinstance(frame, Ping) and request_id is None:
+                    await self.send_frame(Pong())
+                    continue
+                pending = self._pending.get(request_id) if request_id is not None else None
+                if pending is not None:
+                    pending.frame = frame
+                    pending.done.set()
+                else:
+                    await self._events_send.send(frame)
+        finally:
+            for pending in self._pending.values():
+                pending.done.set()
+            self._events_send.close()
+
+    def _track(self, frame: Frame) -> None:
+        if isinstance(frame, Message):
+            epoch = self.positions.get(frame.room, (0, ""))[1]
+            self.positions[frame.room] = (frame.seq, epoch)
+        elif isinstance(frame, Joined):
+            seen = self.positions.get(frame.room)
+            if frame.recovered and seen is not None:
+                self.positions[frame.room] = (seen[0], frame.epoch)
+            else:  # a fresh start: live messages come after the head
+                self.positions[frame.room] = (frame.seq, frame.epoch)
+
+
+async def handshake(
+    client: ParleyClient, token: str, resume: dict[str, tuple[int, str]] | None
+) -> Welcome:
+    await client.send_frame(Hello(v=PROTOCOL_VERSION, token=token, resume=resume or None))
+    while True:
+        try:
+            frame = decode_server(await client.ws.get_message())  # type: ignore[arg-type]
+        except ConnectionClosed as closed:
+            raise Disconnected(f"closed during hello: {closed.reason}") from None
+        if isinstance(frame, Welcome):
+            return frame
+        if isinstance(frame, Error):
+            raise ServerError(frame)
+
+
+@asynccontextmanager
+async def open_websocket(
+    url: str, *, max_message_size: int = 2**24
+) -> AsyncIterator[WebSocketConnection]:
+    """A WebSocket to ``url`` (ws:// or wss://) whose TCP stream we own and close.
+
+    trio-websocket's own ``open_websocket_url`` leaves the client socket open when the
+    server ends the connection first, which a long-running client would leak.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a WebSocket URL: {url!r}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    resource = parts.path or "/"
+    if parts.query:
+        resource += "?" + parts.query
+    tcp = await trio.open_tcp_stream(parts.hostname, port)
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
+    try:
+        if secure:
+            stream = trio.SSLStream(
+                tcp, ssl.create_default_context(), server_hostname=parts.hostname
+            )
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery,
+                stream,
+                parts.netloc,
+                resource,
+                subprotocols=[SUBPROTOCOL],
+                max_message_size=max_message_size,
+                message_queue_size=EVENT_BUFFER,
+            )
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def open_client(
+    url: str,
+    token: str,
+    *,
+    resume: dict[str, tuple[int, str]] | None = None,
+    max_message_size: int = 2**24,
+) -> AsyncIterator[ParleyClient]:
+    """Connect, authenticate and keep reading until the block ends."""
+    async with open_websocket(url, max_message_size=max_message_size) as ws:
+        async with run_client(ws, token, resume=resume) as client:
+            yield client
+
+
+@asynccontextmanager
+async def run_client(
+    ws: WebSocketConnection, token: str, *, resume: dict[str, tuple[int, str]] | None = None
+) -> AsyncIterator[ParleyClient]:
+    """Authenticate on an open WebSocket (of any transport) and run the reader."""
+    client = ParleyClient(ws)
+    if resume:
+        client.positions.update(resume)
+    client.welcome = await handshake(client, token, resume)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client._read)
+        try:
+            yield client
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,76 @@
+"""Error codes, close codes and the protocol's exceptions.
+
+Error codes travel in ``error`` frames and are stable: a client may switch on them.
+Close codes travel in the WebSocket close frame when the server ends a session.
+Both tables are reproduced in PROTOCOL.md; ``tests/test_codec.py`` checks they agree.
+"""
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """The ``code`` of an ``error`` frame."""
+
+    # 1xx: the client's frame is wrong; the session goes on.
+    BAD_FRAME = 100
+    UNKNOWN_TYPE = 101
+    INVALID = 102
+    TOO_LARGE = 103
+    RATE_LIMITED = 104
+    NOT_AUTHENTICATED = 105
+    ALREADY_AUTHENTICATED = 106
+    UNSUPPORTED_VERSION = 107
+    UNAUTHORIZED = 108
+    # 2xx: the request is well formed but not allowed.
+    FORBIDDEN = 200
+    NOT_FOUND = 201
+    ROOM_EXISTS = 202
+    TOO_MANY_ROOMS = 203
+    # 3xx: the server cannot do it now; retrying later may work.
+    TRY_LATER = 300
+    INTERNAL = 301
+    TIMEOUT = 302
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server sends."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    INVALID_DATA = 1007
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    UNAUTHORIZED = 4001
+    UNSUPPORTED_VERSION = 4002
+    HELLO_TIMEOUT = 4003
+    IDLE_TIMEOUT = 4004
+    SLOW_CONSUMER = 4005
+    TOO_MANY_ERRORS = 4006
+
+
+class ProtocolError(Exception):
+    """A violation of the Parley protocol.
+
+    ``code`` is what the ``error`` frame carries; ``close`` is set when the session
+    must end, with that WebSocket close code; ``request_id`` lets the error frame name
+    the request it answers.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, *, close: CloseCode | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.close = close
+        self.request_id: int | None = None  # the ``id`` of the offending frame, if readable
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code.name}, {self.message!r})"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something that breaks the protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to send something that breaks the protocol: a bug on our side."""

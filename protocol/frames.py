@@ -1,0 +1,323 @@
+"""The frames of the Parley protocol, version 1.
+
+Every WebSocket binary message is one CBOR map. Key 0 holds the frame type; every
+other key is a field number from one table shared by all frames (``FIELD_KEYS``), so a
+client needs one dictionary, and a load generator can pick ``seq`` (3) out of any frame
+without knowing its type. Unknown keys are ignored. PROTOCOL.md is the reference for
+mobile developers; the classes here are its executable form.
+"""
+
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import attrs
+
+PROTOCOL_VERSION = 1
+
+#: Field name -> CBOR map key. Never renumber: clients in the field depend on it.
+FIELD_KEYS: dict[str, int] = {
+    "id": 1,
+    "room": 2,
+    "seq": 3,
+    "ts": 4,
+    "user": 5,
+    "cid": 6,
+    "text": 7,
+    "data": 8,
+    "token": 9,
+    "v": 10,
+    "resume": 11,
+    "code": 12,
+    "msg": 13,
+    "before": 14,
+    "after": 15,
+    "limit": 16,
+    "items": 17,
+    "kind": 18,
+    "epoch": 19,
+    "recovered": 20,
+    "session": 21,
+    "ping": 22,
+    "limits": 23,
+    "more": 24,
+    "retry": 25,
+    "op": 26,
+    "by": 27,
+    "owner": 28,
+    "delay": 29,
+}
+FIELD_NAMES: dict[int, str] = {key: name for name, key in FIELD_KEYS.items()}
+TYPE_KEY = 0
+
+
+class RoomKind(IntEnum):
+    OPEN = 0  # any authenticated user may join
+    PRIVATE = 1  # members only, added by the owner or the admin API
+    DIRECT = 2  # exactly two users, found-or-created with a ``direct`` frame
+
+
+class MemberOp(IntEnum):
+    ADDED = 0
+    REMOVED = 1
+
+
+class Frame:
+    """Base of all frames; ``TYPE`` is the value of key 0."""
+
+    TYPE: ClassVar[int]
+    __slots__ = ()
+
+
+# --- either direction -------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Ping(Frame):
+    """Keep-alive. The server pings an idle client; a client may ping to measure RTT."""
+
+    TYPE = 2
+    id: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Pong(Frame):
+    """Answer to ``ping``, echoing its ``id``."""
+
+    TYPE = 3
+    id: int | None = None
+
+
+# --- client to server ---------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Hello(Frame):
+    """First frame of a session: authenticate, pick the version, resume rooms.
+
+    ``resume`` maps a room to ``[last seen seq, epoch]``.
+    """
+
+    TYPE = 1
+    v: int
+    token: str
+    resume: dict[str, tuple[int, str]] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Create(Frame):
+    """Create an open or private room; the creator owns it, joins it and subscribes."""
+
+    TYPE = 10
+    id: int
+    room: str
+    kind: RoomKind = RoomKind.OPEN
+
+
+@attrs.frozen(kw_only=True)
+class Join(Frame):
+    """Subscribe this session to a room, becoming a member of an open room.
+
+    With ``seq`` and ``epoch`` the server first replays what came after ``seq``.
+    """
+
+    TYPE = 11
+    id: int
+    room: str
+    seq: int | None = None
+    epoch: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Leave(Frame):
+    """Stop being a member of the room (every session of the user is unsubscribed)."""
+
+    TYPE = 12
+    id: int
+    room: str
+
+
+@attrs.frozen(kw_only=True)
+class Invite(Frame):
+    """Add ``user`` as a member of ``room``."""
+
+    TYPE = 13
+    id: int
+    room: str
+    user: str
+
+
+@attrs.frozen(kw_only=True)
+class Direct(Frame):
+    """Find or create the direct room with ``user``, and subscribe to it."""
+
+    TYPE = 14
+    id: int
+    user: str
+
+
+@attrs.frozen(kw_only=True)
+class Send(Frame):
+    """Post a message. ``cid`` makes it idempotent; ``retry`` marks a resend."""
+
+    TYPE = 15
+    id: int
+    room: str
+    cid: str
+    text: str | None = None
+    data: dict[str, Any] | None = None
+    retry: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class History(Frame):
+    """Fetch a page of a room's messages, newest first below ``before``, or oldest
+    first above ``after``."""
+
+    TYPE = 16
+    id: int
+    room: str
+    before: int | None = None
+    after: int | None = None
+    limit: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Unsubscribe(Frame):
+    """Stop receiving a room's events in this session; membership is kept."""
+
+    TYPE = 17
+    id: int
+    room: str
+
+
+# --- server to client ---------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Welcome(Frame):
+    TYPE = 4
+    session: str
+    user: str
+    v: int
+    ping: int
+    ts: int
+    limits: dict[str, int]
+
+
+@attrs.frozen(kw_only=True)
+class Error(Frame):
+    TYPE = 5
+    code: int
+    msg: str
+    id: int | None = None
+    room: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Goaway(Frame):
+    """The server is going away: reconnect (elsewhere) after ``delay`` ms."""
+
+    TYPE = 6
+    msg: str
+    delay: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Ok(Frame):
+    TYPE = 7
+    id: int
+
+
+@attrs.frozen(kw_only=True)
+class Joined(Frame):
+    """The session is subscribed to ``room``; ``seq`` is the room's head when it was.
+
+    Without ``id`` it reports the outcome of a room named in ``hello``'s ``resume``.
+    """
+
+    TYPE = 20
+    room: str
+    kind: RoomKind
+    seq: int
+    epoch: str
+    id: int | None = None
+    owner: str | None = None
+    recovered: bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Sent(Frame):
+    """Durable acknowledgement of a ``send``."""
+
+    TYPE = 21
+    id: int
+    room: str
+    cid: str
+    seq: int
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class Message(Frame):
+    """A message in a room. ``user`` is absent for messages the server published."""
+
+    TYPE = 22
+    room: str
+    seq: int
+    ts: int
+    cid: str
+    user: str | None = None
+    text: str | None = None
+    data: dict[str, Any] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Page(Frame):
+    """Answer to ``history``: messages in ascending ``seq``."""
+
+    TYPE = 23
+    id: int
+    room: str
+    epoch: str
+    items: tuple[Message, ...]
+    more: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class Member(Frame):
+    """``user`` was added to or removed from ``room`` (``by`` whom, if a user)."""
+
+    TYPE = 24
+    room: str
+    user: str
+    op: MemberOp
+    kind: RoomKind | None = None
+    by: str | None = None
+
+
+CLIENT_FRAMES: tuple[type[Frame], ...] = (
+    Hello,
+    Ping,
+    Pong,
+    Create,
+    Join,
+    Leave,
+    Invite,
+    Direct,
+    Send,
+    History,
+    Unsubscribe,
+)
+SERVER_FRAMES: tuple[type[Frame], ...] = (
+    Welcome,
+    Ping,
+    Pong,
+    Error,
+    Goaway,
+    Ok,
+    Joined,
+    Sent,
+    Message,
+    Page,
+    Member,
+)

@@ -1,0 +1,368 @@
+"""protocol/codec.py: vectors from PROTOCOL.md, round trips, and hostile input."""
+
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.codec import check_data, decode_client, decode_server, encode, from_fields
+from protocol.errors import CloseCode, ErrorCode, RemoteProtocolError
+from protocol.frames import (
+    CLIENT_FRAMES,
+    FIELD_KEYS,
+    SERVER_FRAMES,
+    Create,
+    Frame,
+    Hello,
+    History,
+    Join,
+    Message,
+    Page,
+    Send,
+    Welcome,
+)
+from protocol.limits import Limits, direct_room_id, direct_room_users
+from tests.vectors import VECTORS
+
+PROTOCOL_MD = (Path(__file__).parent.parent / "PROTOCOL.md").read_text()
+LIMITS = Limits()
+
+
+def _doc_vectors() -> dict[str, str]:
+    return dict(re.findall(r"^vector (\S+): ([0-9a-f]+)$", PROTOCOL_MD, re.MULTILINE))
+
+
+def _decode_any(data: bytes, frame: Frame) -> Frame:
+    if type(frame) in CLIENT_FRAMES:
+        return decode_client(data, LIMITS)
+    return decode_server(data)
+
+
+# --- the document ---------------------------------------------------------------------
+
+
+def test_protocol_md_has_every_vector_and_no_other() -> None:
+    assert set(_doc_vectors()) == set(VECTORS)
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_vector_encodes_to_documented_bytes(name: str) -> None:
+    assert encode(VECTORS[name]).hex() == _doc_vectors()[name]
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_documented_bytes_decode_to_vector(name: str) -> None:
+    frame = VECTORS[name]
+    assert _decode_any(bytes.fromhex(_doc_vectors()[name]), frame) == frame
+
+
+def test_error_code_table_matches_the_code() -> None:
+    section = PROTOCOL_MD.split("## 9. Errors")[1].split("## 10.")[0]
+    documented = {int(c): n for c, n in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
+    assert documented == {int(c): c.name for c in ErrorCode}
+
+
+def test_close_code_table_matches_the_code() -> None:
+    section = PROTOCOL_MD.split("## 10. Close codes")[1].split("## 11.")[0]
+    documented = {int(c): n for c, n in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
+    assert documented == {int(c): c.name for c in CloseCode}
+
+
+def test_field_table_matches_the_code() -> None:
+    section = PROTOCOL_MD.split("## 2. Encoding")[1].split("Rules:")[0]
+    documented = {n: int(k) for k, n in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
+    assert documented == {"t": 0, **FIELD_KEYS}
+
+
+def test_frame_types_are_documented() -> None:
+    section = PROTOCOL_MD.split("## 4. Frames")[1].split("## 5.")[0]
+    documented = {int(t): n for t, n in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
+    expected = {cls.TYPE: cls.__name__.lower() for cls in {*CLIENT_FRAMES, *SERVER_FRAMES}}
+    assert documented == expected
+
+
+# --- round trips ---------------------------------------------------------------------
+
+uint = st.integers(min_value=0, max_value=2**53 - 1)
+room_ids = st.from_regex(r"[A-Za-z0-9_.@+=~-][A-Za-z0-9_.@+=~:-]{0,20}", fullmatch=True).filter(
+    lambda r: not r.startswith("dm:")
+)
+user_ids = st.from_regex(r"[A-Za-z0-9_.@+=~-]{1,20}", fullmatch=True)
+texts = st.text(max_size=50)
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | texts
+    | st.binary(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+data_maps = st.dictionaries(
+    texts,
+    st.recursive(
+        json_leaf,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+        max_leaves=10,
+    ),
+    max_size=5,
+)
+
+
+def _frames_of(cls: type[Frame]) -> st.SearchStrategy[Frame]:
+    overrides: dict[type[Frame], st.SearchStrategy[Frame]] = {
+        Send: st.builds(
+            Send,
+            id=uint,
+            room=room_ids,
+            cid=st.text(min_size=1, max_size=64),
+            text=texts,
+            data=st.none() | data_maps,
+            retry=st.booleans(),
+        ),
+        Join: st.one_of(
+            st.builds(Join, id=uint, room=room_ids),
+            st.builds(Join, id=uint, room=room_ids, seq=uint, epoch=st.text(max_size=32)),
+        ),
+        History: st.builds(
+            History,
+            id=uint,
+            room=room_ids,
+            before=st.none() | uint,
+            limit=st.none() | st.integers(1, 100),
+        ),
+        Hello: st.builds(
+            Hello,
+            v=uint,
+            token=texts,
+            resume=st.none()
+            | st.dictionaries(room_ids, st.tuples(uint, st.text(max_size=32)), max_size=5),
+        ),
+        Create: st.builds(Create, id=uint, room=room_ids),
+        Page: room_ids.flatmap(
+            lambda room: st.builds(
+                Page,
+                id=uint,
+                room=st.just(room),
+                epoch=texts,
+                more=st.booleans(),
+                items=st.lists(
+                    st.builds(
+                        Message,
+                        room=st.just(room),
+                        seq=uint,
+                        ts=uint,
+                        cid=texts,
+                        user=st.none() | user_ids,
+                        text=st.none() | texts,
+                    ),
+                    max_size=4,
+                ).map(tuple),
+            )
+        ),
+        Welcome: st.builds(
+            Welcome,
+            session=texts,
+            user=user_ids,
+            v=uint,
+            ping=uint,
+            ts=uint,
+            limits=st.dictionaries(texts, uint, max_size=5),
+        ),
+        Message: st.builds(
+            Message,
+            room=room_ids,
+            seq=uint,
+            ts=uint,
+            cid=texts,
+            user=st.none() | user_ids,
+            text=st.none() | texts,
+            data=st.none() | data_maps,
+        ),
+    }
+    if cls in overrides:
+        return overrides[cls]
+    fields: dict[str, Any] = {}
+    for a in attrs.fields(cls):  # type: ignore[arg-type]
+        name = a.name
+        if name in ("room",):
+            fields[name] = room_ids
+        elif name in ("user", "by", "owner"):
+            fields[name] = user_ids if a.default is attrs.NOTHING else st.none() | user_ids
+        elif a.type in (int, int | None) or name in ("id", "code", "seq", "ts", "delay"):
+            fields[name] = uint if a.default is attrs.NOTHING else st.none() | uint
+    return st.builds(cls, **fields)
+
+
+@pytest.mark.parametrize("cls", CLIENT_FRAMES, ids=lambda c: c.__name__)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_client_frames_round_trip(cls: type[Frame], data: st.DataObject) -> None:
+    frame = data.draw(_frames_of(cls))
+    if isinstance(frame, Page | Message):
+        return
+    try:
+        decoded = decode_client(encode(frame), Limits(max_frame_bytes=2**20))
+    except RemoteProtocolError as exc:
+        # Only the semantic checks may refuse a well-typed frame.
+        assert exc.code in (ErrorCode.INVALID, ErrorCode.TOO_LARGE)
+        return
+    assert decoded == frame
+
+
+@pytest.mark.parametrize("cls", SERVER_FRAMES, ids=lambda c: c.__name__)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_server_frames_round_trip(cls: type[Frame], data: st.DataObject) -> None:
+    frame = data.draw(_frames_of(cls))
+    assert decode_server(encode(frame)) == frame
+
+
+def test_defaults_are_omitted_and_restored() -> None:
+    frame = Send(id=1, room="r", cid="c", text="x")
+    assert cbor2.loads(encode(frame)) == {0: 15, 1: 1, 2: "r", 6: "c", 7: "x"}
+    assert decode_client(encode(frame), LIMITS).retry is False
+
+
+def test_unknown_keys_are_ignored() -> None:
+    payload = cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 7: "x", 99: "future", 1000: [1]})
+    assert decode_client(payload, LIMITS) == Send(id=1, room="r", cid="c", text="x")
+
+
+# --- refusals ------------------------------------------------------------------------
+
+
+def refused(payload: bytes, limits: Limits = LIMITS) -> RemoteProtocolError:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_client(payload, limits)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"", ErrorCode.BAD_FRAME),
+        (b"\xff", ErrorCode.BAD_FRAME),
+        (cbor2.dumps([0, 15]), ErrorCode.BAD_FRAME),  # an array, not a map
+        (cbor2.dumps({1: 2}), ErrorCode.BAD_FRAME),  # no type
+        (cbor2.dumps({0: "send"}), ErrorCode.BAD_FRAME),  # type is not a uint
+        (cbor2.dumps({0: 99, 1: 5}), ErrorCode.UNKNOWN_TYPE),
+        (cbor2.dumps({0: 22, 2: "r"}), ErrorCode.UNKNOWN_TYPE),  # a server frame
+        (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c"}), ErrorCode.INVALID),  # no body
+        (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: 5, 7: "x"}), ErrorCode.INVALID),  # cid int
+        (cbor2.dumps({0: 15, 1: -1, 2: "r", 6: "c", 7: "x"}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 15, 1: True, 2: "r", 6: "c", 7: "x"}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 15, 1: 2**53, 2: "r", 6: "c", 7: "x"}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 15, 1: 1, 2: "bad room!", 6: "c", 7: "x"}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c" * 65, 7: "x"}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 7: "x" * 4097}), ErrorCode.TOO_LARGE),
+        (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 8: {1: 2}}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 8: {"x": "y" * 9000}}), ErrorCode.TOO_LARGE),
+        (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 8: {"f": float("nan")}}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 10, 1: 1, 2: "dm:a:b"}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 10, 1: 1, 2: "r", 18: 2}), ErrorCode.INVALID),  # create direct
+        (cbor2.dumps({0: 10, 1: 1, 2: "r", 18: 7}), ErrorCode.INVALID),  # no such kind
+        (cbor2.dumps({0: 11, 1: 1, 2: "r", 3: 5}), ErrorCode.INVALID),  # seq without epoch
+        (cbor2.dumps({0: 16, 1: 1, 2: "r", 14: 5, 15: 1}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 16, 1: 1, 2: "r", 16: 0}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 16, 1: 1, 2: "r", 16: 101}), ErrorCode.INVALID),
+        (cbor2.dumps({0: 14, 1: 1, 5: "has:colon"}), ErrorCode.INVALID),
+    ],
+)
+def test_refusals(payload: bytes, code: ErrorCode) -> None:
+    assert refused(payload).code is code
+
+
+def test_refusal_names_the_request_id() -> None:
+    assert refused(cbor2.dumps({0: 15, 1: 42, 2: "r", 6: "c"})).request_id == 42
+    assert refused(cbor2.dumps({0: 99, 1: 43})).request_id == 43
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        bytes.fromhex("a2000fc11a514b67b0"),  # epoch datetime tag
+        bytes.fromhex("a2000f07d8236161"),  # regex tag
+        bytes.fromhex("d9d9f7a10002"),  # self-describe tag around the map
+        bytes.fromhex("a2000f07d81c81d81d00"),  # shared references: a cycle
+        bytes.fromhex("a2000f07d90fff01"),  # an unknown tag
+        bytes.fromhex("a2000f07c249010000000000000000"),  # bignum
+    ],
+)
+def test_tags_are_refused(payload: bytes) -> None:
+    assert refused(payload).code is ErrorCode.BAD_FRAME
+
+
+def test_duplicate_keys_trailing_bytes_and_deep_nesting_are_refused() -> None:
+    assert refused(bytes.fromhex("a3000f0101 0102".replace(" ", ""))).code is ErrorCode.BAD_FRAME
+    good = encode(Send(id=1, room="r", cid="c", text="x"))
+    assert refused(good + b"\x00").code is ErrorCode.BAD_FRAME
+    assert refused(b"\x81" * 10000).code is ErrorCode.BAD_FRAME
+
+
+def test_frame_size_limit() -> None:
+    payload = encode(Send(id=1, room="r", cid="c", text="x" * 100))
+    assert refused(payload, Limits(max_frame_bytes=50)).code is ErrorCode.TOO_LARGE
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_only_raises_protocol_errors(payload: bytes) -> None:
+    try:
+        decode_client(payload, LIMITS)
+    except RemoteProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        json_leaf | st.just(cbor2.CBORTag(99, 1)),
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.dictionaries(st.integers(0, 30) | texts, inner, max_size=6)
+        ),
+        max_leaves=30,
+    )
+)
+def test_arbitrary_cbor_only_raises_protocol_errors(value: Any) -> None:
+    try:
+        payload = cbor2.dumps(value)
+    except (ValueError, TypeError):
+        return
+    try:
+        decode_client(payload, LIMITS)
+    except RemoteProtocolError:
+        pass
+
+
+def test_check_data_refuses_what_json_clients_cannot_hold() -> None:
+    check_data({"a": [1, 2.5, "x", b"y", None, True, {"b": {}}]})
+    for bad in ({1: "int key"}, {"x": float("inf")}, {"x": cbor2.CBORSimpleValue(99)}):
+        with pytest.raises(RemoteProtocolError):
+            check_data(bad)
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(10):
+        node["x"] = {}
+        node = node["x"]
+    with pytest.raises(RemoteProtocolError):
+        check_data(deep)
+
+
+def test_from_fields_validates_like_the_wire() -> None:
+    assert from_fields(Send, {"id": 0, "room": "r", "cid": "c", "text": "x"}, LIMITS).text == "x"
+    with pytest.raises(RemoteProtocolError) as info:
+        from_fields(Send, {"id": 0, "room": "r", "cid": "c", "text": 5}, LIMITS)
+    assert info.value.code is ErrorCode.INVALID
+
+
+def test_direct_room_ids() -> None:
+    assert direct_room_id("bob", "alice") == direct_room_id("alice", "bob") == "dm:alice:bob"
+    assert direct_room_users("dm:alice:bob") == ("alice", "bob")
+    for bad in ("dm:bob:alice", "dm:a", "dm:a:b:c", "room", "dm:a:a"):
+        assert direct_room_users(bad) is None

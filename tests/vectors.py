@@ -1,0 +1,124 @@
+"""The test vectors of PROTOCOL.md, as frames.
+
+``python -m tests.vectors`` prints the vector section of PROTOCOL.md; ``test_codec``
+checks every vector there both ways (hex -> frame, frame -> hex).
+"""
+
+from typing import Any
+
+from protocol.codec import encode, to_map
+from protocol.frames import (
+    Create,
+    Direct,
+    Error,
+    Frame,
+    Goaway,
+    Hello,
+    History,
+    Invite,
+    Join,
+    Joined,
+    Leave,
+    Member,
+    MemberOp,
+    Message,
+    Ok,
+    Page,
+    Ping,
+    Pong,
+    RoomKind,
+    Send,
+    Sent,
+    Unsubscribe,
+    Welcome,
+)
+
+EPOCH = "9f1c2e7a55d0b3e4"
+TS = 1700000000123
+
+VECTORS: dict[str, Frame] = {
+    # client to server
+    "hello": Hello(v=1, token="t0k3n"),
+    "hello-resume": Hello(v=1, token="t0k3n", resume={"lobby": (41, EPOCH)}),
+    "ping": Ping(id=7),
+    "pong": Pong(),
+    "create": Create(id=1, room="lobby"),
+    "create-private": Create(id=2, room="team", kind=RoomKind.PRIVATE),
+    "join": Join(id=3, room="lobby"),
+    "join-resume": Join(id=4, room="lobby", seq=41, epoch=EPOCH),
+    "leave": Leave(id=5, room="lobby"),
+    "unsubscribe": Unsubscribe(id=6, room="lobby"),
+    "invite": Invite(id=7, room="team", user="bob"),
+    "direct": Direct(id=8, user="bob"),
+    "send": Send(id=9, room="lobby", cid="c1", text="hi"),
+    "send-data-retry": Send(id=10, room="lobby", cid="c2", data={"emoji": "wave"}, retry=True),
+    "history": History(id=11, room="lobby", before=42, limit=20),
+    # server to client
+    "welcome": Welcome(
+        session="5e55",
+        user="alice",
+        v=1,
+        ping=25,
+        ts=TS,
+        limits={"frame": 65536, "text": 4096, "data": 8192, "rooms": 100, "history": 100},
+    ),
+    "server-ping": Ping(),
+    "pong-id": Pong(id=7),
+    "error": Error(code=200, msg="not a member of this room", id=9, room="team"),
+    "goaway": Goaway(msg="server shutting down", delay=1000),
+    "ok": Ok(id=5),
+    "joined": Joined(id=3, room="lobby", kind=RoomKind.OPEN, owner="alice", seq=41, epoch=EPOCH),
+    "joined-resumed": Joined(
+        room="lobby", kind=RoomKind.OPEN, owner="alice", seq=43, epoch=EPOCH, recovered=True
+    ),
+    "sent": Sent(id=9, room="lobby", cid="c1", seq=42, ts=TS),
+    "message": Message(room="lobby", seq=42, ts=TS, cid="c1", user="alice", text="hi"),
+    "message-server": Message(room="lobby", seq=43, ts=TS, cid="admin-1", text="maintenance"),
+    "page": Page(
+        id=11,
+        room="lobby",
+        epoch=EPOCH,
+        items=(
+            Message(room="lobby", seq=40, ts=TS - 5000, cid="c0", user="bob", text="yo"),
+            Message(
+                room="lobby", seq=41, ts=TS - 4000, cid="c9", user="alice", data={"emoji": "wave"}
+            ),
+        ),
+        more=True,
+    ),
+    "member": Member(room="team", user="bob", op=MemberOp.ADDED, kind=RoomKind.PRIVATE, by="alice"),
+}
+
+
+def diagnostic(value: Any) -> str:
+    """CBOR diagnostic notation (RFC 8949, section 8) of a decoded value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bytes):
+        return f"h'{value.hex()}'"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(diagnostic(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{diagnostic(k)}: {diagnostic(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def markdown() -> str:
+    out = []
+    for name, frame in VECTORS.items():
+        out.append(f"`{name}`: {type(frame).__name__.lower()}\n")
+        out.append("```")
+        out.append(diagnostic(to_map(frame)))
+        out.append(f"vector {name}: {encode(frame).hex()}")
+        out.append("```\n")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown())
