@@ -1,0 +1,1 @@
+"""Persistence and inter-node transport: stores, the write-behind queue, the bus."""

@@ -1,0 +1,335 @@
+"""The embedded store: stdlib sqlite3 in worker threads, WAL mode.
+
+One connection writes (batches, room activation, runs) and one reads (history, resume),
+each behind its own one-thread limiter, so history reads never wait behind a commit.
+``synchronous=FULL`` makes a commit survive power loss, not only a killed process: a
+sent-ack promises the message is stored. An exclusive lock file keeps a second node
+off the same database, because two sequencers on one room would reuse seqs.
+"""
+
+import fcntl
+import itertools
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+import cbor2
+import trio
+
+from protocol.frames import Message, RoomKind
+from storage.migrations import migrations_for
+from storage.store import (
+    MemberChanged,
+    Record,
+    RoomCreated,
+    RoomSnapshot,
+    RoomSummary,
+    RunInfo,
+    StorageConfigError,
+    StorageError,
+    StorageUnavailable,
+)
+
+T = TypeVar("T")
+BUSY_TIMEOUT_MS = 1000
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (room, seq, ts, sender, cid, text, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (room, seq) DO NOTHING"
+)
+_MESSAGE_COLUMNS = "seq, ts, sender, cid, text, data"
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db``
+    absolute."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite" or parts.netloc or not parts.path.startswith("/"):
+        raise StorageConfigError(f"bad SQLite URL {url!r}: use sqlite:///path/to/file.db")
+    path = parts.path[1:]
+    if not path or path == ":memory:":
+        raise StorageConfigError("SQLite needs a file: the reader and writer share it")
+    return Path(path)
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA synchronous = FULL")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        conn.execute("PRAGMA journal_mode = WAL")
+    return conn
+
+
+def _message(room: str, row: tuple[Any, ...]) -> Message:
+    seq, ts, sender, cid, text, data = row
+    return Message(
+        room=room,
+        seq=seq,
+        ts=ts,
+        user=sender,
+        cid=cid,
+        text=text,
+        data=None if data is None else cbor2.loads(data),
+    )
+
+
+def _message_row(m: Message) -> tuple[Any, ...]:
+    data = None if m.data is None else cbor2.dumps(m.data)
+    return (m.room, m.seq, m.ts, m.user, m.cid, m.text, data)
+
+
+def _translate(exc: sqlite3.Error) -> StorageError:
+    if isinstance(exc, sqlite3.OperationalError):
+        return StorageUnavailable(f"sqlite: {exc}")
+    return StorageError(f"sqlite: {exc}")
+
+
+class SqliteStore:
+    """``storage.store.Store`` on one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer = _connect(path, readonly=False)
+        self._reader = _connect(path, readonly=True)
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+    async def _run(self, fn: Callable[[], T], limiter: trio.CapacityLimiter) -> T:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=limiter)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
+        def run() -> T:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return run
+
+    # --- schema -----------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations (blocking; called once at start)."""
+        conn = self._writer
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+        )
+        done = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+        applied = []
+        for m in migrations_for("sqlite"):
+            if m.version in done:
+                continue
+            record = (
+                "INSERT INTO schema_migrations (version, name, applied_at)"
+                f" VALUES ({m.version}, '{m.name}', {int(time.time())});"
+            )
+            try:
+                conn.executescript(f"BEGIN IMMEDIATE;\n{m.sql}\n;{record}\nCOMMIT;")
+            except sqlite3.Error:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            applied.append(f"{m.version:04d}_{m.name}")
+        return applied
+
+    # --- runs -------------------------------------------------------------------------
+
+    async def begin_run(self) -> RunInfo:
+        def begin(conn: sqlite3.Connection) -> RunInfo:
+            cur = conn.execute(
+                "INSERT INTO runs (started_at) VALUES (?)", (int(time.time() * 1000),)
+            )
+            assert cur.lastrowid is not None
+            # One node per file (the lock file), so any dirty room is a crashed run's.
+            rotated = conn.execute(
+                "UPDATE rooms SET epoch = lower(hex(randomblob(8))), dirty_run = NULL"
+                " WHERE dirty_run IS NOT NULL"
+            ).rowcount
+            return RunInfo(run=cur.lastrowid, rotated_rooms=rotated)
+
+        return await self._run(self._transaction(begin), self._write_limiter)
+
+    async def end_run(self, run: int) -> None:
+        def end(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE rooms SET dirty_run = NULL WHERE dirty_run = ?", (run,))
+            conn.execute(
+                "UPDATE runs SET stopped_at = ? WHERE id = ?", (int(time.time() * 1000), run)
+            )
+
+        await self._run(self._transaction(end), self._write_limiter)
+
+    # --- rooms ------------------------------------------------------------------------
+
+    async def load_room(self, room: str, run: int, recent: int) -> RoomSnapshot | None:
+        def load(conn: sqlite3.Connection) -> RoomSnapshot | None:
+            row = conn.execute(
+                "SELECT kind, owner, epoch, dirty_run FROM rooms WHERE id = ?", (room,)
+            ).fetchone()
+            if row is None:
+                return None
+            kind, owner, epoch, dirty = row
+            if dirty != run:
+                conn.execute("UPDATE rooms SET dirty_run = ? WHERE id = ?", (run, room))
+            members = frozenset(
+                u for (u,) in conn.execute("SELECT user FROM members WHERE room = ?", (room,))
+            )
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE room = ? ORDER BY seq DESC LIMIT ?",
+                (room, recent),
+            ).fetchall()
+            msgs = tuple(_message(room, r) for r in reversed(rows))
+            if msgs:
+                seq = msgs[-1].seq
+            else:
+                (top,) = conn.execute(
+                    "SELECT coalesce(max(seq), 0) FROM messages WHERE room = ?", (room,)
+                ).fetchone()
+                seq = top
+            return RoomSnapshot(
+                room=room,
+                kind=RoomKind(kind),
+                owner=owner,
+                epoch=epoch,
+                members=members,
+                seq=seq,
+                recent=msgs,
+            )
+
+        return await self._run(self._transaction(load), self._write_limiter)
+
+    async def write_batch(self, records: Sequence[Record]) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            # Runs of one record type go through executemany; order across runs is kept
+            # so that an add and a remove of the same member land in the order made.
+            for kind, run in itertools.groupby(records, key=type):
+                if kind is Message:
+                    conn.executemany(_INSERT_MESSAGE, [_message_row(cast(Message, m)) for m in run])
+                elif kind is RoomCreated:
+                    for r in run:
+                        assert isinstance(r, RoomCreated)
+                        conn.execute(
+                            "INSERT INTO rooms (id, kind, owner, epoch, created_at, dirty_run)"
+                            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                            (r.room, int(r.kind), r.owner, r.epoch, r.ts, r.run),
+                        )
+                        conn.executemany(
+                            "INSERT OR IGNORE INTO members (room, user, added_at) VALUES (?, ?, ?)",
+                            [(r.room, u, r.ts) for u in r.members],
+                        )
+                elif kind is MemberChanged:
+                    for r in run:
+                        assert isinstance(r, MemberChanged)
+                        if r.added:
+                            conn.execute(
+                                "INSERT OR IGNORE INTO members (room, user, added_at)"
+                                " VALUES (?, ?, ?)",
+                                (r.room, r.user, r.ts),
+                            )
+                        else:
+                            conn.execute(
+                                "DELETE FROM members WHERE room = ? AND user = ?",
+                                (r.room, r.user),
+                            )
+                else:
+                    raise TypeError(f"not a record: {kind!r}")
+
+        await self._run(self._transaction(write), self._write_limiter)
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def fetch_messages(self, room: str, lo: int, hi: int) -> list[Message]:
+        def fetch() -> list[Message]:
+            rows = self._reader.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                " WHERE room = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+                (room, lo, hi),
+            ).fetchall()
+            return [_message(room, r) for r in rows]
+
+        return await self._run(fetch, self._read_limiter)
+
+    async def find_message(self, room: str, user: str | None, cid: str) -> Message | None:
+        def find() -> Message | None:
+            row = self._reader.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                " WHERE room = ? AND sender IS ? AND cid = ? ORDER BY seq LIMIT 1",
+                (room, user, cid),
+            ).fetchone()
+            return None if row is None else _message(room, row)
+
+        return await self._run(find, self._read_limiter)
+
+    async def list_rooms(self, after: str | None, limit: int) -> list[RoomSummary]:
+        def rooms() -> list[RoomSummary]:
+            rows = self._reader.execute(
+                "SELECT r.id, r.kind, r.owner,"
+                " (SELECT count(*) FROM members m WHERE m.room = r.id),"
+                " (SELECT coalesce(max(seq), 0) FROM messages g WHERE g.room = r.id)"
+                " FROM rooms r WHERE r.id > ? ORDER BY r.id LIMIT ?",
+                (after or "", limit),
+            ).fetchall()
+            return [
+                RoomSummary(room=i, kind=RoomKind(k), owner=o, members=n, seq=s)
+                for i, k, o, n, s in rows
+            ]
+
+        return await self._run(rooms, self._read_limiter)
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._reader.execute("SELECT 1").fetchone(), self._read_limiter)
+
+
+def _lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StorageConfigError(
+            f"{path} is in use by another Parley node; SQLite serves one node"
+        ) from None
+    return fd
+
+
+@asynccontextmanager
+async def open_sqlite_store(url: str) -> AsyncIterator[SqliteStore]:
+    """Open (creating if needed) and migrate the database at ``url``."""
+    path = sqlite_path(url)
+    if not path.parent.is_dir():
+        raise StorageConfigError(f"directory {path.parent} for {path.name} does not exist")
+    lock = _lock(path)
+    try:
+        try:
+            store = await trio.to_thread.run_sync(SqliteStore, path)
+        except sqlite3.Error as exc:
+            raise StorageConfigError(f"cannot open {path}: {exc}") from exc
+        try:
+            await store._run(store.migrate, store._write_limiter)
+            yield store
+        finally:
+            store.close()
+    finally:
+        os.close(lock)

@@ -1,0 +1,123 @@
+"""The store interface every backend implements, and the records it persists.
+
+Actors never call a store on the hot path: they hand records to the write-behind queue
+(``storage.write_behind``), which calls ``write_batch``. The reads here serve room
+activation, history and resume. Backends translate their own exceptions into the
+``StorageError`` family at this boundary, so nothing above knows which database runs.
+"""
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import attrs
+
+from protocol.frames import Message, RoomKind
+
+
+class StorageError(Exception):
+    """A store operation failed."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be reached or is busy; retrying later may work."""
+
+
+class StorageConfigError(StorageError):
+    """The database URL or file cannot be used at all."""
+
+
+@attrs.frozen(kw_only=True)
+class RoomCreated:
+    room: str
+    kind: RoomKind
+    owner: str | None
+    epoch: str
+    ts: int
+    members: tuple[str, ...]
+    run: int  # the run creating it has it open, like one that loads it (Store.load_room)
+
+
+@attrs.frozen(kw_only=True)
+class MemberChanged:
+    room: str
+    user: str
+    added: bool
+    ts: int
+
+
+#: What the write-behind queue persists. A message is stored as its own frame.
+Record = Message | RoomCreated | MemberChanged
+
+
+@attrs.frozen(kw_only=True)
+class RoomSnapshot:
+    """A room as storage knows it, for a Room actor that starts."""
+
+    room: str
+    kind: RoomKind
+    owner: str | None
+    epoch: str
+    members: frozenset[str]
+    seq: int
+    recent: tuple[Message, ...]  # the newest messages, ascending seq
+
+
+@attrs.frozen(kw_only=True)
+class RoomSummary:
+    room: str
+    kind: RoomKind
+    owner: str | None
+    members: int
+    seq: int
+
+
+@attrs.frozen(kw_only=True)
+class RunInfo:
+    run: int
+    rotated_rooms: int  # rooms whose epoch changed because a run before this one crashed
+
+
+class Store(Protocol):
+    """What Parley needs from a database. All methods may raise ``StorageError``."""
+
+    async def begin_run(self) -> RunInfo:
+        """Record that this node starts; give new epochs to rooms a crashed run wrote."""
+
+    async def end_run(self, run: int) -> None:
+        """Record a clean stop: everything ``run`` wrote is stored."""
+
+    async def load_room(self, room: str, run: int, recent: int) -> RoomSnapshot | None:
+        """The room and its ``recent`` newest messages, marking it written by ``run``."""
+
+    async def write_batch(self, records: Sequence[Record]) -> None:
+        """Store ``records`` in one transaction, in order. Idempotent per message seq."""
+
+    async def fetch_messages(self, room: str, lo: int, hi: int) -> list[Message]:
+        """Messages with ``lo <= seq <= hi``, ascending."""
+
+    async def find_message(self, room: str, user: str | None, cid: str) -> Message | None:
+        """The message ``user`` sent to ``room`` with client id ``cid``, if stored."""
+
+    async def list_rooms(self, after: str | None, limit: int) -> list[RoomSummary]:
+        """Rooms in id order, starting after ``after``."""
+
+    async def ping(self) -> None:
+        """Raise ``StorageUnavailable`` unless the database answers."""
+
+
+@asynccontextmanager
+async def open_store(url: str) -> AsyncIterator[Store]:
+    """Open the backend named by ``url``, with its migrations applied."""
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from storage.sqlite import open_sqlite_store
+
+        async with open_sqlite_store(url) as store:
+            yield store
+    else:
+        raise StorageConfigError(
+            f"unsupported database URL {url!r}: this version stores in SQLite "
+            "(sqlite:///path/to/file.db)"
+        )

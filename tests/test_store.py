@@ -1,0 +1,203 @@
+"""The store contract (storage/store.py), run against every backend."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from protocol.frames import Message, RoomKind
+from storage.sqlite import sqlite_path
+from storage.store import (
+    MemberChanged,
+    RoomCreated,
+    StorageConfigError,
+    Store,
+    open_store,
+)
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    url = {"sqlite": f"sqlite:///{tmp_path / 'store.db'}"}[request.param]
+    async with open_store(url) as opened:
+        yield opened
+
+
+def msg(room: str, seq: int, user: str | None = "alice", **kw: object) -> Message:
+    fields: dict[str, object] = {"text": f"m{seq}", "cid": f"c{seq}"}
+    fields.update(kw)
+    return Message(room=room, seq=seq, ts=1000 + seq, user=user, **fields)  # type: ignore[arg-type]
+
+
+def created(room: str, *members: str, run: int, kind: RoomKind = RoomKind.OPEN) -> RoomCreated:
+    return RoomCreated(
+        room=room,
+        kind=kind,
+        owner=members[0] if members else None,
+        epoch="e1",
+        ts=1,
+        members=members,
+        run=run,
+    )
+
+
+async def test_room_round_trip(store: Store) -> None:
+    run = (await store.begin_run()).run
+    assert await store.load_room("lobby", run, 10) is None
+    await store.write_batch([created("lobby", "alice", "bob", run=run, kind=RoomKind.PRIVATE)])
+    snap = await store.load_room("lobby", run, 10)
+    assert snap is not None
+    assert (snap.kind, snap.owner, snap.epoch, snap.seq, snap.recent) == (
+        RoomKind.PRIVATE,
+        "alice",
+        "e1",
+        0,
+        (),
+    )
+    assert snap.members == {"alice", "bob"}
+
+
+async def test_messages_keep_order_and_content(store: Store) -> None:
+    run = (await store.begin_run()).run
+    data = {"k": [1, 2.5, "x", None, True, b"\x00"]}
+    batch = [created("r", "alice", run=run), *[msg("r", i) for i in range(1, 6)]]
+    batch.append(msg("r", 6, user=None, text=None, data=data))
+    await store.write_batch(batch)
+    snap = await store.load_room("r", run, 3)
+    assert snap is not None and snap.seq == 6
+    assert [m.seq for m in snap.recent] == [4, 5, 6]
+    assert snap.recent[-1] == msg("r", 6, user=None, text=None, data=data)
+    assert [m.seq for m in await store.fetch_messages("r", 2, 4)] == [2, 3, 4]
+    assert await store.fetch_messages("r", 7, 9) == []
+    assert await store.fetch_messages("r", 1, 1) == [msg("r", 1)]
+
+
+async def test_seq_survives_an_empty_recent_window(store: Store) -> None:
+    run = (await store.begin_run()).run
+    await store.write_batch([created("r", "alice", run=run), msg("r", 1), msg("r", 2)])
+    snap = await store.load_room("r", run, 0)
+    assert snap is not None and snap.seq == 2 and snap.recent == ()
+
+
+async def test_a_retried_batch_stores_nothing_twice(store: Store) -> None:
+    run = (await store.begin_run()).run
+    batch = [created("r", "alice", run=run), msg("r", 1), msg("r", 2)]
+    await store.write_batch(batch)
+    await store.write_batch(batch)
+    assert [m.seq for m in await store.fetch_messages("r", 1, 10)] == [1, 2]
+    snap = await store.load_room("r", run, 10)
+    assert snap is not None and snap.members == {"alice"}
+
+
+async def test_member_changes_apply_in_order(store: Store) -> None:
+    run = (await store.begin_run()).run
+    await store.write_batch(
+        [
+            created("r", "alice", run=run),
+            MemberChanged(room="r", user="bob", added=True, ts=2),
+            MemberChanged(room="r", user="bob", added=False, ts=3),
+            MemberChanged(room="r", user="carol", added=True, ts=4),
+            MemberChanged(room="r", user="alice", added=False, ts=5),
+            MemberChanged(room="r", user="alice", added=True, ts=6),
+        ]
+    )
+    snap = await store.load_room("r", run, 10)
+    assert snap is not None and snap.members == {"alice", "carol"}
+
+
+async def test_find_message_by_sender_and_cid(store: Store) -> None:
+    run = (await store.begin_run()).run
+    await store.write_batch(
+        [created("r", "alice", run=run), msg("r", 1, cid="x"), msg("r", 2, user=None, cid="x")]
+    )
+    found = await store.find_message("r", "alice", "x")
+    assert found is not None and found.seq == 1
+    server = await store.find_message("r", None, "x")
+    assert server is not None and server.seq == 2
+    assert await store.find_message("r", "bob", "x") is None
+    assert await store.find_message("other", "alice", "x") is None
+
+
+async def test_crashed_run_rotates_epochs_of_rooms_it_had_open(store: Store) -> None:
+    setup = (await store.begin_run()).run
+    await store.write_batch([created("loaded", "a", run=setup), created("idle", "a", run=setup)])
+    await store.end_run(setup)
+    crashed = (await store.begin_run()).run
+    await store.load_room("loaded", crashed, 1)
+    await store.write_batch([created("new", "a", run=crashed)])
+    # no end_run: the node died
+    after = await store.begin_run()
+    assert after.rotated_rooms == 2
+    epochs = {}
+    for room in ("loaded", "idle", "new"):
+        snap = await store.load_room(room, after.run, 1)
+        assert snap is not None
+        epochs[room] = snap.epoch
+    assert epochs["idle"] == "e1" and epochs["loaded"] != "e1" and epochs["new"] != "e1"
+
+
+async def test_clean_stop_keeps_epochs(store: Store) -> None:
+    first = (await store.begin_run()).run
+    await store.write_batch([created("r", "a", run=first)])
+    await store.load_room("r", first, 1)
+    await store.end_run(first)
+    second = await store.begin_run()
+    assert second.rotated_rooms == 0
+    snap = await store.load_room("r", second.run, 1)
+    assert snap is not None and snap.epoch == "e1"
+
+
+async def test_list_rooms_pages_in_id_order(store: Store) -> None:
+    run = (await store.begin_run()).run
+    await store.write_batch([created(r, "alice", "bob", run=run) for r in ("c", "a", "b")])
+    await store.write_batch([msg("b", 1), msg("b", 2)])
+    first = await store.list_rooms(None, 2)
+    assert [(r.room, r.members, r.seq) for r in first] == [("a", 2, 0), ("b", 2, 2)]
+    assert [r.room for r in await store.list_rooms("b", 2)] == ["c"]
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()
+
+
+# --- SQLite specifics -------------------------------------------------------------------
+
+
+def test_sqlite_urls() -> None:
+    assert sqlite_path("sqlite:///parley.db") == Path("parley.db")
+    assert sqlite_path("sqlite:////var/lib/parley.db") == Path("/var/lib/parley.db")
+    for bad in ("sqlite://host/x.db", "sqlite:///", "sqlite:///:memory:", "postgres:///x"):
+        with pytest.raises(StorageConfigError):
+            sqlite_path(bad)
+
+
+async def test_sqlite_refuses_a_second_node_on_the_same_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    async with open_store(url):
+        with pytest.raises(StorageConfigError, match="in use"):
+            async with open_store(url):
+                pass
+    async with open_store(url):  # the lock went with the first node
+        pass
+
+
+async def test_unknown_database_url_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageConfigError, match="unsupported"):
+        async with open_store("mysql://localhost/parley"):
+            pass
+    with pytest.raises(StorageConfigError, match="does not exist"):
+        async with open_store(f"sqlite:///{tmp_path / 'missing' / 'x.db'}"):
+            pass
+
+
+async def test_migrations_apply_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    async with open_store(url) as store:
+        await store.begin_run()
+    async with open_store(url) as store:  # a second start must not re-run 0001
+        await store.begin_run()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "m.db") as conn:
+        rows = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
+    assert rows == [(1, "init")]
