@@ -1,0 +1,1 @@
+"""The actor runtime (mailboxes, supervision, directory) and Parley's actors."""

@@ -1,0 +1,247 @@
+"""What actors send each other: small frozen records, and a one-shot reply.
+
+Sessions and the admin API talk to rooms and users only through these. A command
+that needs an answer carries a ``Reply``; the hot path (``Publish`` from a session)
+carries the session's outbox instead, so the room can answer without a round trip.
+"""
+
+import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Generic, TypeVar
+
+import attrs
+import trio
+
+from actors.directory import ActorKind, Directory
+from actors.outbox import Outbox
+from protocol.errors import ErrorCode
+from protocol.frames import History, Message, RoomKind, Send
+
+T = TypeVar("T")
+
+
+class RequestFailed(Exception):
+    """An actor refused a request; ``code`` goes into the error frame."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Reply(Generic[T]):
+    """The answer to one request, set once by the actor that handles it."""
+
+    __slots__ = ("_done", "_error", "_value")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: T | None = None
+        self._error: RequestFailed | None = None
+
+    def set(self, value: T) -> None:
+        if not self._done.is_set():
+            self._value = value
+            self._done.set()
+
+    def fail(self, code: ErrorCode, message: str) -> None:
+        if not self._done.is_set():
+            self._error = RequestFailed(code, message)
+            self._done.set()
+
+    async def wait(self) -> T:
+        """The value, or ``RequestFailed``. Callers bound this with ``trio.fail_after``."""
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+async def deliver(ref: trio.MemorySendChannel[Any], command: object) -> None:
+    """Queue ``command`` in an actor's mailbox, waiting while it is full.
+
+    Callers bound the wait (``trio.fail_after``): a full mailbox is back-pressure."""
+    try:
+        ref.send_nowait(command)
+        return
+    except trio.WouldBlock:
+        pass
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        raise RequestFailed(ErrorCode.TRY_LATER, "actor stopped; retry") from None
+    try:
+        await ref.send(command)
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        raise RequestFailed(ErrorCode.TRY_LATER, "actor stopped; retry") from None
+
+
+async def ask(
+    directory: Directory, kind: ActorKind, key: str, command: object, reply: Reply[T]
+) -> T:
+    """Send ``command`` (which carries ``reply``) to an actor and wait for the answer."""
+    await deliver(directory.ref(kind, key), command)
+    return await reply.wait()
+
+
+@contextmanager
+def answer_within(seconds: float) -> Iterator[None]:
+    """``trio.fail_after`` for requests: a timeout becomes ``RequestFailed(TIMEOUT)``."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise RequestFailed(ErrorCode.TIMEOUT, "no answer in time") from None
+
+
+# --- sessions -----------------------------------------------------------------------
+
+
+@attrs.frozen(eq=False)
+class SessionLink:
+    """How other actors reach one session: its outbox, and its inbox for events."""
+
+    id: str
+    user: str
+    outbox: Outbox
+    inbox: trio.MemorySendChannel["SessionEvent"]
+
+
+@attrs.frozen
+class RoomDropped:
+    """The session is no longer subscribed to ``room`` (the user left or was removed)."""
+
+    room: str
+
+
+SessionEvent = RoomDropped
+
+
+# --- rooms --------------------------------------------------------------------------
+
+
+class AttachMode(enum.Enum):
+    JOIN = "join"  # subscribe; an open room makes the user a member first
+    RESUME = "resume"  # subscribe; members only
+    CREATE = "create"  # create the room, owned by the user, and subscribe
+    DIRECT = "direct"  # find or create the direct room, and subscribe
+
+
+@attrs.frozen(kw_only=True)
+class Attach:
+    link: SessionLink
+    mode: AttachMode
+    reply: "Reply[Attached]"
+    kind: RoomKind = RoomKind.OPEN  # for CREATE
+    since: int | None = None
+    epoch: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Attached:
+    """The session is subscribed. It sends ``storage`` (a seq range to read), then the
+    ``ring`` frames, then releases its outbox: every live frame is newer than ``seq``."""
+
+    kind: RoomKind
+    owner: str | None
+    seq: int
+    epoch: str
+    recovered: bool | None
+    ring: tuple[bytes, ...] = ()
+    storage: tuple[int, int] | None = None
+
+
+@attrs.frozen
+class Detach:
+    link: SessionLink
+
+
+@attrs.frozen(kw_only=True)
+class Publish:
+    """Sequence and fan out a message. From a session: ``outbox`` gets the sent-ack or
+    an error frame. From the admin API (``user`` None): ``reply`` gets (seq, ts)."""
+
+    user: str | None
+    send: Send
+    outbox: Outbox | None = None
+    reply: "Reply[tuple[int, int]] | None" = None
+
+
+@attrs.frozen(kw_only=True)
+class AddMember:
+    """Invite (``by`` a member) or admin add (``by`` None)."""
+
+    by: str | None
+    user: str
+    reply: Reply[None]
+
+
+@attrs.frozen(kw_only=True)
+class RemoveMember:
+    """Leave (``by`` == ``user``) or admin removal (``by`` None)."""
+
+    by: str | None
+    user: str
+    reply: Reply[None]
+
+
+@attrs.frozen(kw_only=True)
+class HistoryQuery:
+    user: str
+    query: History
+    reply: "Reply[HistoryPlan]"
+
+
+@attrs.frozen(kw_only=True)
+class HistoryPlan:
+    """Read ``storage`` (a seq range) and put it before ``items`` from memory."""
+
+    epoch: str
+    items: tuple[Message, ...]
+    storage: tuple[int, int] | None
+    more: bool
+
+
+@attrs.frozen(kw_only=True)
+class CreateRoom:
+    """Admin API: create a room with its first members, subscribing nobody."""
+
+    kind: RoomKind
+    owner: str | None
+    members: tuple[str, ...]
+    reply: Reply[None]
+
+
+@attrs.frozen(kw_only=True)
+class RoomInfo:
+    room: str
+    kind: RoomKind
+    owner: str | None
+    epoch: str
+    seq: int
+    members: tuple[str, ...]
+    online: tuple[str, ...]  # members with a subscribed session on this node
+
+
+@attrs.frozen
+class DescribeRoom:
+    reply: "Reply[RoomInfo]"
+
+
+RoomCommand = (
+    Attach | Detach | Publish | AddMember | RemoveMember | HistoryQuery | CreateRoom | DescribeRoom
+)
+
+# --- users --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class SessionOpened:
+    link: SessionLink
+
+
+@attrs.frozen
+class SessionClosed:
+    link: SessionLink
+
+
+UserCommand = SessionOpened | SessionClosed

@@ -1,0 +1,12 @@
+"""actors/token_bucket.py."""
+
+from actors.token_bucket import TokenBucket
+
+
+def test_burst_then_rate() -> None:
+    bucket = TokenBucket(rate=2.0, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert not bucket.take(0.4)  # 0.8 tokens
+    assert bucket.take(0.5)  # 1.0
+    assert not bucket.take(0.5)
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]  # capped
