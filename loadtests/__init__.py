@@ -1,0 +1,1 @@
+"""Load generators and benchmarks (``parley bench ...``); never part of the test suite."""

@@ -1,0 +1,147 @@
+"""``parley bench``: benchmarks, run by hand; figures go into BENCHMARKS.md."""
+
+import argparse
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+from server.tokens import issue_token
+
+
+def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    bench = sub.add_parser("bench", help="run a benchmark (see BENCHMARKS.md)")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    fanout = kinds.add_parser(
+        "fanout",
+        help="N receivers in one room, one publisher",
+        description="Fan-out benchmark: deliveries/s and publish-to-deliver latency. "
+        "Without --url it starts its own server (SQLite in a temporary directory).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    fanout.add_argument("--receivers", type=int, default=1000)
+    fanout.add_argument("--messages", type=int, default=2000)
+    fanout.add_argument("--size", type=int, default=100, help="approximate message bytes")
+    fanout.add_argument("--workers", type=int, default=2, help="receiver processes")
+    fanout.add_argument("--rate", type=float, default=0, help="messages/s; 0 = as fast as acked")
+    fanout.add_argument("--window", type=int, default=256, help="sends awaiting their ack")
+    fanout.add_argument("--timeout", type=float, default=120)
+    fanout.add_argument("--url", help="an existing server, ws://host:port/ws (needs --secret)")
+    fanout.add_argument("--secret", help="the server's token secret")
+    fanout.add_argument(
+        "--server-cpu", type=int, metavar="CORE", help="pin the started server to this CPU core"
+    )
+    fanout.set_defaults(func=cmd_fanout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cmd_fanout(args: argparse.Namespace) -> int:
+    from loadtests.fanout import run_fanout
+
+    if args.url:
+        if not args.secret:
+            print("parley bench: --url needs --secret", file=sys.stderr)
+            return 2
+        hostport = args.url.split("//", 1)[-1].split("/", 1)[0]
+        host, _, port = hostport.rpartition(":")
+        secret = args.secret
+
+        def token_for(user: str) -> str:
+            return issue_token(secret, user, 3600)
+
+        result = trio.run(
+            lambda: run_fanout(
+                host,
+                int(port),
+                token_for,
+                receivers=args.receivers,
+                messages=args.messages,
+                size=args.size,
+                workers=args.workers,
+                rate=args.rate,
+                window=args.window,
+                server_pid=None,
+                give_up_after=args.timeout,
+            )
+        )
+        print(result.report())
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
+        port = _free_port()
+        secret = "bench-secret"
+        command = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ops-port",
+            str(_free_port()),
+            "--secret",
+            secret,
+            "--database-url",
+            f"sqlite:///{Path(tmp) / 'bench.db'}",
+            "--rate",
+            "1000000",
+            "--burst",
+            "1000000",
+            "--log-level",
+            "warning",
+        ]
+        if args.server_cpu is not None:
+            command = ["taskset", "-c", str(args.server_cpu), *command]
+        server = subprocess.Popen(command)
+        try:
+            _wait_for_port(port, server)
+
+            def token_for(user: str) -> str:
+                return issue_token(secret, user, 3600)
+
+            result = trio.run(
+                lambda: run_fanout(
+                    "127.0.0.1",
+                    port,
+                    token_for,
+                    receivers=args.receivers,
+                    messages=args.messages,
+                    size=args.size,
+                    workers=args.workers,
+                    rate=args.rate,
+                    window=args.window,
+                    server_pid=server.pid,
+                    give_up_after=args.timeout,
+                )
+            )
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(result.report())
+    return 0
+
+
+def _wait_for_port(port: int, server: subprocess.Popen[bytes], seconds: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited with {server.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start listening")

@@ -1,0 +1,301 @@
+"""``parley bench fanout``: N receivers in one room, one publisher.
+
+Receivers run in worker processes (``--workers``), each a trio loop of raw clients.
+The publisher stamps every message with ``time.monotonic_ns()`` (one clock for every
+process on the machine); each receiver checks seq order and records the
+publish-to-deliver latency in a log-scale histogram (1 % resolution), which the workers
+send back to be merged. Reported: deliveries/s, latency percentiles, lost/duplicate/
+out-of-order deliveries, and, when the bench started the server itself, the server's
+CPU time per delivery read from /proc.
+"""
+
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import attrs
+import cbor2
+import trio
+
+from loadtests.rawclient import RawClient
+from protocol.frames import FIELD_KEYS, TYPE_KEY, Join, Pong, Send
+
+JOINED = 20
+MESSAGE = 22
+PING = 2
+SENT = 21
+ERROR = 5
+K_SEQ = FIELD_KEYS["seq"]
+K_DATA = FIELD_KEYS["data"]
+K_ROOM = FIELD_KEYS["room"]
+STEP = math.log(1.01)
+
+
+def bucket(latency_ns: int) -> int:
+    return int(math.log(max(latency_ns, 1000) / 1000) / STEP)
+
+
+def bucket_value_ms(index: int) -> float:
+    return math.exp((index + 0.5) * STEP) / 1000
+
+
+@attrs.define
+class Tally:
+    """What one worker saw."""
+
+    deliveries: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    latency: Counter[int] = attrs.field(factory=Counter)
+
+    def merge(self, other: "Tally") -> None:
+        self.deliveries += other.deliveries
+        self.lost += other.lost
+        self.duplicates += other.duplicates
+        self.reordered += other.reordered
+        self.first_ns = min(x for x in (self.first_ns, other.first_ns) if x) or 0
+        self.last_ns = max(self.last_ns, other.last_ns)
+        self.latency.update(other.latency)
+
+    def percentile(self, p: float) -> float:
+        total = sum(self.latency.values())
+        if not total:
+            return float("nan")
+        rank = p / 100 * total
+        seen = 0
+        for index in sorted(self.latency):
+            seen += self.latency[index]
+            if seen >= rank:
+                return bucket_value_ms(index)
+        return bucket_value_ms(max(self.latency))
+
+
+async def _receive(client: RawClient, room: str, messages: int, tally: Tally, base: int) -> None:
+    expected = base + 1
+    end = base + messages
+    while expected <= end:
+        try:
+            payloads = await client.receive()
+        except EOFError:
+            tally.lost += end - expected + 1  # the connection ended early
+            return
+        now = time.monotonic_ns()
+        for payload in payloads:
+            frame = cbor2.loads(payload)
+            t = frame.get(TYPE_KEY)
+            if t == PING:
+                await client.send(Pong())
+                continue
+            if t != MESSAGE or frame.get(K_ROOM) != room:
+                continue
+            seq = frame[K_SEQ]
+            if seq == expected:
+                expected += 1
+            elif seq > expected:
+                tally.lost += seq - expected
+                tally.reordered += 1
+                expected = seq + 1
+            else:
+                tally.duplicates += 1
+                continue
+            tally.deliveries += 1
+            tally.latency[bucket(now - frame[K_DATA]["t"])] += 1
+            if not tally.first_ns:
+                tally.first_ns = now
+            tally.last_ns = now
+
+
+async def _worker(
+    conn: multiprocessing.connection.Connection,
+    host: str,
+    port: int,
+    tokens: list[str],
+    room: str,
+    messages: int,
+    give_up_after: float,
+) -> None:
+    clients: list[RawClient] = []
+    limiter = trio.CapacityLimiter(50)
+
+    async def connect(token: str) -> None:
+        async with limiter:
+            client = await RawClient.connect(host, port, token)
+            await client.send(Join(id=1, room=room))
+            clients.append(client)
+
+    async with trio.open_nursery() as nursery:
+        for token in tokens:
+            nursery.start_soon(connect, token)
+    conn.send(("ready", len(clients)))
+    base = await trio.to_thread.run_sync(conn.recv)
+    tally = Tally()
+    with trio.move_on_after(give_up_after):
+        async with trio.open_nursery() as nursery:
+            for client in clients:
+                nursery.start_soon(_receive, client, room, messages, tally, base)
+    conn.send(("done", attrs.asdict(tally)))
+    for client in clients:
+        await client.aclose()
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, *args: Any) -> None:
+    trio.run(_worker, conn, *args)
+
+
+@attrs.frozen
+class FanoutResult:
+    receivers: int
+    messages: int
+    seconds: float
+    deliveries: int
+    lost: int
+    duplicates: int
+    reordered: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    server_cpu_s: float | None
+
+    @property
+    def deliveries_per_s(self) -> float:
+        return self.deliveries / self.seconds if self.seconds else 0.0
+
+    def report(self) -> str:
+        lines = [
+            f"fan-out: {self.receivers} receivers, {self.messages} messages",
+            f"  deliveries     {self.deliveries} in {self.seconds:.2f}s"
+            f" = {self.deliveries_per_s:,.0f}/s",
+            f"  latency        p50 {self.p50_ms:.1f} ms   p99 {self.p99_ms:.1f} ms"
+            f"   max {self.max_ms:.1f} ms",
+            f"  lost {self.lost}   duplicates {self.duplicates}   out of order {self.reordered}",
+        ]
+        if self.server_cpu_s is not None and self.deliveries:
+            per = self.server_cpu_s / self.deliveries * 1e6
+            lines.append(f"  server CPU     {self.server_cpu_s:.2f}s = {per:.2f} µs/delivery")
+        return "\n".join(lines)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_fanout(
+    host: str,
+    port: int,
+    token_for: Any,
+    *,
+    receivers: int,
+    messages: int,
+    size: int,
+    workers: int,
+    rate: float,
+    window: int,
+    server_pid: int | None,
+    give_up_after: float,
+    room: str = "bench",
+) -> FanoutResult:
+    publisher = await RawClient.connect(host, port, token_for("publisher"))
+    await publisher.send(Join(id=1, room=room))
+    base = await _head(publisher, room)
+    ctx = multiprocessing.get_context("spawn")
+    pipes = []
+    procs = []
+    for w in range(workers):
+        tokens = [token_for(f"r{i}") for i in range(w, receivers, workers)]
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(child, host, port, tokens, room, messages, give_up_after),
+            daemon=True,
+        )
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    ready = 0
+    for pipe in pipes:
+        _, n = await trio.to_thread.run_sync(pipe.recv)
+        ready += n
+    for pipe in pipes:
+        pipe.send(base)
+    await trio.sleep(0.2)  # let every worker enter its receive loop
+    cpu_before = process_cpu_seconds(server_pid) if server_pid else None
+    started = time.monotonic_ns()
+    await _publish(publisher, room, messages, size, rate, window)
+    tally = Tally()
+    for pipe in pipes:
+        _, data = await trio.to_thread.run_sync(pipe.recv)
+        data["latency"] = Counter({int(k): v for k, v in data["latency"].items()})
+        tally.merge(Tally(**data))
+    cpu = process_cpu_seconds(server_pid) - cpu_before if server_pid and cpu_before else None
+    for proc in procs:
+        proc.join(5)
+    await publisher.aclose()
+    seconds = (tally.last_ns - started) / 1e9 if tally.last_ns else 0.0
+    return FanoutResult(
+        receivers=ready,
+        messages=messages,
+        seconds=seconds,
+        deliveries=tally.deliveries,
+        lost=tally.lost + (ready * messages - tally.deliveries - tally.lost),
+        duplicates=tally.duplicates,
+        reordered=tally.reordered,
+        p50_ms=tally.percentile(50),
+        p99_ms=tally.percentile(99),
+        max_ms=bucket_value_ms(max(tally.latency)) if tally.latency else float("nan"),
+        server_cpu_s=cpu,
+    )
+
+
+async def _head(client: RawClient, room: str) -> int:
+    while True:
+        for payload in await client.receive():
+            frame = cbor2.loads(payload)
+            if frame.get(TYPE_KEY) == JOINED and frame.get(K_ROOM) == room:
+                return int(frame[K_SEQ])
+            if frame.get(TYPE_KEY) == ERROR:
+                raise ConnectionError(f"join refused: {frame}")
+
+
+async def _publish(
+    client: RawClient, room: str, messages: int, size: int, rate: float, window: int
+) -> None:
+    """Send ``messages`` with at most ``window`` awaiting their sent-ack."""
+    acked = trio.Semaphore(window)
+    done = trio.Event()
+    text = "x" * max(0, size - 40)  # the rest of the 100 bytes is the frame around it
+
+    async def count_acks() -> None:
+        received = 0
+        while received < messages:
+            for payload in await client.receive():
+                t = cbor2.loads(payload).get(TYPE_KEY)
+                if t == SENT:
+                    acked.release()
+                    received += 1
+                elif t == ERROR:
+                    raise RuntimeError(f"publish refused: {cbor2.loads(payload)}")
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(count_acks)
+        interval = 1 / rate if rate else 0.0
+        next_at = trio.current_time()
+        for i in range(messages):
+            await acked.acquire()
+            if interval:
+                next_at += interval
+                await trio.sleep_until(next_at)
+            send = Send(
+                id=i + 2, room=room, cid=f"b{i}", text=text, data={"t": time.monotonic_ns()}
+            )
+            await client.send(send)
+        await done.wait()

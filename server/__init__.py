@@ -1,0 +1,1 @@
+"""The node: configuration, CLI, client listener, ops HTTP app."""

@@ -1,0 +1,218 @@
+"""The ``parley`` command: serve, token, chat, migrate, bench."""
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from importlib.metadata import version
+
+import attrs
+import trio
+
+from server.config import (
+    DATABASE_URL,
+    DEV,
+    LOG_LEVEL,
+    SECRET,
+    SERVE_OPTIONS,
+    Config,
+    add_options,
+    config_from_args,
+)
+from server.tokens import dev_secrets_path, issue_token, load_dev_secrets, token_verifier
+from storage.store import StorageConfigError
+
+log = logging.getLogger("parley")
+
+DEFAULT_TTL = 24 * 3600
+MIN_SECRET_BYTES = 32
+NO_SECRET = (
+    "no token secret: pass --secret (or PARLEY_SECRET), or --dev to generate one for development"
+)
+
+
+class UsageError(Exception):
+    """Bad configuration: printed without a traceback, exit status 2."""
+
+
+@attrs.frozen
+class Secrets:
+    secret: str
+    admin_token: str | None
+
+
+def resolve_secrets(
+    secret: str | None, admin_token: str | None, database_url: str, dev: bool
+) -> Secrets:
+    """The signing secret and admin token: as given, else the development ones kept
+    beside the database (generated first if ``dev``)."""
+    if secret is None or (dev and admin_token is None):
+        kept = load_dev_secrets(dev_secrets_path(database_url), create=dev)
+        if kept is not None:
+            if kept.created:
+                log.warning("dev mode: generated secrets in %s", kept.path)
+            secret = secret or kept.secret
+            if dev:
+                admin_token = admin_token or kept.admin_token
+    if secret is None:
+        raise UsageError(NO_SECRET)
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise UsageError(
+            f"the token secret must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 for HS256); "
+            "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return Secrets(secret, admin_token)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --- commands -----------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.node import serve
+
+    config: Config = config_from_args(args)
+    if config.redis_url:
+        raise UsageError(
+            "--redis-url: the Redis bus for many nodes is not in this version yet; "
+            "unset it to run a single node with the in-process bus"
+        )
+    if not config.dev and config.secret is None:
+        raise UsageError(NO_SECRET)  # serve never falls back to the kept dev secret
+    secrets = resolve_secrets(config.secret, config.admin_token, config.database_url, config.dev)
+    if config.dev:
+        log.warning("dev mode: admin token %s", secrets.admin_token)
+        log.warning("dev mode: make a client token with: parley token <user>")
+    elif secrets.admin_token is None:
+        log.info("admin API off (no --admin-token)")
+    trio.run(serve, config, token_verifier(secrets.secret), secrets.admin_token)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    secrets = resolve_secrets(args.secret, None, args.database_url, args.dev)
+    try:
+        print(issue_token(secrets.secret, args.user, args.ttl))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from server.chat import run_chat
+
+    token = args.token
+    if token is None:
+        secrets = resolve_secrets(args.secret, None, args.database_url, args.dev)
+        token = issue_token(secrets.secret, args.user, DEFAULT_TTL)
+    return trio.run(
+        lambda: run_chat(
+            args.url, token, args.user, args.room, private=args.private, history=args.history
+        )
+    )
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from storage.store import open_store
+
+    async def migrate() -> None:
+        async with open_store(args.database_url):
+            pass
+
+    trio.run(migrate)
+    print(f"{args.database_url}: schema is up to date")
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------
+
+
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parley",
+        description="Parley: a realtime chat server (WebSocket + CBOR) on Trio.",
+        epilog="Each option can also be set with the PARLEY_* variable shown in its help.",
+    )
+    parser.add_argument("--version", action="version", version=f"parley {version('parley')}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    serve = sub.add_parser(
+        "serve",
+        help="run a node",
+        description="Run a Parley node: clients on ws://HOST:PORT/ws, operators on "
+        "http://OPS_HOST:OPS_PORT (/healthz /readyz /metrics /admin). SIGTERM drains.",
+    )
+    add_options(serve, SERVE_OPTIONS, environ)
+    serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser(
+        "token",
+        help="print a session token for a user",
+        description="Print a signed session token (JWT, HS256) for USER.",
+        formatter_class=fmt,
+    )
+    token.add_argument("user", help="user id: 1-64 of A-Z a-z 0-9 _ . @ + = ~ -")
+    token.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="lifetime in seconds")
+    add_options(token, (SECRET, DATABASE_URL, DEV, LOG_LEVEL), environ)
+    token.set_defaults(func=cmd_token)
+
+    chat = sub.add_parser(
+        "chat",
+        help="chat in a room from the terminal",
+        description="Join (or create) ROOM as USER, print what is said, send each line typed.",
+        formatter_class=fmt,
+    )
+    chat.add_argument("--user", required=True, help="who you are")
+    chat.add_argument("--room", required=True, help="room to join; created if missing")
+    chat.add_argument("--private", action="store_true", help="create the room as private")
+    chat.add_argument("--history", type=int, default=20, help="messages to show on entry")
+    chat.add_argument("--token", help="session token (default: made with the secret)")
+    env = {} if environ is None else environ
+    chat.add_argument(
+        "--url",
+        default=env.get("PARLEY_URL", "ws://127.0.0.1:8080/ws"),
+        help="server WebSocket URL [env PARLEY_URL]",
+    )
+    add_options(chat, (SECRET, DATABASE_URL, DEV, LOG_LEVEL), environ)
+    chat.set_defaults(func=cmd_chat)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="apply database migrations and exit",
+        description="Apply pending schema migrations (serve also does it at start).",
+    )
+    add_options(migrate, (DATABASE_URL, LOG_LEVEL), environ)
+    migrate.set_defaults(func=cmd_migrate)
+
+    from loadtests.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    parser = build_parser(dict(os.environ))
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "log_level", "info"))
+    try:
+        code: int = args.func(args)
+    except (UsageError, StorageConfigError) as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

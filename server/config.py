@@ -1,0 +1,251 @@
+"""Node configuration: every option is a command-line flag and a ``PARLEY_*`` variable.
+
+A flag beats the environment, which beats the default. ``OPTIONS`` is the one table
+of them; ``parley serve --help`` prints it, README.md points at that.
+"""
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from actors.services import Settings
+from protocol.limits import Limits
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+@attrs.frozen
+class Option:
+    """A flag of ``Config``'s field of the same name, which holds its default."""
+
+    flag: str
+    help: str
+    type: Callable[[str], Any] = str
+    choices: Sequence[str] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def default(self) -> Any:
+        return attrs.fields_dict(Config)[self.dest].default
+
+    @property
+    def env(self) -> str:
+        return "PARLEY_" + self.dest.upper()
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise ValueError(f"expected one of {sorted(TRUE | FALSE)}")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be 0-65535")
+    return value
+
+
+_d = Settings()
+_l = Limits()
+
+# Options shared by ``serve``, ``token``, ``chat`` and ``migrate``.
+DATABASE_URL = Option(
+    "--database-url",
+    "where messages are stored; sqlite:///relative.db or sqlite:////absolute.db",
+)
+SECRET = Option("--secret", "HS256 key that signs session tokens (required unless --dev)")
+DEV = Option(
+    "--dev",
+    "development mode: generate the secret and admin token if not given and keep them in "
+    "parley-dev.json beside the database",
+    _bool,
+)
+LOG_LEVEL = Option(
+    "--log-level",
+    "log verbosity",
+    str.lower,
+    ("debug", "info", "warning", "error"),
+)
+
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("--host", "address clients connect to"),
+    Option("--port", "port of the client WebSocket endpoint (path /ws)", _port),
+    Option("--ops-host", "address of the operators' HTTP endpoint"),
+    Option("--ops-port", "port of /healthz, /readyz, /metrics and /admin", _port),
+    DATABASE_URL,
+    Option("--redis-url", "Redis URL for a multi-node bus (unset: in-process bus)"),
+    SECRET,
+    Option("--admin-token", "bearer token for the admin API (unset: admin API off)"),
+    DEV,
+    LOG_LEVEL,
+    Option("--max-frame-bytes", "largest client frame", _positive_int),
+    Option("--max-text-chars", "longest message text", _positive_int),
+    Option("--max-data-bytes", "largest message data map, encoded", _positive_int),
+    Option("--max-rooms-per-session", "rooms one session may subscribe to", _positive_int),
+    Option("--max-history-limit", "largest history page", _positive_int),
+    Option("--rate", "frames per second a session may send, sustained", _positive_float),
+    Option("--burst", "frames a session may send at once", _positive_int),
+    Option(
+        "--outbox-bytes",
+        "bytes queued for one client before it is closed as a slow consumer (4005)",
+        _positive_int,
+    ),
+    Option("--ping-interval", "seconds of client silence before a ping", _positive_float),
+    Option(
+        "--pong-timeout",
+        "seconds to answer a ping before the session is closed (4004)",
+        _positive_float,
+    ),
+    Option("--hello-timeout", "seconds to authenticate after connecting (4003)", _positive_float),
+    Option("--history-buffer", "recent messages each active room keeps in memory", _positive_int),
+    Option(
+        "--max-replay",
+        "most messages a resume replays; beyond it the client refetches",
+        _positive_int,
+    ),
+    Option(
+        "--ack-mode",
+        "durable: sent-ack after the message is stored; sequenced: as soon as it has "
+        "a seq (faster, but an ack may be lost with the process)",
+        str,
+        ("durable", "sequenced"),
+    ),
+    Option(
+        "--write-queue-records",
+        "records the write-behind queue holds before sends get TRY_LATER",
+        _positive_int,
+    ),
+    Option("--write-queue-bytes", "bytes the write-behind queue holds", _positive_int),
+    Option("--write-batch", "most records stored in one transaction", _positive_int),
+    Option("--actor-idle", "seconds before an idle room or user actor stops", _positive_float),
+    Option(
+        "--storage-probe-interval",
+        "seconds between storage health checks while idle (0: off)",
+        float,
+    ),
+    Option(
+        "--drain-timeout",
+        "seconds SIGTERM waits for storage and clients before exiting",
+        _positive_float,
+    ),
+)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    ops_host: str = "127.0.0.1"
+    ops_port: int = 9090
+    database_url: str = "sqlite:///parley.db"
+    redis_url: str | None = None
+    secret: str | None = None
+    admin_token: str | None = None
+    dev: bool = False
+    log_level: str = "info"
+    max_frame_bytes: int = _l.max_frame_bytes
+    max_text_chars: int = _l.max_text_chars
+    max_data_bytes: int = _l.max_data_bytes
+    max_rooms_per_session: int = _l.max_rooms_per_session
+    max_history_limit: int = _l.max_history_limit
+    rate: float = _d.rate
+    burst: int = _d.burst
+    outbox_bytes: int = _d.outbox_bytes
+    ping_interval: float = _d.ping_interval
+    pong_timeout: float = _d.pong_timeout
+    hello_timeout: float = _d.hello_timeout
+    history_buffer: int = _d.history_buffer
+    max_replay: int = _d.max_replay
+    ack_mode: str = "durable"
+    write_queue_records: int = 100_000
+    write_queue_bytes: int = 64 * 2**20
+    write_batch: int = 5000
+    actor_idle: float = _d.actor_idle
+    storage_probe_interval: float = 5.0
+    drain_timeout: float = 10.0
+
+    def settings(self) -> Settings:
+        limits = Limits(
+            max_frame_bytes=self.max_frame_bytes,
+            max_text_chars=self.max_text_chars,
+            max_data_bytes=self.max_data_bytes,
+            max_rooms_per_session=self.max_rooms_per_session,
+            max_history_limit=self.max_history_limit,
+            default_history_limit=min(_l.default_history_limit, self.max_history_limit),
+        )
+        return Settings(
+            limits=limits,
+            history_buffer=self.history_buffer,
+            max_replay=self.max_replay,
+            actor_idle=self.actor_idle,
+            durable_acks=self.ack_mode == "durable",
+            ping_interval=self.ping_interval,
+            pong_timeout=self.pong_timeout,
+            hello_timeout=self.hello_timeout,
+            outbox_bytes=self.outbox_bytes,
+            rate=self.rate,
+            burst=self.burst,
+        )
+
+
+def add_options(
+    parser: argparse.ArgumentParser,
+    options: Sequence[Option],
+    environ: dict[str, str] | None = None,
+) -> None:
+    """Add ``options`` as flags whose defaults come from the environment."""
+    env = os.environ if environ is None else environ
+    for opt in options:
+        default = opt.default
+        if opt.env in env:
+            try:
+                default = opt.type(env[opt.env])
+            except ValueError as exc:
+                parser.error(f"{opt.env}={env[opt.env]!r}: {exc}")
+            if opt.choices and default not in opt.choices:
+                parser.error(f"{opt.env}={env[opt.env]!r}: choose from {', '.join(opt.choices)}")
+        shown = "unset" if opt.default is None else repr(opt.default)
+        help_text = f"{opt.help} [env {opt.env}; default {shown}]"
+        if opt.type is _bool:
+            parser.add_argument(
+                opt.flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        else:
+            parser.add_argument(
+                opt.flag,
+                type=opt.type,
+                default=default,
+                choices=opt.choices,
+                help=help_text,
+                metavar=None if opt.choices else opt.dest.upper(),
+            )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    fields = {f.name for f in attrs.fields(Config)}
+    return Config(**{k: v for k, v in vars(args).items() if k in fields})

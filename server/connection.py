@@ -1,0 +1,253 @@
+"""One client connection: the WebSocket handshake and framing (wsproto) over a trio Stream.
+
+How this works: after the handshake, three tasks share the connection. The reader
+feeds bytes to wsproto and hands each complete binary message to the Session, one at
+a time. The writer is the only task that sends: it drains the outbox with one
+``send_all`` per batch. The session's own task runs timers and actor events. Data
+frames are built by ``protocol.wsframe`` (once per fan-out, shared by every recipient);
+wsproto builds only the control frames (pong, close), so its state still tracks the
+closing handshake.
+
+Closing: whoever decides (session, reader) calls ``close``; the close frame goes out
+after what is already queued, then the reader waits a bounded time for the client's
+close frame. A slow consumer's outbox is dropped and it gets the close frame at once.
+Each connection is a crash barrier: a bug here or in the session closes this
+connection with 1011 and is logged; it never reaches the listener.
+"""
+
+import logging
+from urllib.parse import urlsplit
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError as WsProtocolError
+
+from actors.outbox import Outbox
+from actors.services import Services
+from actors.session import Session
+from protocol.errors import CloseCode
+
+log = logging.getLogger(__name__)
+
+RECEIVE_BYTES = 65536
+HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 3.0  # how long we wait for the client's close frame, or to send ours
+WS_PATH = "/ws"
+SUBPROTOCOL = "parley.v1"
+
+
+def _http_error(status: str, body: str) -> bytes:
+    data = body.encode()
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(data)}\r\nconnection: close\r\n\r\n"
+    ).encode() + data
+
+
+async def _handshake(stream: trio.abc.Stream, ws: WSConnection) -> bool:
+    """Accept a WebSocket upgrade on /ws; answer anything else with an HTTP error."""
+    with trio.move_on_after(HANDSHAKE_TIMEOUT):
+        while True:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                return False
+            try:
+                ws.receive_data(bytes(data))  # free for bytes, which sockets return
+                events = list(ws.events())
+            except WsProtocolError as exc:
+                await stream.send_all(_http_error("400 Bad Request", f"{exc}\n"))
+                return False
+            for event in events:
+                if not isinstance(event, Request):
+                    continue
+                if urlsplit(event.target).path != WS_PATH:
+                    reject = RejectConnection(
+                        status_code=404,
+                        headers=[(b"content-type", b"text/plain")],
+                        has_body=True,
+                    )
+                    body = RejectData(data=f"not found: connect to {WS_PATH}\n".encode())
+                    await stream.send_all(ws.send(reject) + ws.send(body))
+                    return False
+                chosen = SUBPROTOCOL if SUBPROTOCOL in event.subprotocols else None
+                await stream.send_all(ws.send(AcceptConnection(subprotocol=chosen)))
+                return True
+    return False
+
+
+class Connection:
+    def __init__(
+        self, stream: trio.abc.Stream, ws: WSConnection, services: Services, peer: str
+    ) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._services = services
+        self._max_message = services.settings.limits.max_frame_bytes
+        self.outbox = Outbox(services.settings.outbox_bytes, on_overflow=self._slow_consumer)
+        self.session = Session(services, self.outbox, self._close, peer)
+        self._close_frame: bytes | None = None
+        self._written = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write)
+                nursery.start_soon(self.session.run)
+                await self._read()
+                if self._close_frame is None:
+                    self.outbox.close()  # the client left: flush what we can, then stop
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._written.wait()
+                nursery.cancel_scope.cancel()
+            self._nursery = None
+        except Exception:
+            log.exception("connection of %s crashed; closing it", self.session.peer)
+            self._services.metrics.closes_by[CloseCode.INTERNAL_ERROR].inc()
+            with trio.move_on_after(1, shield=True):
+                await self._send_close_now(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.session.detach()
+            await trio.aclose_forcefully(self._stream)
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Close with ``code`` (through the session, which counts it)."""
+        self.session.close(code, reason)
+
+    def _slow_consumer(self) -> None:
+        # Called from inside some room's fan-out: only flags and a timer here. The
+        # writer sends the close frame if its current send completes; ``_expire`` cuts
+        # the connection if it never does.
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+
+    def _close(self, code: CloseCode, reason: str) -> None:
+        if self._close_frame is not None or self._ws.state is not ConnectionState.OPEN:
+            return
+        self._close_frame = self._ws.send(CloseConnection(code=code, reason=reason))
+        self.outbox.close(self._close_frame)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._expire)
+
+    async def _expire(self) -> None:
+        await trio.sleep(CLOSE_TIMEOUT)
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    async def _send_close_now(self, code: CloseCode, reason: str) -> None:
+        if self._ws.state is ConnectionState.OPEN:
+            self._close_frame = self._ws.send(CloseConnection(code=code, reason=reason))
+        if self._close_frame is not None:
+            try:
+                await self._stream.send_all(self._close_frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _write(self) -> None:
+        outbox = self.outbox
+        stream = self._stream
+        try:
+            while batch := await outbox.next_batch():
+                await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+            if outbox.overflowed:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._send_close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
+                assert self._nursery is not None
+                self._nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+        finally:
+            self._written.set()
+
+    async def _read(self) -> None:
+        """Read until the closing handshake ends or the client goes away."""
+        ws = self._ws
+        session = self.session
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            session.on_activity()
+            ws.receive_data(bytes(data))
+            for event in ws.events():
+                if isinstance(event, BytesMessage | TextMessage):
+                    if self._close_frame is not None:
+                        continue  # we are closing: the rest is ignored
+                    size += len(event.data)
+                    if size > self._max_message:
+                        self.close(CloseCode.MESSAGE_TOO_BIG, f"over {self._max_message} bytes")
+                        parts, size = [], 0
+                        continue
+                    if not event.message_finished:
+                        parts.append(
+                            bytes(event.data)
+                            if isinstance(event, BytesMessage)
+                            else event.data.encode()
+                        )
+                        continue
+                    if isinstance(event, TextMessage):
+                        session.on_text()
+                    else:
+                        payload = bytes(event.data)
+                        if parts:
+                            parts.append(payload)
+                            payload = b"".join(parts)
+                        await session.on_message(payload)
+                    parts, size = [], 0
+                elif isinstance(event, Ping):
+                    if ws.state is ConnectionState.OPEN:
+                        self.outbox.append(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    if ws.state is ConnectionState.REMOTE_CLOSING:
+                        # The client closes: answer, and stop once the answer is out.
+                        self._close_frame = ws.send(event.response())
+                        self.outbox.close(self._close_frame)
+                        return
+                    if ws.state is ConnectionState.CLOSED:
+                        return  # the client answered our close frame
+                    # wsproto reports a frame it could not parse as a close event.
+                    try:
+                        code = CloseCode(event.code)
+                    except ValueError:
+                        code = CloseCode.PROTOCOL_ERROR
+                    self.close(code, event.reason or "protocol error")
+
+
+async def serve_connection(
+    stream: trio.abc.Stream, services: Services, connections: set[Connection], peer: str
+) -> None:
+    """Run one client connection to its end."""
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        accepted = await _handshake(stream, ws)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        accepted = False
+    if not accepted:
+        await trio.aclose_forcefully(stream)
+        return
+    conn = Connection(stream, ws, services, peer)
+    connections.add(conn)
+    services.metrics.connections.inc()
+    try:
+        await conn.run()
+    finally:
+        connections.discard(conn)
+        services.metrics.connections.dec()

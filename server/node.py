@@ -1,0 +1,288 @@
+"""One Parley node: storage, the write-behind queue, the actors, the two listeners.
+
+Nursery tree (ARCHITECTURE.md draws it)::
+
+    serve
+    └── open_node: store (migrated), run record
+        ├── write-behind flusher
+        ├── storage probe
+        ├── actor directory: Room and User actors
+        ├── ops HTTP (hypercorn + quart-trio)
+        ├── connections: one task tree per client (reader, writer, session)
+        └── client listener (accept loop)
+
+Shutdown is a drain, then cancellation: stop accepting, send ``goaway``, store what
+is queued (releasing the sent-acks), close every session with 1001, wait for them up
+to the deadline, then cancel the rest. A run that stored everything is recorded as a
+clean stop; otherwise the next start gives its rooms new epochs.
+"""
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from actors.directory import ActorKind, Directory
+from actors.metrics import Metrics
+from actors.room import Room
+from actors.services import Services
+from actors.user import User
+from protocol.errors import CloseCode
+from server.config import Config
+from server.connection import Connection
+from storage.bus import InProcessBus
+from storage.store import StorageError, Store, open_store
+from storage.write_behind import WriteBehind
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 2.0
+GOAWAY_DELAY_MS = 1000
+
+
+@attrs.frozen
+class Readiness:
+    status: str  # OK, Degraded or Failed
+    reasons: tuple[str, ...]
+    checks: dict[str, object]
+
+    @property
+    def http_status(self) -> int:
+        return 503 if self.status == "Failed" else 200
+
+
+@attrs.define
+class Node:
+    config: Config
+    services: Services
+    store: Store
+    connections: set[Connection] = attrs.field(factory=set)
+    draining: bool = False
+    storage_error: str | None = None  # from the periodic probe
+    admin_token: str | None = None
+
+    @property
+    def write_behind(self) -> WriteBehind:
+        return self.services.write_behind
+
+    @property
+    def directory(self) -> Directory:
+        return self.services.directory
+
+    def readiness(self) -> Readiness:
+        reasons: list[str] = []
+        degraded = failed = False
+        wb = self.write_behind.statistics()
+        fill = self.write_behind.fill_ratio()
+        if self.draining:
+            failed = True
+            reasons.append("draining: the node is shutting down")
+        if wb.failing_since is not None:
+            degraded = True
+            for_s = trio.current_time() - wb.failing_since
+            reasons.append(f"storage: writes failing for {for_s:.0f}s ({wb.last_error})")
+        elif self.storage_error is not None:
+            degraded = True
+            reasons.append(f"storage: {self.storage_error}")
+        if fill >= 1.0:
+            failed = True
+            reasons.append("write-behind: queue full, sends are refused")
+        elif fill >= 0.5:
+            degraded = True
+            reasons.append(f"write-behind: backlog at {fill:.0%} of capacity")
+        status = "Failed" if failed else "Degraded" if degraded else "OK"
+        checks: dict[str, object] = {
+            "storage": {
+                "ok": wb.failing_since is None and self.storage_error is None,
+                "error": wb.last_error or self.storage_error,
+            },
+            "write_behind": {
+                "depth": wb.depth,
+                "bytes": wb.bytes,
+                "max_records": wb.max_records,
+                "max_bytes": wb.max_bytes,
+            },
+            "bus": {"ok": True, "kind": "in-process"},
+            "draining": self.draining,
+        }
+        return Readiness(status, tuple(reasons), checks)
+
+    def stats(self) -> dict[str, object]:
+        users = list(self.directory.actors(ActorKind.USER))
+        wb = self.write_behind.statistics()
+        return {
+            "connections": len(self.connections),
+            "sessions": sum(1 for c in self.connections if c.session.user is not None),
+            "users_online": sum(1 for u in users if u.sessions),
+            "actors": {str(kind): self.directory.count(kind) for kind in ActorKind},
+            "write_behind": attrs.asdict(wb),
+            "draining": self.draining,
+        }
+
+    def collect_metrics(self) -> Iterable[Metric]:
+        actors = GaugeMetricFamily("parley_actors", "Live actors by kind", labels=["kind"])
+        for kind in ActorKind:
+            actors.add_metric([str(kind)], self.directory.count(kind))
+        yield actors
+        yield GaugeMetricFamily(
+            "parley_outbox_bytes",
+            "Bytes waiting in session outboxes",
+            value=sum(c.outbox.nbytes for c in self.connections),
+        )
+        wb = self.write_behind.statistics()
+        yield GaugeMetricFamily(
+            "parley_write_behind_depth", "Records waiting to be stored", value=wb.depth
+        )
+        yield GaugeMetricFamily(
+            "parley_write_behind_bytes", "Bytes waiting to be stored", value=wb.bytes
+        )
+        yield GaugeMetricFamily(
+            "parley_write_behind_failing",
+            "1 while storage writes fail",
+            value=int(wb.failing_since is not None),
+        )
+        yield CounterMetricFamily(
+            "parley_write_behind_flushed_records", "Records stored", value=wb.flushed_records
+        )
+
+    async def probe_storage(self, interval: float) -> None:
+        """Notice an unreachable database even while nothing is being written."""
+        while True:
+            try:
+                with trio.fail_after(PROBE_TIMEOUT):
+                    await self.store.ping()
+                self.storage_error = None
+            except (StorageError, trio.TooSlowError) as exc:
+                self.storage_error = f"probe failed: {exc or 'timeout'}"
+            await trio.sleep(interval)
+
+    async def drain(self, stop_accepting: Callable[[], None], deadline: float) -> None:
+        """Everything up to closing the sessions; returns by ``deadline``."""
+        self.draining = True
+        stop_accepting()
+        log.info("draining: %d connections", len(self.connections))
+        for conn in list(self.connections):
+            conn.session.goaway("server shutting down", GOAWAY_DELAY_MS)
+        with trio.move_on_at(deadline) as flushing:
+            await self.write_behind.wait_flushed()
+        if flushing.cancelled_caught:
+            depth = self.write_behind.statistics().depth
+            log.error("drain: storage did not take %d queued records in time", depth)
+        for conn in list(self.connections):
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+
+
+@asynccontextmanager
+async def open_node(
+    config: Config, verify_token: Callable[[str], str], admin_token: str | None = None
+) -> AsyncIterator[tuple[Node, trio.Nursery]]:
+    """A running node without listeners, and the nursery its connections belong in."""
+    metrics = Metrics()
+    settings = config.settings()
+    async with open_store(config.database_url) as store:
+        run = await store.begin_run()
+        if run.rotated_rooms:
+            log.warning(
+                "the previous run did not stop cleanly: %d rooms get a new epoch "
+                "(their clients refetch history)",
+                run.rotated_rooms,
+            )
+        clean = False
+        async with trio.open_nursery() as nursery:
+            write_behind = WriteBehind(
+                store,
+                max_records=config.write_queue_records,
+                max_bytes=config.write_queue_bytes,
+                batch_records=config.write_batch,
+                flush_seconds=metrics.flush_seconds,
+            )
+            await nursery.start(write_behind.run)
+            directory = Directory(nursery, metrics, mailbox_size=settings.mailbox_size)
+            services = Services(
+                settings=settings,
+                store=store,
+                write_behind=write_behind,
+                directory=directory,
+                bus=InProcessBus(),
+                metrics=metrics,
+                run=run.run,
+                verify_token=verify_token,
+            )
+            directory.register(ActorKind.ROOM, lambda key, old: Room(key, services, old))
+            directory.register(ActorKind.USER, lambda key, old: User(key, services, old))
+            node = Node(config, services, store, admin_token=admin_token)
+            metrics.collect_at_scrape(node.collect_metrics)
+            if config.storage_probe_interval > 0:
+                nursery.start_soon(node.probe_storage, config.storage_probe_interval)
+            try:
+                async with trio.open_nursery() as connections:
+                    yield node, connections
+            finally:
+                with trio.move_on_after(config.drain_timeout, shield=True):
+                    await write_behind.wait_flushed()
+                    await store.end_run(run.run)
+                    clean = True
+                nursery.cancel_scope.cancel()
+        log.info("stopped %s", "cleanly" if clean else "with records unstored")
+
+
+@attrs.frozen
+class Addresses:
+    client: tuple[str, int]
+    ops: tuple[str, int]
+
+
+async def serve(
+    config: Config,
+    verify_token: Callable[[str], str],
+    admin_token: str | None = None,
+    *,
+    shutdown: trio.Event | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[tuple[Node, Addresses]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a node until SIGTERM/SIGINT (or ``shutdown`` is set), then drain and return."""
+    from server.listener import serve_clients
+    from server.ops import serve_ops
+
+    shutdown = trio.Event() if shutdown is None else shutdown
+    async with open_node(config, verify_token, admin_token) as (node, connections):
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+            client = listeners[0].socket.getsockname()[:2]
+            accepting = trio.CancelScope()
+
+            async def accept() -> None:
+                with accepting:
+                    await serve_clients(node.services, node.connections, listeners, connections)
+
+            nursery.start_soon(accept)
+            ops = await nursery.start(serve_ops, node)
+            if handle_signals:
+                nursery.start_soon(_watch_signals, shutdown)
+            log.info("parley serving ws://%s:%d/ws; ops on http://%s:%d", *client, *ops)
+            task_status.started((node, Addresses(client, ops)))
+            await shutdown.wait()
+            log.info("shutting down")
+            deadline = trio.current_time() + config.drain_timeout
+            await node.drain(accepting.cancel, deadline)
+            connections.cancel_scope.deadline = deadline
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if shutdown.is_set():
+                # The operator insists: stop now. Like a crash, the next start sees an
+                # unclean run and rotates the epochs of the rooms this run touched.
+                log.warning("second %s: exiting without draining", signal.Signals(signum).name)
+                os._exit(1)
+            log.info("%s received", signal.Signals(signum).name)
+            shutdown.set()

@@ -1,0 +1,80 @@
+"""Session tokens (JWT, HS256) and the development secrets kept beside the database."""
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import jwt
+
+from protocol.limits import is_user_id
+from storage.sqlite import sqlite_path
+
+ALGORITHM = "HS256"
+LEEWAY_SECONDS = 30
+DEV_SECRETS_NAME = "parley-dev.json"
+
+
+def issue_token(secret: str, user: str, ttl: int) -> str:
+    """A token that authenticates ``user`` for ``ttl`` seconds."""
+    if not is_user_id(user):
+        raise ValueError(f"bad user id {user!r}: 1-64 of A-Z a-z 0-9 _ . @ + = ~ -")
+    now = int(time.time())
+    return jwt.encode({"sub": user, "iat": now, "exp": now + ttl}, secret, algorithm=ALGORITHM)
+
+
+def token_verifier(secret: str) -> Callable[[str], str]:
+    """token -> user id; raises ValueError saying what is wrong with the token."""
+
+    def verify(token: str) -> str:
+        try:
+            claims = jwt.decode(
+                token,
+                secret,
+                algorithms=[ALGORITHM],
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise ValueError("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise ValueError(str(exc) or type(exc).__name__) from None
+        user = claims["sub"]
+        if not isinstance(user, str) or not is_user_id(user):
+            raise ValueError("token subject is not a valid user id")
+        return user
+
+    return verify
+
+
+@attrs.frozen
+class DevSecrets:
+    secret: str
+    admin_token: str
+    path: Path
+    created: bool
+
+
+def dev_secrets_path(database_url: str) -> Path:
+    """Beside the SQLite file; in the working directory for other databases."""
+    try:
+        return sqlite_path(database_url).parent / DEV_SECRETS_NAME
+    except Exception:
+        return Path(DEV_SECRETS_NAME)
+
+
+def load_dev_secrets(path: Path, *, create: bool) -> DevSecrets | None:
+    """Read the development secrets, generating them first if ``create``."""
+    if path.exists():
+        data = json.loads(path.read_text("utf-8"))
+        return DevSecrets(data["secret"], data["admin_token"], path, created=False)
+    if not create:
+        return None
+    data = {"secret": secrets.token_urlsafe(32), "admin_token": secrets.token_urlsafe(24)}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    return DevSecrets(data["secret"], data["admin_token"], path, created=True)

@@ -1,0 +1,216 @@
+"""Shared test helpers: a real node on real sockets, and ways to talk to it."""
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+from trio_websocket import WebSocketConnection
+
+from protocol.client import ParleyClient, open_client, open_websocket
+from protocol.codec import decode_server
+from protocol.frames import Frame
+from server.config import Config
+from server.node import Addresses, Node, serve
+from server.tokens import issue_token, token_verifier
+
+SECRET = "test-secret-0123456789-abcdefghijklmnop"
+ADMIN = "test-admin-token"
+
+
+@attrs.define
+class RunningServer:
+    node: Node
+    addresses: Addresses
+    shutdown: trio.Event
+    config: Config
+
+    @property
+    def url(self) -> str:
+        host, port = self.addresses.client
+        return f"ws://{host}:{port}/ws"
+
+    @property
+    def ops_url(self) -> str:
+        host, port = self.addresses.ops
+        return f"http://{host}:{port}"
+
+    def token(self, user: str, ttl: int = 3600) -> str:
+        return issue_token(SECRET, user, ttl)
+
+    def client(self, user: str, **kwargs: Any) -> Any:
+        """``async with server.client("alice") as alice: ...``"""
+        return open_client(self.url, self.token(user), **kwargs)
+
+    def http(self, *, admin: bool = True) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {ADMIN}"} if admin else {}
+        return httpx.AsyncClient(base_url=self.ops_url, headers=headers)
+
+    def raw(self) -> Any:
+        """``async with server.raw() as ws``: a WebSocket with no Parley client on it,
+        for sending anything at all."""
+        return open_websocket(self.url)
+
+
+def node_config(tmp_path: Path, **overrides: Any) -> Config:
+    options: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "ops_port": 0,
+        "database_url": f"sqlite:///{tmp_path / 'parley.db'}",
+        "secret": SECRET,
+        "admin_token": ADMIN,
+        "drain_timeout": 5.0,
+    }
+    options.update(overrides)
+    return Config(**options)
+
+
+@asynccontextmanager
+async def run_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[RunningServer]:
+    """A node serving on free ports until the block ends, then drained."""
+    config = node_config(tmp_path, **overrides)
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        start = functools.partial(
+            serve,
+            config,
+            token_verifier(SECRET),
+            config.admin_token,
+            shutdown=shutdown,
+            handle_signals=False,
+        )
+        node, addresses = await nursery.start(start)
+        try:
+            yield RunningServer(node, addresses, shutdown, config)
+        finally:
+            shutdown.set()
+
+
+async def next_frame(ws: WebSocketConnection) -> Frame:
+    return decode_server(await ws.get_message())  # type: ignore[arg-type]
+
+
+async def events_until(client: ParleyClient, kind: type, count: int) -> list[Any]:
+    """The next ``count`` events of ``kind``, skipping others."""
+    return [await client.next_event(kind) for _ in range(count)]
+
+
+# --- a server in its own process (signals, SIGKILL) -----------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@attrs.define
+class ServerProcess:
+    """``parley serve`` as a child process, for tests that signal or kill it."""
+
+    tmp_path: Path
+    nursery: trio.Nursery
+    extra: tuple[str, ...] = ()
+    port: int = attrs.field(factory=free_port)
+    ops_port: int = attrs.field(factory=free_port)
+    proc: trio.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--ops-port",
+            str(self.ops_port),
+            "--database-url",
+            f"sqlite:///{self.tmp_path / 'parley.db'}",
+            "--secret",
+            SECRET,
+            "--admin-token",
+            ADMIN,
+            *self.extra,
+        ]
+
+    async def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        log = self.tmp_path / "server.log"
+        with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+            start = functools.partial(
+                trio.run_process, self.command(), stdout=out, stderr=out, check=False
+            )
+            self.proc = await self.nursery.start(start)
+        with trio.fail_after(30):
+            while True:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"server exited {self.proc.returncode}: {self.log()}")
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                except OSError:
+                    await trio.sleep(0.05)
+                    continue
+                await stream.aclose()
+                return
+
+    def log(self) -> str:
+        return (self.tmp_path / "server.log").read_text(errors="replace")
+
+    async def signal(self, signum: int) -> int:
+        """Send ``signum`` and wait for the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        with trio.fail_after(30):
+            return await self.proc.wait()
+
+    def token(self, user: str) -> str:
+        return issue_token(SECRET, user, 3600)
+
+
+@asynccontextmanager
+async def server_process(tmp_path: Path, *extra: str) -> AsyncIterator[ServerProcess]:
+    """A ``ServerProcess`` (not started); killed when the block ends."""
+    async with trio.open_nursery() as nursery:
+        server = ServerProcess(tmp_path, nursery, extra)
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()  # run_process kills what still runs
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``parley ARGS`` in a child process."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+    full_env = {**inherited, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

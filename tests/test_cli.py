@@ -1,0 +1,161 @@
+"""server/cli.py and server/config.py: the commands a new user types."""
+
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from protocol.client import open_client
+from server.cli import build_parser
+from server.config import SERVE_OPTIONS, config_from_args
+from server.tokens import DEV_SECRETS_NAME, load_dev_secrets, token_verifier
+from tests.helpers import free_port, run_cli
+
+
+def test_help_lists_the_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("serve", "token", "chat", "migrate", "bench"):
+        assert command in result.stdout
+
+
+def test_serve_help_explains_every_option_and_its_variable() -> None:
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # undo argparse's line wrapping
+    for option in SERVE_OPTIONS:
+        assert option.flag in text
+        assert option.env in text
+    for required in (
+        "--host",
+        "--port",
+        "--ops-host",
+        "--ops-port",
+        "--database-url",
+        "--redis-url",
+        "--secret",
+        "--admin-token",
+        "--dev",
+        "--log-level",
+    ):
+        assert required in text
+
+
+@pytest.mark.parametrize("command", ["token", "chat", "migrate", "bench"])
+def test_every_command_has_help(command: str) -> None:
+    result = run_cli(command, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_environment_variables_configure_serve() -> None:
+    env = {
+        "PARLEY_PORT": "9001",
+        "PARLEY_DEV": "true",
+        "PARLEY_RATE": "7.5",
+        "PARLEY_ACK_MODE": "sequenced",
+        "PARLEY_DATABASE_URL": "sqlite:///x.db",
+    }
+    args = build_parser(env).parse_args(["serve", "--rate", "9"])
+    config = config_from_args(args)
+    assert (config.port, config.dev, config.rate, config.ack_mode, config.database_url) == (
+        9001,
+        True,
+        9.0,
+        "sequenced",
+        "sqlite:///x.db",  # the flag beats the variable
+    )
+    assert not config.settings().durable_acks
+
+
+def test_a_bad_environment_value_names_the_variable() -> None:
+    result = run_cli("serve", env={"PARLEY_PORT": "eighty"})
+    assert result.returncode == 2 and "PARLEY_PORT" in result.stderr
+    result = run_cli("serve", env={"PARLEY_ACK_MODE": "maybe"})
+    assert result.returncode == 2 and "PARLEY_ACK_MODE" in result.stderr
+
+
+def test_serve_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+    result = run_cli("serve", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--secret" in result.stderr and "--dev" in result.stderr
+    result = run_cli("serve", "--secret", "too-short", cwd=tmp_path)
+    assert result.returncode == 2 and "at least 32 bytes" in result.stderr
+
+
+def test_serve_refuses_the_redis_bus_it_does_not_have(tmp_path: Path) -> None:
+    result = run_cli("serve", "--dev", "--redis-url", "redis://localhost", cwd=tmp_path)
+    assert result.returncode == 2 and "Redis" in result.stderr
+
+
+def test_token_with_an_explicit_secret(tmp_path: Path) -> None:
+    secret = "a-secret-of-at-least-32-bytes-0123456789"
+    result = run_cli("token", "alice", "--secret", secret, cwd=tmp_path)
+    assert result.returncode == 0
+    assert token_verifier(secret)(result.stdout.strip()) == "alice"
+    assert run_cli("token", "not:valid", "--secret", secret, cwd=tmp_path).returncode == 2
+
+
+def test_token_needs_a_secret_or_dev_mode(tmp_path: Path) -> None:
+    result = run_cli("token", "alice", cwd=tmp_path)
+    assert result.returncode == 2 and "--dev" in result.stderr
+    result = run_cli("token", "alice", "--dev", cwd=tmp_path)
+    assert result.returncode == 0
+    secrets = load_dev_secrets(tmp_path / DEV_SECRETS_NAME, create=False)
+    assert secrets is not None
+    assert (tmp_path / DEV_SECRETS_NAME).stat().st_mode & 0o777 == 0o600
+    assert token_verifier(secrets.secret)(result.stdout.strip()) == "alice"
+    again = run_cli("token", "bob", cwd=tmp_path)  # the kept secret, no flag needed
+    assert token_verifier(secrets.secret)(again.stdout.strip()) == "bob"
+
+
+def test_migrate_creates_the_schema(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    result = run_cli("migrate", "--database-url", f"sqlite:///{db}")
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(db) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"rooms", "members", "messages", "runs", "schema_migrations"} <= tables
+
+
+async def test_dev_server_and_token_agree_with_no_setup(tmp_path: Path) -> None:
+    port, ops_port = free_port(), free_port()
+    command = [
+        "serve",
+        "--dev",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ops-port",
+        str(ops_port),
+    ]
+    log = tmp_path / "serve.log"
+    import functools
+    import sys
+
+    async with trio.open_nursery() as nursery:
+        with log.open("wb") as out:
+            proc = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    [sys.executable, "-m", "server.cli", *command],
+                    cwd=tmp_path,
+                    stdout=out,
+                    stderr=out,
+                    check=False,
+                )
+            )
+        with trio.fail_after(30):
+            while b"serving" not in log.read_bytes():  # noqa: ASYNC110 - another process
+                await trio.sleep(0.05)
+        assert b"admin token" in log.read_bytes()
+        token = (
+            await trio.to_thread.run_sync(lambda: run_cli("token", "bob", cwd=tmp_path))
+        ).stdout.strip()
+        async with open_client(f"ws://127.0.0.1:{port}/ws", token) as client:
+            assert client.welcome is not None and client.welcome.user == "bob"
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await proc.wait() == 0

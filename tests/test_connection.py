@@ -1,0 +1,187 @@
+"""server/connection.py over real sockets: handshake, bad input, limits, slow consumers."""
+
+import socket
+from pathlib import Path
+
+import cbor2
+import pytest
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import BytesMessage, CloseConnection, Request
+from wsproto.events import Message as WsMessage
+
+from loadtests.rawclient import RawClient
+from protocol.codec import encode
+from protocol.errors import CloseCode, ErrorCode
+from protocol.frames import Error, Hello, Join, Message, Ping, Pong, Send, Welcome
+from tests.helpers import RunningServer, next_frame, run_server
+
+
+async def http_get(server: RunningServer, request: bytes) -> bytes:
+    """The response head (and whatever came with it)."""
+    host, port = server.addresses.client
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(request)
+    response = b""
+    with trio.fail_after(10):
+        while b"\r\n\r\n" not in response and (chunk := await stream.receive_some(65536)):
+            response += chunk
+    await stream.aclose()
+    return response
+
+
+UPGRADE = (
+    b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def test_other_paths_get_404(server: RunningServer) -> None:
+    response = await http_get(server, UPGRADE % b"/elsewhere")
+    assert response.startswith(b"HTTP/1.1 404 ") and b"connect to /ws" in response
+    accepted = await http_get(server, UPGRADE % b"/ws?client=ios")
+    assert accepted.startswith(b"HTTP/1.1 101 ")
+
+
+async def test_plain_http_gets_400(server: RunningServer) -> None:
+    response = await http_get(server, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_the_subprotocol_is_accepted_when_offered(server: RunningServer) -> None:
+    async with server.raw() as ws:  # offers parley.v1
+        assert ws.subprotocol == "parley.v1"
+
+
+async def hello(ws: trio_websocket.WebSocketConnection, server: RunningServer) -> None:
+    await ws.send_message(encode(Hello(v=1, token=server.token("alice"))))
+    assert isinstance(await next_frame(ws), Welcome)
+
+
+async def close_code(ws: trio_websocket.WebSocketConnection) -> int:
+    with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
+        while True:
+            await ws.get_message()
+    assert info.value.reason is not None
+    return info.value.reason.code
+
+
+async def test_bad_frames_get_errors_and_the_session_survives(server: RunningServer) -> None:
+    async with server.raw() as ws:
+        await hello(ws, server)
+        cases = [
+            (b"\xff\xff", ErrorCode.BAD_FRAME, None),
+            (cbor2.dumps({0: 99, 1: 7}), ErrorCode.UNKNOWN_TYPE, 7),
+            (cbor2.dumps({0: 15, 1: 8, 2: "r"}), ErrorCode.INVALID, 8),
+            (cbor2.dumps({0: 15, 1: 9, 2: "r", 6: "c", 7: "x" * 5000}), ErrorCode.TOO_LARGE, 9),
+            (encode(Hello(v=1, token="again")), ErrorCode.ALREADY_AUTHENTICATED, None),
+        ]
+        for payload, code, request_id in cases:
+            await ws.send_message(payload)
+            error = await next_frame(ws)
+            assert isinstance(error, Error) and (error.code, error.id) == (code, request_id)
+        await ws.send_message("text is not the protocol")
+        error = await next_frame(ws)
+        assert isinstance(error, Error) and error.code == ErrorCode.BAD_FRAME
+        await ws.send_message(encode(Ping(id=77)))
+        assert await next_frame(ws) == Pong(id=77)
+
+
+async def test_bad_token_closes_4001(server: RunningServer) -> None:
+    for token in ("not-a-jwt", server.token("alice", ttl=-3600)):
+        async with server.raw() as ws:
+            await ws.send_message(encode(Hello(v=1, token=token)))
+            error = await next_frame(ws)
+            assert isinstance(error, Error) and error.code == ErrorCode.UNAUTHORIZED
+            assert await close_code(ws) == CloseCode.UNAUTHORIZED
+
+
+async def test_unknown_version_closes_4002(server: RunningServer) -> None:
+    async with server.raw() as ws:
+        await ws.send_message(encode(Hello(v=2, token=server.token("alice"))))
+        error = await next_frame(ws)
+        assert isinstance(error, Error) and error.code == ErrorCode.UNSUPPORTED_VERSION
+        assert await close_code(ws) == CloseCode.UNSUPPORTED_VERSION
+
+
+async def test_oversize_frame_closes_1009_cleanly(tmp_path: Path) -> None:
+    async with run_server(tmp_path, max_frame_bytes=1000) as server, server.raw() as ws:
+        await hello(ws, server)
+        await ws.send_message(encode(Send(id=1, room="r", cid="c", text="x" * 2000)))
+        assert await close_code(ws) == CloseCode.MESSAGE_TOO_BIG
+
+
+async def test_fragmented_messages_are_reassembled(server: RunningServer) -> None:
+    host, port = server.addresses.client
+    stream = await trio.open_tcp_stream(host, port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="x", target="/ws")))
+    ws.receive_data(await stream.receive_some(65536))
+    list(ws.events())
+    payload = encode(Hello(v=1, token=server.token("alice")))
+    first, rest = payload[:10], payload[10:]
+    await stream.send_all(ws.send(WsMessage(data=first, message_finished=False)))
+    await stream.send_all(ws.send(WsMessage(data=rest, message_finished=True)))
+    events: list[object] = []
+    with trio.fail_after(10):
+        while not any(isinstance(e, BytesMessage) for e in events):
+            ws.receive_data(await stream.receive_some(65536))
+            events.extend(ws.events())
+    message = next(e for e in events if isinstance(e, BytesMessage))
+    assert cbor2.loads(message.data)[0] == Welcome.TYPE
+    await stream.send_all(ws.send(CloseConnection(code=1000)))
+    await stream.aclose()
+
+
+async def test_websocket_pings_are_answered(server: RunningServer) -> None:
+    async with server.raw() as ws:
+        await hello(ws, server)
+        with trio.fail_after(10):
+            await ws.ping(b"are you there")
+
+
+async def test_a_slow_consumer_is_closed_and_does_not_slow_the_room(tmp_path: Path) -> None:
+    async with run_server(
+        tmp_path,
+        outbox_bytes=64 * 1024,
+        max_text_chars=40_000,
+        max_frame_bytes=65536,
+        rate=10_000.0,
+        burst=10_000,
+    ) as server:
+        host, port = server.addresses.client
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a tiny window
+        await sock.connect((host, port))
+        slow = await RawClient.start(trio.SocketStream(sock), "x", server.token("slow"))
+        async with (
+            server.client("fast") as fast,
+            server.client("talker") as talker,
+            slow.stream,
+        ):
+            await talker.create("r")
+            await fast.join("r")
+            await slow.send(Join(id=1, room="r"))
+            text = "x" * 30_000
+            count = 400  # 12 MB: more than the kernel will buffer for the slow reader
+
+            async def publish() -> None:
+                for i in range(count):
+                    await talker.send("r", text, cid=f"m{i}")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(publish)
+                with trio.fail_after(60):
+                    got = [await fast.next_event(Message) for _ in range(count)]
+            assert [m.seq for m in got] == list(range(1, count + 1))
+            closes = server.node.services.metrics.registry.get_sample_value(
+                "parley_session_closes_total", {"code": str(int(CloseCode.SLOW_CONSUMER))}
+            )
+            assert closes == 1.0
+            # The slow reader finds its connection ended, not stuck.
+            with trio.fail_after(20), pytest.raises(EOFError):
+                while True:
+                    await slow.receive()
+        assert len(server.node.connections) <= 2

@@ -1,0 +1,226 @@
+"""server/ops.py and server/admin.py over real HTTP."""
+
+import sqlite3
+from pathlib import Path
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from protocol.client import ServerError
+from protocol.errors import ErrorCode
+from protocol.frames import Member, MemberOp, Message
+from tests.helpers import RunningServer, run_server
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+async def test_health_and_readiness(server: RunningServer) -> None:
+    async with server.http(admin=False) as http:
+        health = await http.get("/healthz")
+        assert (health.status_code, health.json()) == (200, {"status": "OK"})
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        body = ready.json()
+        assert (body["status"], body["reasons"]) == ("OK", [])
+        assert set(body["checks"]) == {"storage", "write_behind", "bus", "draining"}
+
+
+async def test_metrics_count_the_traffic(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.create("r")
+        await bob.join("r")
+        for i in range(3):
+            await alice.send("r", f"m{i}")
+        await bob.ping()
+        with trio.fail_after(10):
+            for _ in range(3):
+                await bob.next_event(Message)
+        async with server.http(admin=False) as http:
+            response = await http.get("/metrics")
+        assert response.headers["content-type"].startswith("text/plain")
+        got = samples(response.text)
+    assert got["parley_connections", ()] == 2
+    assert got["parley_sessions", ()] == 2
+    assert got["parley_frames_in_total", (("type", "send"),)] == 3
+    assert got["parley_frames_out_total", (("type", "sent"),)] == 3
+    assert got["parley_frames_out_total", (("type", "message"),)] == 6  # 3 to each
+    assert got["parley_fanout_deliveries_total", ()] >= 6
+    assert got["parley_messages_total", ()] == 3
+    assert got["parley_actors", (("kind", "room"),)] == 1
+    assert got["parley_actors", (("kind", "user"),)] == 2
+    assert got["parley_write_behind_flushed_records_total", ()] >= 5
+    assert got["parley_write_behind_flush_seconds_count", ()] >= 1
+    assert got["parley_write_behind_depth", ()] == 0
+    assert got["parley_write_behind_failing", ()] == 0
+    assert ("parley_outbox_bytes", ()) in got
+
+
+async def test_errors_are_counted_by_code(server: RunningServer) -> None:
+    async with server.client("alice") as alice:
+        await alice.ws.send_message(b"\xff")
+        await alice.next_event()
+    async with server.http(admin=False) as http:
+        got = samples((await http.get("/metrics")).text)
+    assert got["parley_errors_total", (("code", "100"),)] == 1
+
+
+async def test_readiness_degrades_when_storage_fails(tmp_path: Path) -> None:
+    async with run_server(tmp_path, storage_probe_interval=0.05) as server:
+        async with server.client("alice") as alice:
+            await alice.create("r")
+            blocker = sqlite3.connect(tmp_path / "parley.db", isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(alice.send, "r", "waits for storage")
+                    async with server.http(admin=False) as http:
+                        with trio.fail_after(30):
+                            while True:
+                                body = (await http.get("/readyz")).json()
+                                if body["status"] != "OK":
+                                    break
+                                await trio.sleep(0.05)
+                        assert body["status"] == "Degraded"
+                        assert any(r.startswith("storage:") for r in body["reasons"])
+                    blocker.execute("ROLLBACK")
+            finally:
+                blocker.close()
+            async with server.http(admin=False) as http:
+                with trio.fail_after(30):
+                    while (await http.get("/readyz")).json()["status"] != "OK":  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+
+
+async def test_full_write_queue_refuses_sends_and_fails_readiness(tmp_path: Path) -> None:
+    async with run_server(tmp_path, write_queue_records=5) as server:
+        async with server.client("alice") as alice:
+            await alice.create("r")
+            blocker = sqlite3.connect(tmp_path / "parley.db", isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            refused: list[str] = []
+            try:
+                async with trio.open_nursery() as nursery:
+
+                    async def send(i: int) -> None:
+                        try:
+                            await alice.send("r", f"m{i}", cid=f"c{i}")
+                        except ServerError as exc:
+                            assert exc.code is ErrorCode.TRY_LATER
+                            refused.append(f"c{i}")
+
+                    for i in range(8):
+                        nursery.start_soon(send, i)
+                    with trio.fail_after(30):
+                        while len(refused) < 3:  # noqa: ASYNC110 - counting replies
+                            await trio.sleep(0.01)
+                    async with server.http(admin=False) as http:
+                        response = await http.get("/readyz")
+                    assert response.status_code == 503
+                    assert response.json()["status"] == "Failed"
+                    blocker.execute("ROLLBACK")
+            finally:
+                blocker.close()
+            page = await alice.history("r")
+            stored = {m.cid for m in page.items}
+            assert len(stored) == 5 and stored.isdisjoint(refused)
+            assert stored | set(refused) == {f"c{i}" for i in range(8)}
+
+
+# --- admin API --------------------------------------------------------------------------
+
+
+async def test_admin_needs_the_token(server: RunningServer) -> None:
+    async with server.http(admin=False) as http:
+        assert (await http.get("/admin/stats")).status_code == 401
+        wrong = await http.get("/admin/stats", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert wrong.json()["error"]["code"] == 108
+
+
+async def test_admin_api_is_off_without_a_token(tmp_path: Path) -> None:
+    async with run_server(tmp_path, admin_token=None) as server:
+        async with server.http() as http:
+            response = await http.get("/admin/stats")
+        assert response.status_code == 403
+
+
+async def test_admin_rooms_members_and_publish(server: RunningServer) -> None:
+    async with server.http() as http, server.client("alice") as alice:
+        created = await http.post(
+            "/admin/rooms", json={"room": "news", "kind": "private", "members": ["alice"]}
+        )
+        assert created.status_code == 201
+        told = await alice.next_event(Member)
+        assert (told.room, told.user, told.op, told.by) == ("news", "alice", MemberOp.ADDED, None)
+        assert (await http.post("/admin/rooms", json={"room": "news"})).status_code == 409
+        await alice.join("news")
+
+        published = await http.post("/admin/rooms/news/messages", json={"text": "hello all"})
+        assert published.status_code == 201
+        seq = published.json()["seq"]
+        message = await alice.next_event(Message)
+        assert (message.seq, message.user, message.text) == (seq, None, "hello all")
+        again = await http.post(
+            "/admin/rooms/news/messages", json={"text": "hello all", "cid": published.json()["cid"]}
+        )
+        assert again.json()["seq"] == seq  # idempotent by cid
+
+        added = await http.put("/admin/rooms/news/members/bob")
+        assert added.status_code == 200
+        event = await alice.next_event(Member)
+        assert (event.user, event.op) == ("bob", MemberOp.ADDED)
+
+        info = (await http.get("/admin/rooms/news")).json()
+        assert (info["kind"], info["members"], info["online"], info["seq"]) == (
+            "private",
+            ["alice", "bob"],
+            ["alice"],
+            seq,
+        )
+        listing = (await http.get("/admin/rooms")).json()
+        assert listing["rooms"] == [
+            {
+                "room": "news",
+                "kind": "private",
+                "owner": None,
+                "members": 2,
+                "online": 1,
+                "seq": seq,
+            }
+        ]
+
+        removed = await http.delete("/admin/rooms/news/members/alice")
+        assert removed.status_code == 200
+        event = await alice.next_event(Member)
+        assert (event.user, event.op, event.by) == ("alice", MemberOp.REMOVED, None)
+        info = (await http.get("/admin/rooms/news")).json()
+        assert info["members"] == ["bob"] and info["online"] == []
+
+        stats = (await http.get("/admin/stats")).json()
+        assert stats["sessions"] == 1 and stats["actors"]["room"] == 1
+
+
+async def test_admin_validation_errors(server: RunningServer) -> None:
+    async with server.http() as http:
+        cases = [
+            ("post", "/admin/rooms", {"room": "bad room"}, 400),
+            ("post", "/admin/rooms", {"room": "dm:a:b"}, 400),
+            ("post", "/admin/rooms", {"room": "x", "kind": "secret"}, 400),
+            ("post", "/admin/rooms", {"room": "x", "members": ["ok", "not ok"]}, 400),
+            ("post", "/admin/rooms/missing/messages", {"text": "hi"}, 404),
+            ("post", "/admin/rooms/x/messages", {"text": 5}, 400),
+            ("post", "/admin/rooms/x/messages", {}, 400),
+            ("get", "/admin/rooms/missing", None, 404),
+            ("put", "/admin/rooms/missing/members/bob", None, 404),
+            ("get", "/admin/rooms?limit=0", None, 400),
+        ]
+        for method, url, body, status in cases:
+            response = await http.request(method, url, json=body)
+            assert response.status_code == status, (method, url, response.text)
+            assert "code" in response.json()["error"]

@@ -1,0 +1,375 @@
+"""actors/room.py end to end: real listener, real SQLite, the Python client."""
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors.directory import ActorKind
+from protocol.client import ParleyClient, ServerError
+from protocol.errors import ErrorCode
+from protocol.frames import Joined, Member, MemberOp, Message, RoomKind
+from tests.helpers import RunningServer, events_until, run_server
+
+
+async def messages(client: ParleyClient, n: int) -> list[Message]:
+    with trio.fail_after(20):
+        return await events_until(client, Message, n)
+
+
+def refused(code: ErrorCode) -> "pytest.RaisesContext[ServerError]":
+    return pytest.raises(ServerError, match=f"^{int(code)} ")
+
+
+# --- ordering and delivery ----------------------------------------------------------
+
+
+async def test_many_senders_one_order_for_everyone(server: RunningServer) -> None:
+    senders, per_sender = 8, 25
+    async with server.client("owner") as owner:
+        await owner.create("busy")
+    received: dict[str, list[Message]] = {}
+
+    async def participant(name: str) -> None:
+        async with server.client(name) as client:
+            await client.join("busy")
+            ready.release()
+            await start.wait()
+            for i in range(per_sender):
+                sent = await client.send("busy", f"{name}:{i}", cid=f"{name}-{i}")
+                assert sent.cid == f"{name}-{i}"
+            received[name] = await messages(client, senders * per_sender)
+
+    ready = trio.Semaphore(0)
+    start = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for s in range(senders):
+            nursery.start_soon(participant, f"user{s}")
+        for _ in range(senders):
+            await ready.acquire()
+        start.set()
+
+    orders = {name: [(m.seq, m.user, m.text) for m in got] for name, got in received.items()}
+    reference = next(iter(orders.values()))
+    assert all(order == reference for order in orders.values())  # one order
+    assert [seq for seq, _, _ in reference] == list(range(1, senders * per_sender + 1))
+    for s in range(senders):  # each sender's messages in the order sent
+        mine = [text for _, user, text in reference if user == f"user{s}"]
+        assert mine == [f"user{s}:{i}" for i in range(per_sender)]
+
+
+async def test_sender_gets_echo_and_durable_ack(server: RunningServer) -> None:
+    async with server.client("alice") as alice:
+        await alice.create("r")
+        sent = await alice.send("r", "hello", data={"mood": "good"})
+        echo = await alice.next_event(Message)
+        assert (echo.seq, echo.cid, echo.user, echo.text, echo.data) == (
+            sent.seq,
+            sent.cid,
+            "alice",
+            "hello",
+            {"mood": "good"},
+        )
+        stored = await server.node.store.fetch_messages("r", sent.seq, sent.seq)
+        assert stored == [echo]  # the ack came after the commit
+
+
+# --- idempotency --------------------------------------------------------------------
+
+
+async def test_a_repeated_cid_gets_the_original_seq(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.create("r")
+        await bob.join("r")
+        first = await alice.send("r", "once", cid="same")
+        again = await alice.send("r", "once", cid="same")
+        retried = await alice.send("r", "once", cid="same", retry=True)
+        assert first.seq == again.seq == retried.seq and first.ts == again.ts == retried.ts
+        after = await alice.send("r", "next")
+        got = await messages(bob, 2)
+        assert [m.seq for m in got] == [first.seq, after.seq] == [1, 2]
+        page = await bob.history("r")
+        assert [m.cid for m in page.items] == ["same", after.cid]
+
+
+async def test_the_same_cid_from_another_user_is_another_message(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.create("r")
+        await bob.join("r")
+        a = await alice.send("r", "a", cid="c")
+        b = await bob.send("r", "b", cid="c")
+        assert (a.seq, b.seq) == (1, 2)
+
+
+async def test_retry_beyond_the_window_is_found_in_storage(tmp_path: Path) -> None:
+    async with run_server(tmp_path, history_buffer=4) as server:
+        async with server.client("alice") as alice:
+            await alice.create("r")
+            original = await alice.send("r", "first", cid="old")
+            for i in range(10):
+                await alice.send("r", f"filler {i}")
+            retried = await alice.send("r", "first", cid="old", retry=True)
+            assert (retried.seq, retried.ts) == (original.seq, original.ts)
+            # Without the retry flag, an id out of the window is taken as new (documented).
+            fresh = await alice.send("r", "first", cid="old")
+            assert fresh.seq == 12
+            page = await alice.history("r", after=0, limit=100)
+            assert [m.cid for m in page.items].count("old") == 2
+
+
+# --- resume -------------------------------------------------------------------------
+
+
+async def _miss_messages(server: RunningServer, room: str, n: int) -> list[int]:
+    async with server.client("talker") as talker:
+        await talker.join(room)
+        return [(await talker.send(room, f"missed {i}")).seq for i in range(n)]
+
+
+@pytest.mark.parametrize("history_buffer", [256, 3], ids=["from-memory", "from-storage"])
+async def test_resume_replays_exactly_what_was_missed(tmp_path: Path, history_buffer: int) -> None:
+    async with run_server(tmp_path, history_buffer=history_buffer) as server:
+        async with server.client("reader") as reader:
+            await reader.create("r")
+            await reader.send("r", "seen 1")
+            await reader.send("r", "seen 2")
+            await messages(reader, 2)
+            positions = dict(reader.positions)
+        assert positions["r"][0] == 2
+        missed = await _miss_messages(server, "r", 7)
+        async with server.client("reader", resume=positions) as reader:
+            joined = await reader.next_event(Joined)
+            assert (joined.room, joined.recovered, joined.seq) == ("r", True, 9)
+            replay = await messages(reader, 7)
+            assert [m.seq for m in replay] == missed == list(range(3, 10))
+            live = await reader.send("r", "live")
+            assert (await reader.next_event(Message)).seq == live.seq == 10
+
+
+async def test_join_with_a_position_resumes_too(server: RunningServer) -> None:
+    async with server.client("reader") as reader:
+        await reader.create("r")
+        await reader.send("r", "one")
+        await messages(reader, 1)
+        await reader.unsubscribe("r")
+        missed = await _miss_messages(server, "r", 3)
+        joined = await reader.join("r")  # the client passes its position
+        assert joined.recovered is True
+        assert [m.seq for m in await messages(reader, 3)] == missed
+
+
+async def test_resume_with_a_stale_epoch_starts_over(server: RunningServer) -> None:
+    async with server.client("reader") as reader:
+        await reader.create("r")
+        await reader.send("r", "x")
+    async with server.client("reader", resume={"r": (1, "not-the-epoch")}) as reader:
+        joined = await reader.next_event(Joined)
+        assert (joined.recovered, joined.seq) == (False, 1)
+        assert reader.positions["r"] == (1, joined.epoch)
+
+
+async def test_resume_too_far_behind_is_not_replayed(tmp_path: Path) -> None:
+    async with run_server(tmp_path, max_replay=5) as server:
+        async with server.client("reader") as reader:
+            joined = await reader.create("r")
+            positions = {"r": (0, joined.epoch)}
+        await _miss_messages(server, "r", 6)
+        async with server.client("reader", resume=positions) as reader:
+            resumed = await reader.next_event(Joined)
+            assert (resumed.recovered, resumed.seq) == (False, 6)
+            live = await reader.send("r", "after")
+            assert (await reader.next_event(Message)).seq == live.seq
+
+
+async def test_resume_of_a_room_you_left_is_refused(server: RunningServer) -> None:
+    async with server.client("reader") as reader:
+        joined = await reader.create("r")
+        await reader.leave("r")
+    async with server.client("reader", resume={"r": (0, joined.epoch)}) as reader:
+        error = await reader.next_event()
+        assert (error.code, error.room) == (ErrorCode.FORBIDDEN, "r")
+
+
+# --- history ------------------------------------------------------------------------
+
+
+async def test_history_pages_across_storage_and_memory(tmp_path: Path) -> None:
+    async with run_server(tmp_path, history_buffer=5) as server:
+        async with server.client("alice") as alice:
+            await alice.create("r")
+            for i in range(1, 24):
+                await alice.send("r", f"m{i}")
+            newest = await alice.history("r", limit=10)
+            assert [m.seq for m in newest.items] == list(range(14, 24)) and newest.more
+            older = await alice.history("r", before=14, limit=10)
+            assert [m.seq for m in older.items] == list(range(4, 14)) and older.more
+            oldest = await alice.history("r", before=4, limit=10)
+            assert [m.seq for m in oldest.items] == [1, 2, 3] and not oldest.more
+            forward = await alice.history("r", after=15, limit=5)
+            assert [m.seq for m in forward.items] == list(range(16, 21)) and forward.more
+            end = await alice.history("r", after=20, limit=5)
+            assert [m.seq for m in end.items] == [21, 22, 23] and not end.more
+            assert (await alice.history("r", after=23)).items == ()
+            assert [m.text for m in older.items] == [f"m{i}" for i in range(4, 14)]
+
+
+async def test_history_of_an_empty_room(server: RunningServer) -> None:
+    async with server.client("alice") as alice:
+        joined = await alice.create("r")
+        page = await alice.history("r")
+        assert (page.items, page.more, page.epoch) == ((), False, joined.epoch)
+
+
+# --- membership and authorization ---------------------------------------------------
+
+
+async def test_private_room_refuses_non_members(server: RunningServer) -> None:
+    async with server.client("owner") as owner, server.client("eve") as eve:
+        await owner.create("secret", private=True)
+        await owner.send("secret", "for members")
+        with refused(ErrorCode.FORBIDDEN):
+            await eve.join("secret")
+        with refused(ErrorCode.FORBIDDEN):
+            await eve.send("secret", "let me in")
+        with refused(ErrorCode.FORBIDDEN):
+            await eve.history("secret")
+        with refused(ErrorCode.FORBIDDEN):
+            await eve.invite("secret", "eve")
+        await owner.invite("secret", "eve")
+        joined = await eve.join("secret")
+        assert (joined.kind, joined.owner) == (RoomKind.PRIVATE, "owner")
+        assert [m.text for m in (await eve.history("secret")).items] == ["for members"]
+
+
+async def test_only_the_owner_invites_to_a_private_room(server: RunningServer) -> None:
+    async with server.client("owner") as owner, server.client("bob") as bob:
+        await owner.create("p", private=True)
+        await owner.invite("p", "bob")
+        await bob.join("p")
+        with refused(ErrorCode.FORBIDDEN):
+            await bob.invite("p", "carol")
+
+
+async def test_invitee_hears_of_it_in_every_session(server: RunningServer) -> None:
+    async with (
+        server.client("owner") as owner,
+        server.client("bob") as phone,
+        server.client("bob") as laptop,
+    ):
+        await owner.create("p", private=True)
+        await owner.invite("p", "bob")
+        for session in (phone, laptop):
+            event = await session.next_event(Member)
+            assert (event.room, event.user, event.op, event.by, event.kind) == (
+                "p",
+                "bob",
+                MemberOp.ADDED,
+                "owner",
+                RoomKind.PRIVATE,
+            )
+
+
+async def test_leave_ends_membership_and_tells_the_room(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.create("r")
+        await bob.join("r")
+        joined_event = await alice.next_event(Member)
+        assert (joined_event.user, joined_event.op) == ("bob", MemberOp.ADDED)
+        await bob.leave("r")
+        left = await alice.next_event(Member)
+        assert (left.user, left.op, left.by) == ("bob", MemberOp.REMOVED, "bob")
+        with refused(ErrorCode.FORBIDDEN):
+            await bob.send("r", "still here?")
+        await alice.send("r", "bob is gone")
+        await bob.join("r")  # an open room: joining again is allowed
+        sent = await alice.send("r", "welcome back")
+        got = await bob.next_event(Message)
+        assert got.seq == sent.seq  # not "bob is gone", which came while he was out
+
+
+async def test_unsubscribe_keeps_membership(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.create("r")
+        await bob.join("r")
+        await bob.unsubscribe("r")
+        quiet = await alice.send("r", "bob does not see this live")
+        own = await bob.send("r", "but may still post")
+        assert own.seq == quiet.seq + 1
+        await bob.join("r", resume=False)
+        live = await alice.send("r", "live again")
+        assert (await bob.next_event(Message)).seq == live.seq
+
+
+async def test_errors_for_missing_rooms_and_limits(tmp_path: Path) -> None:
+    async with run_server(tmp_path, max_rooms_per_session=2) as server:
+        async with server.client("alice") as alice:
+            with refused(ErrorCode.NOT_FOUND):
+                await alice.join("nowhere")
+            with refused(ErrorCode.NOT_FOUND):
+                await alice.send("nowhere", "hello?")
+            await alice.create("one")
+            with refused(ErrorCode.ROOM_EXISTS):
+                await alice.create("one")
+            await alice.create("two")
+            with refused(ErrorCode.TOO_MANY_ROOMS):
+                await alice.create("three")
+            await alice.unsubscribe("two")
+            await alice.create("three")
+
+
+# --- direct rooms -------------------------------------------------------------------
+
+
+async def test_direct_room_is_shared_and_closed_to_others(server: RunningServer) -> None:
+    async with (
+        server.client("alice") as alice,
+        server.client("bob") as bob,
+        server.client("eve") as eve,
+    ):
+        mine = await alice.direct("bob")
+        assert (mine.room, mine.kind, mine.owner) == ("dm:alice:bob", RoomKind.DIRECT, None)
+        told = await bob.next_event(Member)
+        assert (told.room, told.user, told.by, told.kind) == (
+            "dm:alice:bob",
+            "bob",
+            "alice",
+            RoomKind.DIRECT,
+        )
+        theirs = await bob.direct("alice")
+        assert (theirs.room, theirs.epoch) == (mine.room, mine.epoch)
+        sent = await alice.send(mine.room, "psst")
+        got = await bob.next_event(Message)
+        assert (got.seq, got.text) == (sent.seq, "psst")
+        with refused(ErrorCode.FORBIDDEN):
+            await eve.join(mine.room)
+        with refused(ErrorCode.FORBIDDEN):
+            await eve.send(mine.room, "hi")
+        with refused(ErrorCode.FORBIDDEN):
+            await alice.invite(mine.room, "eve")
+        with refused(ErrorCode.FORBIDDEN):
+            await alice.leave(mine.room)
+        with refused(ErrorCode.INVALID):
+            await alice.direct("alice")
+
+
+# --- supervision --------------------------------------------------------------------
+
+
+async def test_a_crashed_room_restarts_from_storage(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.create("r")
+        await bob.join("r")
+        for i in range(3):
+            await alice.send("r", f"before {i}")
+        await messages(bob, 3)
+        # A command no room understands: a bug, as far as the room can tell.
+        server.node.directory.ref(ActorKind.ROOM, "r").send_nowait(object())
+        sent = await alice.send("r", "after the crash")
+        assert sent.seq == 4
+        got = await bob.next_event(Message)  # bob stayed subscribed
+        assert (got.seq, got.text) == (4, "after the crash")
+        crashes = server.node.services.metrics.registry.get_sample_value(
+            "parley_actor_crashes_total", {"kind": "room"}
+        )
+        assert crashes == 1.0
+        assert [m.seq for m in (await bob.history("r")).items] == [1, 2, 3, 4]

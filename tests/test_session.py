@@ -1,0 +1,170 @@
+"""actors/session.py through server/connection.py on memory streams, in virtual time.
+
+The node is real (SQLite included); only the network is a memory stream, so the trio
+clock can be a MockClock: a 10-second timeout is asserted as exactly 10.0 and takes no
+wall time. Nothing here touches storage after start-up, so no thread runs while the
+clock jumps.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from protocol.codec import encode
+from protocol.errors import CloseCode, ErrorCode
+from protocol.frames import Error, Hello, Ping, Pong, Welcome
+from server.connection import serve_connection
+from server.node import Node, open_node
+from server.tokens import issue_token, token_verifier
+from tests.helpers import SECRET, next_frame, node_config
+
+
+@asynccontextmanager
+async def memory_node(tmp_path: Path, **overrides: Any) -> AsyncIterator["MemoryNode"]:
+    config = node_config(tmp_path, storage_probe_interval=0, **overrides)
+    async with open_node(config, token_verifier(SECRET)) as (node, connections):
+        yield MemoryNode(node, connections)
+        connections.cancel_scope.cancel()
+
+
+class MemoryNode:
+    def __init__(self, node: Node, connections: trio.Nursery) -> None:
+        self.node = node
+        self.connections = connections
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[WebSocketConnection]:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        self.connections.start_soon(
+            serve_connection, server_stream, self.node.services, self.node.connections, "mem"
+        )
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery,
+                client_stream,
+                "localhost",
+                "/ws",  # type: ignore[arg-type]
+            )
+            yield ws
+            nursery.cancel_scope.cancel()
+
+
+async def hello(ws: WebSocketConnection, user: str = "alice") -> Welcome:
+    await ws.send_message(encode(Hello(v=1, token=issue_token(SECRET, user, 3600))))
+    welcome = await next_frame(ws)
+    assert isinstance(welcome, Welcome)
+    return welcome
+
+
+async def closed_with(ws: WebSocketConnection) -> int:
+    """Read until the server closes; its close code."""
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            await ws.get_message()
+    assert info.value.reason is not None
+    return info.value.reason.code
+
+
+async def test_hello_timeout_is_exact(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    async with memory_node(tmp_path, hello_timeout=10.0) as mem, mem.connect() as ws:
+        start = trio.current_time()
+        assert await closed_with(ws) == CloseCode.HELLO_TIMEOUT
+        assert trio.current_time() - start == 10.0
+
+
+async def test_silent_client_is_pinged_then_closed(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path, ping_interval=25.0, pong_timeout=10.0) as mem:
+        async with mem.connect() as ws:
+            await hello(ws)
+            quiet = trio.current_time()
+            assert await next_frame(ws) == Ping()
+            assert trio.current_time() - quiet == 25.0
+            assert await closed_with(ws) == CloseCode.IDLE_TIMEOUT
+            assert trio.current_time() - quiet == 35.0
+
+
+async def test_a_pong_keeps_the_session(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    async with memory_node(tmp_path, ping_interval=25.0, pong_timeout=10.0) as mem:
+        async with mem.connect() as ws:
+            await hello(ws)
+            for _ in range(3):
+                assert await next_frame(ws) == Ping()
+                answered = trio.current_time()
+                await ws.send_message(encode(Pong()))
+                assert await next_frame(ws) == Ping()  # not a close
+                assert trio.current_time() - answered == 25.0
+                await ws.send_message(encode(Pong()))
+
+
+async def test_frames_before_hello_are_refused(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path) as mem, mem.connect() as ws:
+        await ws.send_message(encode(Ping(id=1)))
+        error = await next_frame(ws)
+        assert isinstance(error, Error) and error.code == ErrorCode.NOT_AUTHENTICATED
+        await hello(ws)
+        await ws.send_message(encode(Ping(id=2)))
+        assert await next_frame(ws) == Pong(id=2)
+
+
+async def test_rate_limit_refills_at_the_configured_rate(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path, rate=10.0, burst=5) as mem, mem.connect() as ws:
+        await hello(ws)  # the hello took one token
+
+        async def pings(first: int, n: int) -> list[Any]:
+            for i in range(first, first + n):
+                await ws.send_message(encode(Ping(id=i)))
+            return [await next_frame(ws) for _ in range(n)]
+
+        replies = await pings(1, 5)
+        assert replies[:4] == [Pong(id=i) for i in range(1, 5)]
+        assert isinstance(replies[4], Error) and replies[4].code == ErrorCode.RATE_LIMITED
+        assert replies[4].id == 5
+        await trio.sleep(0.3)  # three tokens come back
+        replies = await pings(10, 4)
+        assert replies[:3] == [Pong(id=i) for i in range(10, 13)]
+        assert isinstance(replies[3], Error) and replies[3].code == ErrorCode.RATE_LIMITED
+
+
+async def test_too_many_errors_close_the_session(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path) as mem, mem.connect() as ws:
+        await hello(ws)
+        for _ in range(21):
+            await ws.send_message(b"\xff")
+        codes = []
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                frame = await next_frame(ws)
+                assert isinstance(frame, Error)
+                codes.append(frame.code)
+        assert codes == [ErrorCode.BAD_FRAME] * 21
+        assert info.value.reason is not None
+        assert info.value.reason.code == CloseCode.TOO_MANY_ERRORS
+
+
+async def test_errors_spread_over_time_are_forgiven(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path) as mem, mem.connect() as ws:
+        await hello(ws)
+        for _ in range(40):
+            await ws.send_message(b"\xff")
+            frame = await next_frame(ws)
+            assert isinstance(frame, Error) and frame.code == ErrorCode.BAD_FRAME
+            await trio.sleep(1.0)
+        await ws.send_message(encode(Ping(id=1)))
+        assert await next_frame(ws) == Pong(id=1)
