@@ -128,8 +128,8 @@ class Connection:
         self.session.close(code, reason)
 
     def _slow_consumer(self) -> None:
-        # Called from inside some room's fan-out: only flags and a timer here. The
-        # writer sends the close frame if its current send completes; ``_expire`` cuts
+        # Called from inside some room's fan-out: only flags and a deadline here. The
+        # writer sends the close frame if its current send completes; the deadline cuts
         # the connection if it never does.
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
@@ -138,13 +138,10 @@ class Connection:
             return
         self._close_frame = self._ws.send(CloseConnection(code=code, reason=reason))
         self.outbox.close(self._close_frame)
+        # The client gets CLOSE_TIMEOUT to take our close frame and answer it.
         if self._nursery is not None:
-            self._nursery.start_soon(self._expire)
-
-    async def _expire(self) -> None:
-        await trio.sleep(CLOSE_TIMEOUT)
-        assert self._nursery is not None
-        self._nursery.cancel_scope.cancel()
+            scope = self._nursery.cancel_scope
+            scope.deadline = min(scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
 
     async def _send_close_now(self, code: CloseCode, reason: str) -> None:
         if self._ws.state is ConnectionState.OPEN:
