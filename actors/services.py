@@ -20,6 +20,7 @@ class Settings:
     limits: Limits = attrs.field(factory=Limits)
     history_buffer: int = 256  # recent messages a room keeps in memory
     max_replay: int = 1000  # most messages a resume replays before it says "not recovered"
+    large_room: int = 100  # above this many members, member events go to the member only
     actor_idle: float = 30.0  # an actor with nothing to do retires after this long
     durable_acks: bool = True  # sent-ack after commit (False: after sequencing, weaker)
     request_timeout: float = 10.0

@@ -124,6 +124,11 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--hello-timeout", "seconds to authenticate after connecting (4003)", _positive_float),
     Option("--history-buffer", "recent messages each active room keeps in memory", _positive_int),
     Option(
+        "--large-room",
+        "rooms with more members than this tell joins and leaves only to the member concerned",
+        _positive_int,
+    ),
+    Option(
         "--max-replay",
         "most messages a resume replays; beyond it the client refetches",
         _positive_int,
@@ -181,6 +186,7 @@ class Config:
     hello_timeout: float = _d.hello_timeout
     history_buffer: int = _d.history_buffer
     max_replay: int = _d.max_replay
+    large_room: int = _d.large_room
     ack_mode: str = "durable"
     write_queue_records: int = 100_000
     write_queue_bytes: int = 64 * 2**20
@@ -202,6 +208,7 @@ class Config:
             limits=limits,
             history_buffer=self.history_buffer,
             max_replay=self.max_replay,
+            large_room=self.large_room,
             actor_idle=self.actor_idle,
             durable_acks=self.ack_mode == "durable",
             ping_interval=self.ping_interval,

@@ -6,9 +6,13 @@ import pytest
 import trio
 
 from actors.directory import ActorKind
+from actors.room import TURN
+from loadtests.rawclient import RawClient
 from protocol.client import ParleyClient, ServerError
+from protocol.codec import decode_server, encode
 from protocol.errors import ErrorCode
-from protocol.frames import Joined, Member, MemberOp, Message, RoomKind
+from protocol.frames import Join, Joined, Member, MemberOp, Message, RoomKind, Send, Sent
+from protocol.wsframe import client_frame
 from tests.helpers import RunningServer, events_until, run_server
 
 
@@ -56,6 +60,36 @@ async def test_many_senders_one_order_for_everyone(server: RunningServer) -> Non
     for s in range(senders):  # each sender's messages in the order sent
         mine = [text for _, user, text in reference if user == f"user{s}"]
         assert mine == [f"user{s}:{i}" for i in range(per_sender)]
+
+
+async def test_a_burst_of_sends_loses_nothing(tmp_path: Path) -> None:
+    """More sends queued at once than a room handles in one turn (room.TURN): the whole
+    burst goes out in one TCP write, so the server reads it in a few large chunks."""
+    count = 3 * TURN + 5
+    async with (
+        run_server(tmp_path, rate=1000.0, burst=1000) as server,
+        server.client("bob") as bob,
+    ):
+        await bob.create("r")
+        host, port = server.addresses.client
+        alice = await RawClient.connect(host, port, server.token("alice"))
+        async with alice.stream:
+            await alice.send(Join(id=1, room="r"))
+            burst = [
+                client_frame(encode(Send(id=i + 2, room="r", cid=f"c{i}", text=str(i))))
+                for i in range(count)
+            ]
+            await alice.stream.send_all(b"".join(burst))
+            got = await messages(bob, count)
+            assert [(m.seq, m.cid) for m in got] == [(i + 1, f"c{i}") for i in range(count)]
+            acked = set()
+            with trio.fail_after(20):
+                while len(acked) < count:
+                    for payload in await alice.receive():
+                        frame = decode_server(payload)
+                        if isinstance(frame, Sent):
+                            acked.add(frame.seq)
+            assert acked == set(range(1, count + 1))
 
 
 async def test_sender_gets_echo_and_durable_ack(server: RunningServer) -> None:
@@ -285,6 +319,27 @@ async def test_leave_ends_membership_and_tells_the_room(server: RunningServer) -
         sent = await alice.send("r", "welcome back")
         got = await bob.next_event(Message)
         assert got.seq == sent.seq  # not "bob is gone", which came while he was out
+
+
+async def test_large_rooms_tell_member_changes_to_the_member_only(tmp_path: Path) -> None:
+    async with (
+        run_server(tmp_path, large_room=2) as server,
+        server.client("alice") as alice,
+        server.client("bob") as bob,
+        server.client("carol") as carol,
+    ):
+        await alice.create("big")
+        await bob.join("big")  # two members: still small, alice hears of bob
+        assert (await alice.next_event(Member)).user == "bob"
+        await carol.join("big")  # three: large
+        await alice.invite("big", "dave")  # dave is told (not online here), nobody else
+        await carol.leave("big")
+        left = await carol.next_event(Member)
+        assert (left.user, left.op) == ("carol", MemberOp.REMOVED)
+        sent = await alice.send("big", "after")
+        for client in (alice, bob):  # the next event is the message: no member events
+            got = await client.next_event()
+            assert isinstance(got, Message) and got.seq == sent.seq
 
 
 async def test_unsubscribe_keeps_membership(server: RunningServer) -> None:
