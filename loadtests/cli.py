@@ -1,6 +1,7 @@
 """``parley bench``: benchmarks, run by hand; figures go into BENCHMARKS.md."""
 
 import argparse
+import secrets
 import socket
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def cmd_fanout(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
         port = _free_port()
-        secret = "bench-secret"
+        secret = secrets.token_urlsafe(32)
         command = [
             sys.executable,
             "-m",

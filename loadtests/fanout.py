@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -22,7 +23,8 @@ import cbor2
 import trio
 
 from loadtests.rawclient import RawClient
-from protocol.frames import FIELD_KEYS, TYPE_KEY, Join, Pong, Send
+from protocol.errors import ErrorCode
+from protocol.frames import FIELD_KEYS, TYPE_KEY, Create, Join, Pong, Send
 
 JOINED = 20
 MESSAGE = 22
@@ -32,6 +34,7 @@ ERROR = 5
 K_SEQ = FIELD_KEYS["seq"]
 K_DATA = FIELD_KEYS["data"]
 K_ROOM = FIELD_KEYS["room"]
+K_CODE = FIELD_KEYS["code"]
 STEP = math.log(1.01)
 
 
@@ -162,6 +165,7 @@ class FanoutResult:
     p99_ms: float
     max_ms: float
     server_cpu_s: float | None
+    connect_s: float
 
     @property
     def deliveries_per_s(self) -> float:
@@ -169,7 +173,8 @@ class FanoutResult:
 
     def report(self) -> str:
         lines = [
-            f"fan-out: {self.receivers} receivers, {self.messages} messages",
+            f"fan-out: {self.receivers} receivers (connected in {self.connect_s:.1f}s),"
+            f" {self.messages} messages",
             f"  deliveries     {self.deliveries} in {self.seconds:.2f}s"
             f" = {self.deliveries_per_s:,.0f}/s",
             f"  latency        p50 {self.p50_ms:.1f} ms   p99 {self.p99_ms:.1f} ms"
@@ -180,6 +185,10 @@ class FanoutResult:
             per = self.server_cpu_s / self.deliveries * 1e6
             lines.append(f"  server CPU     {self.server_cpu_s:.2f}s = {per:.2f} µs/delivery")
         return "\n".join(lines)
+
+
+def progress(text: str) -> None:
+    print(f"  .. {text}", file=sys.stderr, flush=True)
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -203,9 +212,10 @@ async def run_fanout(
     give_up_after: float,
     room: str = "bench",
 ) -> FanoutResult:
-    publisher = await RawClient.connect(host, port, token_for("publisher"))
-    await publisher.send(Join(id=1, room=room))
-    base = await _head(publisher, room)
+    setup = await RawClient.connect(host, port, token_for("publisher"))
+    await _enter(setup, room)  # the room must exist before receivers join it
+    await setup.aclose()
+    connecting = time.monotonic()
     ctx = multiprocessing.get_context("spawn")
     pipes = []
     procs = []
@@ -224,12 +234,20 @@ async def run_fanout(
     for pipe in pipes:
         _, n = await trio.to_thread.run_sync(pipe.recv)
         ready += n
+    progress(f"{ready} receivers joined")
+    connect_s = time.monotonic() - connecting
+    # Connected only now: a client that sits silent while others connect gets pinged,
+    # and this one does not read until it publishes.
+    publisher = await RawClient.connect(host, port, token_for("publisher"))
+    base = await _enter(publisher, room)
     for pipe in pipes:
         pipe.send(base)
     await trio.sleep(0.2)  # let every worker enter its receive loop
     cpu_before = process_cpu_seconds(server_pid) if server_pid else None
     started = time.monotonic_ns()
+    progress(f"publishing {messages} messages from seq {base + 1}")
     await _publish(publisher, room, messages, size, rate, window)
+    progress("all published and acknowledged; waiting for the receivers")
     tally = Tally()
     for pipe in pipes:
         _, data = await trio.to_thread.run_sync(pipe.recv)
@@ -252,17 +270,22 @@ async def run_fanout(
         p99_ms=tally.percentile(99),
         max_ms=bucket_value_ms(max(tally.latency)) if tally.latency else float("nan"),
         server_cpu_s=cpu,
+        connect_s=connect_s,
     )
 
 
-async def _head(client: RawClient, room: str) -> int:
+async def _enter(client: RawClient, room: str) -> int:
+    """Create the room, or join it if it exists; its head seq."""
+    await client.send(Create(id=1, room=room))
     while True:
         for payload in await client.receive():
             frame = cbor2.loads(payload)
             if frame.get(TYPE_KEY) == JOINED and frame.get(K_ROOM) == room:
                 return int(frame[K_SEQ])
             if frame.get(TYPE_KEY) == ERROR:
-                raise ConnectionError(f"join refused: {frame}")
+                if frame.get(K_CODE) != ErrorCode.ROOM_EXISTS:
+                    raise ConnectionError(f"cannot enter {room}: {frame}")
+                await client.send(Join(id=2, room=room))
 
 
 async def _publish(
@@ -281,6 +304,8 @@ async def _publish(
                 if t == SENT:
                     acked.release()
                     received += 1
+                elif t == PING:
+                    await client.send(Pong())
                 elif t == ERROR:
                     raise RuntimeError(f"publish refused: {cbor2.loads(payload)}")
         done.set()
