@@ -50,7 +50,12 @@ class Ticket:
         callbacks, self._callbacks = self._callbacks, None
         if callbacks:
             for fn, arg in callbacks:
-                fn(arg)
+                try:
+                    fn(arg)
+                except Exception:
+                    # A bug in whoever waited must not stop the flusher, and with it
+                    # every other ack on the node.
+                    log.exception("write-behind: a commit callback failed")
 
 
 #: The ticket of anything read back from storage.

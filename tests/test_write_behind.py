@@ -46,6 +46,27 @@ async def test_tickets_complete_in_order_after_commit(store: Store) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_failing_callback_does_not_stop_the_flusher(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    wb = WriteBehind(store)
+    done: list[int] = []
+
+    def broken(_: object) -> None:
+        raise RuntimeError("a bug in a waiter")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(wb.run)
+        wb.enqueue(ROOM).then(broken, None)
+        wb.enqueue(msg(1)).then(done.append, 1)
+        await wb.wait_flushed()
+        wb.enqueue(msg(2)).then(done.append, 2)
+        await wb.wait_flushed()
+        nursery.cancel_scope.cancel()
+    assert done == [1, 2]
+    assert "a commit callback failed" in caplog.text
+
+
 async def test_then_on_a_committed_ticket_calls_at_once() -> None:
     ticket = Ticket(committed=True)
     seen: list[str] = []
