@@ -1,7 +1,10 @@
 """server/cli.py and server/config.py: the commands a new user types."""
 
+import functools
 import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from protocol.client import open_client
 from server.cli import build_parser
 from server.config import SERVE_OPTIONS, config_from_args
 from server.tokens import DEV_SECRETS_NAME, load_dev_secrets, token_verifier
-from tests.helpers import free_port, run_cli
+from tests.helpers import SECRET, free_port, run_cli, run_server
 
 
 def test_help_lists_the_commands() -> None:
@@ -132,9 +135,6 @@ async def test_dev_server_and_token_agree_with_no_setup(tmp_path: Path) -> None:
         str(ops_port),
     ]
     log = tmp_path / "serve.log"
-    import functools
-    import sys
-
     async with trio.open_nursery() as nursery:
         with log.open("wb") as out:
             proc = await nursery.start(
@@ -159,3 +159,54 @@ async def test_dev_server_and_token_agree_with_no_setup(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             assert await proc.wait() == 0
+
+
+async def test_two_chat_terminals_talk(tmp_path: Path) -> None:
+    """``parley chat`` as people run it: bob listens, alice types two lines and quits."""
+    async with run_server(tmp_path) as server:
+        command = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "chat",
+            "--room",
+            "lobby",
+            "--url",
+            server.url,
+            "--secret",
+            SECRET,
+            "--user",
+        ]
+        bob_out, bob_err = tmp_path / "bob.out", tmp_path / "bob.err"
+        async with trio.open_nursery() as nursery:
+            with bob_out.open("wb") as out, bob_err.open("wb") as err:
+                bob = await nursery.start(
+                    functools.partial(
+                        trio.run_process,
+                        [*command, "bob"],
+                        stdin=subprocess.PIPE,
+                        stdout=out,
+                        stderr=err,
+                        check=False,
+                    )
+                )
+            with trio.fail_after(30):
+                while b"bob in lobby" not in bob_err.read_bytes():  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            alice = await trio.run_process(
+                [*command, "alice"],
+                stdin=b"hi bob\nhow are you\n",
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert alice.returncode == 0, alice.stderr
+            expected = b"[1] alice: hi bob\n[2] alice: how are you\n"
+            with trio.fail_after(30):
+                while expected not in bob_out.read_bytes():  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert expected in alice.stdout  # the typist sees the room too
+            assert bob.stdin is not None
+            await bob.stdin.aclose()  # Ctrl-D
+            with trio.fail_after(30):
+                assert await bob.wait() == 0
