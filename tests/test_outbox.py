@@ -64,9 +64,9 @@ async def test_overflow_drops_everything_and_closes() -> None:
     outbox.append(b"12345")
     outbox.hold()
     outbox.append(b"67890")
-    assert not outbox.overflowed
+    assert (outbox.overflowed, outbox.nbytes) == (False, 10)
     outbox.append(b"!")
-    assert outbox.overflowed and outbox.closed and outbox.nbytes == 0
+    assert (outbox.overflowed, outbox.closed, outbox.nbytes) == (True, True, 0)
     outbox.append(b"ignored")
     assert await outbox.next_batch() == []
 

@@ -1,6 +1,8 @@
 """actors/room.py end to end: real listener, real SQLite, the Python client."""
 
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -21,7 +23,7 @@ async def messages(client: ParleyClient, n: int) -> list[Message]:
         return await events_until(client, Message, n)
 
 
-def refused(code: ErrorCode) -> "pytest.RaisesContext[ServerError]":
+def refused(code: ErrorCode) -> AbstractContextManager[Any]:
     return pytest.raises(ServerError, match=f"^{int(code)} ")
 
 
@@ -82,7 +84,7 @@ async def test_a_burst_of_sends_loses_nothing(tmp_path: Path) -> None:
             await alice.stream.send_all(b"".join(burst))
             got = await messages(bob, count)
             assert [(m.seq, m.cid) for m in got] == [(i + 1, f"c{i}") for i in range(count)]
-            acked = set()
+            acked: set[int] = set()
             with trio.fail_after(20):
                 while len(acked) < count:
                     for payload in await alice.receive():

@@ -48,9 +48,9 @@ class MemoryNode:
         async with trio.open_nursery() as nursery:
             ws = await trio_websocket.wrap_client_stream(
                 nursery,
-                client_stream,
+                client_stream,  # type: ignore[arg-type]  # any trio Stream works
                 "localhost",
-                "/ws",  # type: ignore[arg-type]
+                "/ws",
             )
             yield ws
             nursery.cancel_scope.cancel()

@@ -9,6 +9,7 @@ from protocol.frames import Message, RoomKind
 from storage.sqlite import sqlite_path
 from storage.store import (
     MemberChanged,
+    Record,
     RoomCreated,
     StorageConfigError,
     Store,
@@ -60,7 +61,7 @@ async def test_room_round_trip(store: Store) -> None:
 async def test_messages_keep_order_and_content(store: Store) -> None:
     run = (await store.begin_run()).run
     data = {"k": [1, 2.5, "x", None, True, b"\x00"]}
-    batch = [created("r", "alice", run=run), *[msg("r", i) for i in range(1, 6)]]
+    batch: list[Record] = [created("r", "alice", run=run), *[msg("r", i) for i in range(1, 6)]]
     batch.append(msg("r", 6, user=None, text=None, data=data))
     await store.write_batch(batch)
     snap = await store.load_room("r", run, 3)
@@ -81,7 +82,7 @@ async def test_seq_survives_an_empty_recent_window(store: Store) -> None:
 
 async def test_a_retried_batch_stores_nothing_twice(store: Store) -> None:
     run = (await store.begin_run()).run
-    batch = [created("r", "alice", run=run), msg("r", 1), msg("r", 2)]
+    batch: list[Record] = [created("r", "alice", run=run), msg("r", 1), msg("r", 2)]
     await store.write_batch(batch)
     await store.write_batch(batch)
     assert [m.seq for m in await store.fetch_messages("r", 1, 10)] == [1, 2]
