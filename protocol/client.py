@@ -14,8 +14,8 @@ keeps each room's position (last seq seen, epoch) in ``positions``: pass that as
 import itertools
 import secrets
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -256,26 +256,27 @@ async def open_websocket(
     tcp = await trio.open_tcp_stream(parts.hostname, port)
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
     try:
-        if secure:
-            stream = trio.SSLStream(
-                tcp, ssl.create_default_context(), server_hostname=parts.hostname
-            )
-        async with trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(
-                nursery,
-                stream,
-                parts.netloc,
-                resource,
-                subprotocols=[SUBPROTOCOL],
-                max_message_size=max_message_size,
-                message_queue_size=EVENT_BUFFER,
-            )
-            try:
-                yield ws
-            finally:
-                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
+        with sole_exception():
+            if secure:
+                stream = trio.SSLStream(
+                    tcp, ssl.create_default_context(), server_hostname=parts.hostname
+                )
+            async with trio.open_nursery() as nursery:
+                ws = await wrap_client_stream(
+                    nursery,
+                    stream,
+                    parts.netloc,
+                    resource,
+                    subprotocols=[SUBPROTOCOL],
+                    max_message_size=max_message_size,
+                    message_queue_size=EVENT_BUFFER,
+                )
+                try:
+                    yield ws
+                finally:
+                    with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                        await ws.aclose()
+                    nursery.cancel_scope.cancel()
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -303,9 +304,29 @@ async def run_client(
     if resume:
         client.positions.update(resume)
     client.welcome = await handshake(client, token, resume)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client._read)
-        try:
-            yield client
-        finally:
-            nursery.cancel_scope.cancel()
+    with sole_exception():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._read)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+@contextmanager
+def sole_exception() -> Iterator[None]:
+    """Raise the one exception of a group as itself.
+
+    Trio wraps whatever leaves a nursery in an ExceptionGroup; a caller of this client
+    should be able to write ``except ServerError``, as with trio-websocket's own API.
+    Groups of several exceptions are left alone.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        sole: BaseException = group
+        while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
+            sole = sole.exceptions[0]
+        if sole is group:
+            raise
+        raise sole from None
