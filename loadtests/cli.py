@@ -14,24 +14,34 @@ from server.tokens import issue_token
 
 
 def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    bench = sub.add_parser("bench", help="run a benchmark (see BENCHMARKS.md)")
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark (see BENCHMARKS.md)",
+        description="Benchmarks, run by hand; never part of the test suite. Record what they "
+        "measure in BENCHMARKS.md with the command that produced it.",
+    )
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     fanout = kinds.add_parser(
         "fanout",
         help="N receivers in one room, one publisher",
-        description="Fan-out benchmark: deliveries/s and publish-to-deliver latency. "
-        "Without --url it starts its own server (SQLite in a temporary directory).",
+        description="Fan-out benchmark: deliveries/s, publish-to-deliver latency, losses, and "
+        "the server's CPU per delivery. Without --url it starts its own server (SQLite in a "
+        "temporary directory, durable acks).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    fanout.add_argument("--receivers", type=int, default=1000)
-    fanout.add_argument("--messages", type=int, default=2000)
+    fanout.add_argument("--receivers", type=int, default=1000, help="connections in the room")
+    fanout.add_argument("--messages", type=int, default=2000, help="messages to publish")
     fanout.add_argument("--size", type=int, default=100, help="approximate message bytes")
     fanout.add_argument("--workers", type=int, default=2, help="receiver processes")
     fanout.add_argument("--rate", type=float, default=0, help="messages/s; 0 = as fast as acked")
     fanout.add_argument("--window", type=int, default=256, help="sends awaiting their ack")
-    fanout.add_argument("--timeout", type=float, default=120)
-    fanout.add_argument("--url", help="an existing server, ws://host:port/ws (needs --secret)")
-    fanout.add_argument("--secret", help="the server's token secret")
+    fanout.add_argument("--timeout", type=float, default=120, help="seconds receivers wait")
+    fanout.add_argument("--url", help="an existing server, ws://host:port/ws")
+    fanout.add_argument(
+        "--secret",
+        help="that server's token secret (default: the one `serve --dev` keeps in the "
+        "working directory)",
+    )
     fanout.add_argument(
         "--server-cpu", type=int, metavar="CORE", help="pin the started server to this CPU core"
     )
@@ -49,12 +59,12 @@ def cmd_fanout(args: argparse.Namespace) -> int:
     from loadtests.fanout import run_fanout
 
     if args.url:
-        if not args.secret:
-            print("parley bench: --url needs --secret", file=sys.stderr)
-            return 2
+        from server.cli import resolve_secrets
+        from server.config import Config
+
         hostport = args.url.split("//", 1)[-1].split("/", 1)[0]
         host, _, port = hostport.rpartition(":")
-        secret = args.secret
+        secret = resolve_secrets(args.secret, None, Config().database_url).secret
 
         def token_for(user: str) -> str:
             return issue_token(secret, user, 3600)

@@ -52,9 +52,13 @@ class AdminError(Exception):
         self.message = message
 
 
+def error_body(code: ErrorCode, message: str) -> dict[str, Any]:
+    """The JSON of every error the ops endpoint returns."""
+    return {"error": {"code": int(code), "name": code.name, "message": message}}
+
+
 def _error(code: ErrorCode, message: str) -> ResponseReturnValue:
-    body = {"error": {"code": int(code), "name": code.name, "message": message}}
-    return body, HTTP_STATUS.get(code, 500)
+    return error_body(code, message), HTTP_STATUS.get(code, 500)
 
 
 def _room_id(room: str) -> str:

@@ -1,21 +1,35 @@
 """``parley chat``: a small interactive client. Two terminals chat with each other.
 
 It joins (or creates) one room, prints what is said there as ``[seq] user: text``,
-sends each line typed, and on a lost connection reconnects and resumes from the last
-seq it printed, so nothing is shown twice or skipped.
+sends each line typed, and on a lost connection reconnects with backoff and resumes
+from the last seq it printed, so nothing is shown twice or skipped. End of input
+(Ctrl-D) quits at any time, connected or not.
 """
 
+import random
 import sys
 from typing import TextIO
 
 import trio
-from trio_websocket import HandshakeError
+from trio_websocket import ConnectionRejected, HandshakeError
 
 from protocol.client import Disconnected, ParleyClient, ServerError, open_client
 from protocol.errors import ErrorCode
 from protocol.frames import Error, Goaway, Joined, Member, MemberOp, Message
 
-RECONNECT_DELAY = 1.0
+FIRST_DELAY = 0.5
+MAX_DELAY = 10.0
+# Errors no reconnect can fix: tell the user and stop.
+FATAL = {
+    ErrorCode.UNAUTHORIZED,
+    ErrorCode.FORBIDDEN,
+    ErrorCode.INVALID,
+    ErrorCode.UNSUPPORTED_VERSION,
+}
+
+
+class ChatError(Exception):
+    """Why the chat cannot go on; printed as one line."""
 
 
 def _show(frame: object, out: TextIO) -> None:
@@ -48,20 +62,22 @@ async def _enter(client: ParleyClient, room: str, private: bool) -> Joined:
         return await client.join(room)
 
 
-async def _type_lines(client: ParleyClient, room: str, err: TextIO) -> None:
-    while True:
-        line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
-        if not line:
-            return  # end of input
-        text = line.rstrip("\n")
-        if text:
-            try:
-                await client.send(room, text)
-            except ServerError as exc:
-                print(f"! not sent: {exc.error.msg}", file=err, flush=True)
+async def _read_lines(lines: trio.MemorySendChannel[str], ended: trio.Event) -> None:
+    """Typed lines, for the whole chat; closing the channel means end of input."""
+    async with lines:
+        while line := await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True):
+            if text := line.rstrip("\n"):
+                await lines.send(text)
+    ended.set()
 
 
-async def _converse(client: ParleyClient, room: str, out: TextIO, err: TextIO) -> bool:
+async def _converse(
+    client: ParleyClient,
+    room: str,
+    lines: trio.MemoryReceiveChannel[str],
+    out: TextIO,
+    err: TextIO,
+) -> bool:
     """Show events and send typed lines; True once input ends, False if the connection
     does first."""
     finished = False
@@ -72,41 +88,104 @@ async def _converse(client: ParleyClient, room: str, out: TextIO, err: TextIO) -
                 _show(frame, out)
             nursery.cancel_scope.cancel()
 
-        async def type_lines() -> None:
+        async def send_lines() -> None:
             nonlocal finished
-            await _type_lines(client, room, err)
+            async for text in lines:
+                try:
+                    await client.send(room, text)
+                except ServerError as exc:
+                    print(f"! not sent: {exc.error.msg}", file=err, flush=True)
             finished = True
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(show_events)
-        nursery.start_soon(type_lines)
+        nursery.start_soon(send_lines)
     return finished
+
+
+async def _session(
+    url: str,
+    token: str,
+    user: str,
+    room: str,
+    private: bool,
+    history: int,
+    positions: dict[str, tuple[int, str]],
+    lines: trio.MemoryReceiveChannel[str],
+    reconnecting: bool,
+) -> bool:
+    """One connection; True when the user is done."""
+    out, err = sys.stdout, sys.stderr
+    async with open_client(url, token, resume=positions) as client:
+        first = room not in positions
+        joined = await _enter(client, room, private)
+        if reconnecting:
+            print("* reconnected", file=err, flush=True)
+        if first:
+            print(f"* {user} in {room} (seq {joined.seq}); Ctrl-D quits", file=err, flush=True)
+            if history and joined.seq:
+                page = await client.history(room, limit=min(history, 100))
+                for message in page.items:
+                    _show(message, out)
+        try:
+            return await _converse(client, room, lines, out, err)
+        finally:
+            positions.update(client.positions)  # where to resume from
 
 
 async def run_chat(
     url: str, token: str, user: str, room: str, *, private: bool = False, history: int = 20
 ) -> int:
-    out, err = sys.stdout, sys.stderr
+    """Chat until end of input; the exit status."""
+    err = sys.stderr
     positions: dict[str, tuple[int, str]] = {}
-    while True:
-        try:
-            async with open_client(url, token, resume=positions) as client:
-                first = room not in positions
-                positions = client.positions  # kept up to date for the next resume
-                joined = await _enter(client, room, private)
-                if first:
-                    print(f"* {user} in {room} (seq {joined.seq}); Ctrl-D quits", file=err)
-                    if history and joined.seq:
-                        page = await client.history(room, limit=min(history, 100))
-                        for message in page.items:
-                            _show(message, out)
-                if await _converse(client, room, out, err):
+    send_lines, lines = trio.open_memory_channel[str](100)
+    input_ended = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_read_lines, send_lines, input_ended)
+        delay = FIRST_DELAY
+        connected_once = False
+        while True:
+            try:
+                done = await _session(
+                    url,
+                    token,
+                    user,
+                    room,
+                    private,
+                    history,
+                    positions,
+                    lines,
+                    reconnecting=connected_once,
+                )
+                connected_once = True
+                delay = FIRST_DELAY
+                if done:
+                    nursery.cancel_scope.cancel()
                     return 0
-            print("* disconnected; reconnecting", file=err)
-        except ServerError as exc:
-            print(f"! {exc.error.msg}", file=err)
-            if exc.code in (ErrorCode.UNAUTHORIZED, ErrorCode.FORBIDDEN):
-                return 1
-        except (OSError, HandshakeError, Disconnected) as exc:
-            print(f"* disconnected ({exc}); reconnecting", file=err)
-        await trio.sleep(RECONNECT_DELAY)
+                print("* disconnected", file=err, flush=True)
+            except ServerError as exc:
+                if exc.code in FATAL:
+                    raise ChatError(exc.error.msg) from None
+                print(f"* server refused ({exc.error.msg})", file=err, flush=True)
+            except ConnectionRejected as exc:
+                raise ChatError(
+                    f"{url} is not a Parley endpoint (HTTP {exc.status_code})"
+                ) from None
+            except (OSError, HandshakeError, Disconnected) as exc:
+                if not connected_once and delay == FIRST_DELAY:
+                    print(
+                        f"* cannot reach {url} ({exc or type(exc).__name__}); is "
+                        "`parley serve` running? Retrying.",
+                        file=err,
+                        flush=True,
+                    )
+            with trio.move_on_after(delay * random.uniform(0.8, 1.2)):
+                await input_ended.wait()
+            if input_ended.is_set():  # Ctrl-D while disconnected: quit now
+                unsent = lines.statistics().current_buffer_used
+                if unsent:
+                    print(f"* {unsent} lines typed while disconnected were not sent", file=err)
+                nursery.cancel_scope.cancel()
+                return 0
+            delay = min(MAX_DELAY, delay * 2)

@@ -2,20 +2,21 @@
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.metadata import version
 
 import attrs
 import trio
 
+from server.chat import ChatError
 from server.config import (
     DATABASE_URL,
-    DEV,
     LOG_LEVEL,
-    SECRET,
     SERVE_OPTIONS,
     Config,
+    Option,
     add_options,
     config_from_args,
 )
@@ -25,6 +26,11 @@ from storage.store import StorageConfigError
 log = logging.getLogger("parley")
 
 DEFAULT_TTL = 24 * 3600
+CLIENT_SECRET = Option(
+    "--secret",
+    "HS256 key the server checks tokens with; unset: the one `serve --dev` keeps beside the "
+    "database",
+)
 MIN_SECRET_BYTES = 32
 NO_SECRET = (
     "no token secret: pass --secret (or PARLEY_SECRET), or --dev to generate one for development"
@@ -35,6 +41,10 @@ class UsageError(Exception):
     """Bad configuration: printed without a traceback, exit status 2."""
 
 
+USAGE_ERRORS: tuple[type[Exception], ...] = (UsageError, StorageConfigError)
+RUN_ERRORS: tuple[type[Exception], ...] = (ChatError, OSError)  # exit status 1
+
+
 @attrs.frozen
 class Secrets:
     secret: str
@@ -42,12 +52,15 @@ class Secrets:
 
 
 def resolve_secrets(
-    secret: str | None, admin_token: str | None, database_url: str, dev: bool
+    secret: str | None, admin_token: str | None, database_url: str, *, dev: bool = False
 ) -> Secrets:
     """The signing secret and admin token: as given, else the development ones kept
-    beside the database (generated first if ``dev``)."""
+    beside the database. Only ``serve --dev`` (``dev``) generates them."""
+    path = dev_secrets_path(database_url)
     if secret is None or (dev and admin_token is None):
-        kept = load_dev_secrets(dev_secrets_path(database_url), create=dev)
+        if dev and not path.parent.is_dir():
+            raise UsageError(f"directory {path.parent} for the database does not exist")
+        kept = load_dev_secrets(path, create=dev)
         if kept is not None:
             if kept.created:
                 log.warning("dev mode: generated secrets in %s", kept.path)
@@ -55,7 +68,11 @@ def resolve_secrets(
             if dev:
                 admin_token = admin_token or kept.admin_token
     if secret is None:
-        raise UsageError(NO_SECRET)
+        raise UsageError(
+            f"no token secret: pass --secret (or PARLEY_SECRET). `parley serve --dev` keeps "
+            f"its secret beside its database ({path}): run this where the server runs, or "
+            "pass the server's --database-url"
+        )
     if len(secret.encode()) < MIN_SECRET_BYTES:
         raise UsageError(
             f"the token secret must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 for HS256); "
@@ -86,7 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if not config.dev and config.secret is None:
         raise UsageError(NO_SECRET)  # serve never falls back to the kept dev secret
-    secrets = resolve_secrets(config.secret, config.admin_token, config.database_url, config.dev)
+    secrets = resolve_secrets(
+        config.secret, config.admin_token, config.database_url, dev=config.dev
+    )
     if config.dev:
         log.warning("dev mode: admin token %s", secrets.admin_token)
         log.warning("dev mode: make a client token with: parley token <user>")
@@ -97,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    secrets = resolve_secrets(args.secret, None, args.database_url, args.dev)
+    secrets = resolve_secrets(args.secret, None, args.database_url)
     try:
         print(issue_token(secrets.secret, args.user, args.ttl))
     except ValueError as exc:
@@ -108,10 +127,15 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from server.chat import run_chat
 
+    if not args.url.startswith(("ws://", "wss://")):
+        raise UsageError(f"--url {args.url!r}: a WebSocket URL, like ws://127.0.0.1:8080/ws")
     token = args.token
     if token is None:
-        secrets = resolve_secrets(args.secret, None, args.database_url, args.dev)
-        token = issue_token(secrets.secret, args.user, DEFAULT_TTL)
+        secrets = resolve_secrets(args.secret, None, args.database_url)
+        try:
+            token = issue_token(secrets.secret, args.user, DEFAULT_TTL)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     return trio.run(
         lambda: run_chat(
             args.url, token, args.user, args.room, private=args.private, history=args.history
@@ -138,11 +162,11 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(
         prog="parley",
         description="Parley: a realtime chat server (WebSocket + CBOR) on Trio.",
-        epilog="Each option can also be set with the PARLEY_* variable shown in its help.",
+        epilog="An option whose help shows a PARLEY_* variable can also be set with it; "
+        "the flag wins.",
     )
     parser.add_argument("--version", action="version", version=f"parley {version('parley')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
     serve = sub.add_parser(
         "serve",
@@ -156,32 +180,36 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     token = sub.add_parser(
         "token",
         help="print a session token for a user",
-        description="Print a signed session token (JWT, HS256) for USER.",
-        formatter_class=fmt,
+        description="Print a signed session token (JWT, HS256) for USER, with the secret "
+        "given, or the one `parley serve --dev` keeps beside its database.",
     )
     token.add_argument("user", help="user id: 1-64 of A-Z a-z 0-9 _ . @ + = ~ -")
-    token.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="lifetime in seconds")
-    add_options(token, (SECRET, DATABASE_URL, DEV, LOG_LEVEL), environ)
+    token.add_argument(
+        "--ttl", type=int, default=DEFAULT_TTL, help=f"lifetime in seconds [default {DEFAULT_TTL}]"
+    )
+    add_options(token, (CLIENT_SECRET, DATABASE_URL, LOG_LEVEL), environ)
     token.set_defaults(func=cmd_token)
 
     chat = sub.add_parser(
         "chat",
         help="chat in a room from the terminal",
-        description="Join (or create) ROOM as USER, print what is said, send each line typed.",
-        formatter_class=fmt,
+        description="Join (or create) ROOM as USER, print what is said as [seq] user: text, "
+        "send each line typed. Reconnects and resumes by itself; Ctrl-D quits.",
     )
     chat.add_argument("--user", required=True, help="who you are")
     chat.add_argument("--room", required=True, help="room to join; created if missing")
     chat.add_argument("--private", action="store_true", help="create the room as private")
-    chat.add_argument("--history", type=int, default=20, help="messages to show on entry")
-    chat.add_argument("--token", help="session token (default: made with the secret)")
+    chat.add_argument(
+        "--history", type=int, default=20, help="messages to show on entry [default 20]"
+    )
+    chat.add_argument("--token", help="session token [default: made with the secret]")
     env = {} if environ is None else environ
     chat.add_argument(
         "--url",
         default=env.get("PARLEY_URL", "ws://127.0.0.1:8080/ws"),
-        help="server WebSocket URL [env PARLEY_URL]",
+        help="server WebSocket URL [env PARLEY_URL; default 'ws://127.0.0.1:8080/ws']",
     )
-    add_options(chat, (SECRET, DATABASE_URL, DEV, LOG_LEVEL), environ)
+    add_options(chat, (CLIENT_SECRET, DATABASE_URL, LOG_LEVEL), environ)
     chat.set_defaults(func=cmd_chat)
 
     migrate = sub.add_parser(
@@ -198,19 +226,31 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import os
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(dict(os.environ))
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "log_level", "info"))
     try:
         code: int = args.func(args)
-    except (UsageError, StorageConfigError) as exc:
-        print(f"parley: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as exc:
+        # Trio may wrap these in exception groups; what the user needs is one line.
+        leaves = list(_leaves(exc))
+        if all(isinstance(e, KeyboardInterrupt) for e in leaves):
+            return 130
+        if not all(isinstance(e, (*USAGE_ERRORS, *RUN_ERRORS)) for e in leaves):
+            raise
+        for leaf in dict.fromkeys(str(e) for e in leaves):
+            print(f"parley: {leaf}", file=sys.stderr)
+        log.debug("details", exc_info=exc)
+        return 2 if any(isinstance(e, USAGE_ERRORS) for e in leaves) else 1
     return code
 
 

@@ -252,28 +252,37 @@ async def serve(
     from server.ops import serve_ops
 
     shutdown = trio.Event() if shutdown is None else shutdown
-    async with open_node(config, verify_token, admin_token) as (node, connections):
-        async with trio.open_nursery() as nursery:
-            listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-            client = listeners[0].socket.getsockname()[:2]
-            accepting = trio.CancelScope()
+    # Listen before touching storage: a port in use is the commonest start-up failure.
+    try:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    except OSError as exc:
+        where = f"{config.host}:{config.port}"
+        raise OSError(exc.errno, f"cannot listen for clients on {where}: {exc.strerror}") from exc
+    client = listeners[0].socket.getsockname()[:2]
+    try:
+        async with open_node(config, verify_token, admin_token) as (node, connections):
+            async with trio.open_nursery() as nursery:
+                accepting = trio.CancelScope()
 
-            async def accept() -> None:
-                with accepting:
-                    await serve_clients(node.services, node.connections, listeners, connections)
+                async def accept() -> None:
+                    with accepting:
+                        await serve_clients(node.services, node.connections, listeners, connections)
 
-            nursery.start_soon(accept)
-            ops = await nursery.start(serve_ops, node)
-            if handle_signals:
-                nursery.start_soon(_watch_signals, shutdown)
-            log.info("parley serving ws://%s:%d/ws; ops on http://%s:%d", *client, *ops)
-            task_status.started((node, Addresses(client, ops)))
-            await shutdown.wait()
-            log.info("shutting down")
-            deadline = trio.current_time() + config.drain_timeout
-            await node.drain(accepting.cancel, deadline)
-            connections.cancel_scope.deadline = deadline
-            nursery.cancel_scope.cancel()
+                nursery.start_soon(accept)
+                ops = await nursery.start(serve_ops, node)
+                if handle_signals:
+                    nursery.start_soon(_watch_signals, shutdown)
+                log.info("parley serving ws://%s:%d/ws; ops on http://%s:%d", *client, *ops)
+                task_status.started((node, Addresses(client, ops)))
+                await shutdown.wait()
+                log.info("shutting down")
+                deadline = trio.current_time() + config.drain_timeout
+                await node.drain(accepting.cancel, deadline)
+                connections.cancel_scope.deadline = deadline
+                nursery.cancel_scope.cancel()
+    finally:
+        for listener in listeners:  # if start-up failed before the accept loop took them
+            await trio.aclose_forcefully(listener)
 
 
 async def _watch_signals(shutdown: trio.Event) -> None:

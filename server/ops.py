@@ -11,10 +11,12 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Response
+from quart import Response, has_request_context, request, websocket
 from quart_trio import QuartTrio
 
-from server.admin import admin_blueprint
+from protocol.client import sole_exception
+from protocol.errors import ErrorCode
+from server.admin import admin_blueprint, error_body
 from server.node import Node
 
 
@@ -38,6 +40,17 @@ def create_ops_app(node: Node) -> QuartTrio:
         return Response(data, content_type=CONTENT_TYPE_LATEST)
 
     app.register_blueprint(admin_blueprint(node))
+
+    @app.errorhandler(404)
+    async def not_found(_: Exception) -> tuple[dict[str, Any], int]:
+        path = request.path if has_request_context() else websocket.path
+        return error_body(ErrorCode.NOT_FOUND, f"no such endpoint: {path}"), 404
+
+    @app.errorhandler(405)
+    async def wrong_method(_: Exception) -> tuple[dict[str, Any], int]:
+        message = f"{request.method} is not allowed on {request.path}"
+        return error_body(ErrorCode.INVALID, message), 405
+
     return app
 
 
@@ -51,14 +64,24 @@ async def serve_ops(
         f"[{host}]:{node.config.ops_port}" if ":" in host else f"{host}:{node.config.ops_port}"
     ]
     config.accesslog = None
-    config.errorlog = logging.getLogger("parley.ops")
+    # Hypercorn's own start-up line ("Running on ... CTRL + C to quit") would repeat ours
+    # and give the wrong advice; its warnings and errors still show.
+    config.errorlog = logging.getLogger("parley.ops.hypercorn")
+    config.errorlog.setLevel(max(logging.WARNING, logging.getLogger().level))
     config.graceful_timeout = 1.0
 
     async def started(*, task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(create_ops_app(node), config, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(started)
+        try:
+            with sole_exception():
+                binds: list[str] = await nursery.start(started)
+        except OSError as exc:
+            where = f"{host}:{node.config.ops_port}"
+            raise OSError(
+                exc.errno, f"cannot listen for operators on {where}: {exc.strerror}"
+            ) from exc
         bound = binds[0].rsplit("//", 1)[-1]
         bound_host, _, bound_port = bound.rpartition(":")
         task_status.started((bound_host.strip("[]"), int(bound_port)))

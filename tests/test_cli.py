@@ -100,17 +100,47 @@ def test_token_with_an_explicit_secret(tmp_path: Path) -> None:
     assert run_cli("token", "not:valid", "--secret", secret, cwd=tmp_path).returncode == 2
 
 
-def test_token_needs_a_secret_or_dev_mode(tmp_path: Path) -> None:
+def test_token_uses_the_secret_a_dev_server_keeps(tmp_path: Path) -> None:
     result = run_cli("token", "alice", cwd=tmp_path)
-    assert result.returncode == 2 and "--dev" in result.stderr
-    result = run_cli("token", "alice", "--dev", cwd=tmp_path)
-    assert result.returncode == 0
-    secrets = load_dev_secrets(tmp_path / DEV_SECRETS_NAME, create=False)
-    assert secrets is not None
+    assert result.returncode == 2 and "serve --dev" in result.stderr
+    assert not (tmp_path / DEV_SECRETS_NAME).exists()  # token never makes a secret up
+    kept = load_dev_secrets(tmp_path / DEV_SECRETS_NAME, create=True)  # as serve --dev does
+    assert kept is not None
     assert (tmp_path / DEV_SECRETS_NAME).stat().st_mode & 0o777 == 0o600
-    assert token_verifier(secrets.secret)(result.stdout.strip()) == "alice"
-    again = run_cli("token", "bob", cwd=tmp_path)  # the kept secret, no flag needed
-    assert token_verifier(secrets.secret)(again.stdout.strip()) == "bob"
+    result = run_cli("token", "bob", cwd=tmp_path)
+    assert result.returncode == 0
+    assert token_verifier(kept.secret)(result.stdout.strip()) == "bob"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_cli(
+        "token", "bob", "--database-url", f"sqlite:///{tmp_path / 'parley.db'}", cwd=elsewhere
+    )
+    assert token_verifier(kept.secret)(result.stdout.strip()) == "bob"
+
+
+def test_clear_errors_for_common_mistakes(tmp_path: Path) -> None:
+    missing = run_cli(
+        "serve", "--dev", "--database-url", "sqlite:///no/such/dir/x.db", cwd=tmp_path
+    )
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad_url = run_cli(
+        "chat",
+        "--user",
+        "a",
+        "--room",
+        "r",
+        "--url",
+        "http://x/ws",
+        "--secret",
+        SECRET,
+        cwd=tmp_path,
+    )
+    assert bad_url.returncode == 2 and "WebSocket URL" in bad_url.stderr
+    bad_user = run_cli(
+        "chat", "--user", "not valid", "--room", "r", "--secret", SECRET, cwd=tmp_path
+    )
+    assert bad_user.returncode == 2 and "bad user id" in bad_user.stderr
 
 
 def test_migrate_creates_the_schema(tmp_path: Path) -> None:

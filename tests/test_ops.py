@@ -206,6 +206,14 @@ async def test_admin_rooms_members_and_publish(server: RunningServer) -> None:
         assert stats["sessions"] == 1 and stats["actors"]["room"] == 1
 
 
+async def test_unknown_endpoints_answer_json(server: RunningServer) -> None:
+    async with server.http() as http:
+        missing = await http.get("/admin/nothing")
+        assert missing.status_code == 404 and missing.json()["error"]["name"] == "NOT_FOUND"
+        wrong = await http.delete("/admin/rooms/team")
+        assert wrong.status_code == 405 and wrong.json()["error"]["name"] == "INVALID"
+
+
 async def test_admin_validation_errors(server: RunningServer) -> None:
     async with server.http() as http:
         cases = [
