@@ -42,6 +42,8 @@ from protocol.frames import (
     Ping,
     Pong,
     RoomKind,
+    RoomList,
+    Rooms,
     Send,
     Sent,
     Unsubscribe,
@@ -164,6 +166,10 @@ class ParleyClient:
         frame = History(id=self.next_id(), room=room, before=before, after=after, limit=limit)
         return await self.request(frame, Page)
 
+    async def rooms(self, *, after: str | None = None, limit: int | None = None) -> RoomList:
+        """A page of the rooms this user is a member of."""
+        return await self.request(Rooms(id=self.next_id(), room=after, limit=limit), RoomList)
+
     async def ping(self) -> float:
         """Round-trip time in seconds."""
         started = trio.current_time()
@@ -196,7 +202,10 @@ class ParleyClient:
                 self._track(frame)
                 request_id = getattr(frame, "id", None)
                 if isinstance(frame, Ping) and request_id is None:
-                    await self.send_frame(Pong())
+                    try:
+                        await self.send_frame(Pong())
+                    except ConnectionClosed:
+                        pass  # the close is the next thing we read
                     continue
                 pending = self._pending.get(request_id) if request_id is not None else None
                 if pending is not None:

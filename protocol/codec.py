@@ -35,6 +35,9 @@ from protocol.frames import (
     Message,
     Page,
     RoomKind,
+    RoomList,
+    Rooms,
+    RoomState,
     Send,
     Unsubscribe,
 )
@@ -43,6 +46,7 @@ from protocol.limits import (
     MAX_CID_CHARS,
     MAX_DATA_DEPTH,
     MAX_EPOCH_CHARS,
+    MAX_ROOM_PAGE,
     MAX_UINT,
     Limits,
     is_room_id,
@@ -74,9 +78,9 @@ class _Field:
     default: object  # None, False or an enum member: compared by identity
 
 
-def _fields_of(cls: type[Frame]) -> tuple[_Field, ...]:
+def _fields_of(cls: type) -> tuple[_Field, ...]:
     fields = []
-    for a in attrs.fields(cls):  # type: ignore[arg-type]
+    for a in attrs.fields(cls):
         optional = a.default is not attrs.NOTHING
         fields.append(_Field(a.name, FIELD_KEYS[a.name], optional, a.default))
     return tuple(sorted(fields, key=lambda f: f.key))
@@ -85,11 +89,28 @@ def _fields_of(cls: type[Frame]) -> tuple[_Field, ...]:
 _FIELDS: dict[type[Frame], tuple[_Field, ...]] = {
     cls: _fields_of(cls) for cls in {*CLIENT_FRAMES, *SERVER_FRAMES}
 }
-# Page items are messages without their frame type and room (the page names the room).
-_ITEM_FIELDS = tuple(f for f in _FIELDS[Message] if f.name != "room")
 
 
-def _to_map(frame: Frame, fields: Iterable[_Field]) -> dict[int, Any]:
+@attrs.frozen
+class _Items:
+    """How a frame's ``items`` are encoded: maps of ``cls`` without the ``shared`` field,
+    which the frame names once for all of them."""
+
+    cls: type
+    fields: tuple[_Field, ...]
+    names: dict[int, str]
+    shared: str | None
+
+
+def _items(cls: type, shared: str | None) -> _Items:
+    fields = tuple(f for f in _fields_of(cls) if f.name != shared)
+    return _Items(cls, fields, {f.key: f.name for f in fields}, shared)
+
+
+_ITEMS = {Page: _items(Message, "room"), RoomList: _items(RoomState, None)}
+
+
+def _to_map(frame: object, fields: Iterable[_Field]) -> dict[int, Any]:
     out: dict[int, Any] = {}
     for f in fields:
         value = getattr(frame, f.name)
@@ -103,8 +124,9 @@ def to_map(frame: Frame) -> dict[int, Any]:
     """The CBOR map of ``frame``, before serialization."""
     out: dict[int, Any] = {TYPE_KEY: frame.TYPE}
     out.update(_to_map(frame, _FIELDS[type(frame)]))
-    if isinstance(frame, Page):
-        out[FIELD_KEYS["items"]] = [_to_map(m, _ITEM_FIELDS) for m in frame.items]
+    items = _ITEMS.get(type(frame))
+    if items is not None:
+        out[FIELD_KEYS["items"]] = [_to_map(i, items.fields) for i in frame.items]  # type: ignore[attr-defined]
     return out
 
 
@@ -147,7 +169,6 @@ _converter = _make_converter()
 _CLIENT_TYPES = {cls.TYPE: cls for cls in CLIENT_FRAMES}
 _SERVER_TYPES = {cls.TYPE: cls for cls in SERVER_FRAMES}
 _NAMES_BY_CLASS = {cls: {f.key: f.name for f in fields} for cls, fields in _FIELDS.items()}
-_ITEM_NAMES = {f.key: f.name for f in _ITEM_FIELDS}
 
 
 def _loads(payload: bytes) -> Any:
@@ -178,8 +199,9 @@ def _structure(obj: Any, types: dict[int, type[Frame]]) -> Frame:
         raise RemoteProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {t}")
     names = _NAMES_BY_CLASS[cls]
     fields = {names[k]: v for k, v in obj.items() if k in names}
-    if cls is Page and isinstance(fields.get("items"), list):
-        fields["items"] = [_page_item(item, fields.get("room")) for item in fields["items"]]
+    items = _ITEMS.get(cls)
+    if items is not None and isinstance(fields.get("items"), list):
+        fields["items"] = [_item(item, items, fields) for item in fields["items"]]
     try:
         frame: Frame = _converter.structure(fields, cls)
     except Exception as exc:  # cattrs groups every field's error
@@ -192,11 +214,12 @@ def _invalid_fields(cls: type[Frame], exc: Exception) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.INVALID, f"{cls.__name__.lower()}: {detail}")
 
 
-def _page_item(item: Any, room: Any) -> Any:
+def _item(item: Any, items: _Items, frame_fields: dict[str, Any]) -> Any:
     if type(item) is not dict:
         return item  # the converter reports it
-    named = {_ITEM_NAMES[k]: v for k, v in item.items() if k in _ITEM_NAMES}
-    named["room"] = room
+    named = {items.names[k]: v for k, v in item.items() if k in items.names}
+    if items.shared is not None:
+        named[items.shared] = frame_fields.get(items.shared)
     return named
 
 
@@ -270,6 +293,9 @@ def check_data(value: Any, depth: int = 0) -> None:
     elif kind is float:
         if not math.isfinite(value):
             raise _invalid("data floats must be finite")
+    elif kind is int:
+        if not -(2**64) <= value < 2**64:  # beyond, CBOR needs a bignum tag
+            raise _invalid("data integers must be within -2^64 .. 2^64-1")
     elif kind not in (str, int, bool, bytes, type(None)):
         raise _invalid(f"data may not hold {kind.__name__}")
 
@@ -317,6 +343,11 @@ def validate(frame: Frame, limits: Limits) -> None:
         _check_user(frame.user)
     elif isinstance(frame, Direct):
         _check_user(frame.user)
+    elif isinstance(frame, Rooms):
+        if frame.room is not None:
+            _check_room(frame.room)
+        if frame.limit is not None and not 0 < frame.limit <= MAX_ROOM_PAGE:
+            raise _invalid(f"limit must be 1-{MAX_ROOM_PAGE}")
     elif isinstance(frame, History):
         _check_room(frame.room)
         if frame.before is not None and frame.after is not None:

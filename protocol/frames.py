@@ -182,6 +182,16 @@ class History(Frame):
 
 
 @attrs.frozen(kw_only=True)
+class Rooms(Frame):
+    """List the rooms the user is a member of, after ``room`` in id order."""
+
+    TYPE = 18
+    id: int
+    room: str | None = None
+    limit: int | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Unsubscribe(Frame):
     """Stop receiving a room's events in this session; membership is kept."""
 
@@ -284,6 +294,27 @@ class Page(Frame):
 
 
 @attrs.frozen(kw_only=True)
+class RoomState:
+    """One room in a ``roomlist``; encoded as a map with the shared field keys."""
+
+    room: str
+    kind: RoomKind
+    seq: int
+    epoch: str
+    owner: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RoomList(Frame):
+    """Answer to ``rooms``: the user's rooms in id order."""
+
+    TYPE = 25
+    id: int
+    items: tuple[RoomState, ...]
+    more: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class Member(Frame):
     """``user`` was added to or removed from ``room`` (``by`` whom, if a user)."""
 
@@ -307,6 +338,7 @@ CLIENT_FRAMES: tuple[type[Frame], ...] = (
     Send,
     History,
     Unsubscribe,
+    Rooms,
 )
 SERVER_FRAMES: tuple[type[Frame], ...] = (
     Welcome,
@@ -319,5 +351,6 @@ SERVER_FRAMES: tuple[type[Frame], ...] = (
     Sent,
     Message,
     Page,
+    RoomList,
     Member,
 )

@@ -16,6 +16,8 @@ MAX_CID_CHARS = 64
 MAX_EPOCH_CHARS = 32
 MAX_DATA_DEPTH = 8
 MAX_UINT = 2**53 - 1  # the largest integer every JavaScript client reads exactly
+ROOM_PAGE = 100  # rooms in a roomlist when the request names no limit
+MAX_ROOM_PAGE = 500
 
 
 @attrs.frozen(kw_only=True)

@@ -1,7 +1,8 @@
 """The embedded store: stdlib sqlite3 in worker threads, WAL mode.
 
-One connection writes (batches, room activation, runs) and one reads (history, resume),
-each behind its own one-thread limiter, so history reads never wait behind a commit.
+One connection writes (batches, room activation, runs); a small pool of connections
+reads (history, resume, lookups), so reads never wait behind a commit or behind one
+slow read.
 ``synchronous=FULL`` makes a commit survive power loss, not only a killed process: a
 sent-ack promises the message is stored. An exclusive lock file keeps a second node
 off the same database, because two sequencers on one room would reuse seqs.
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 import cbor2
 import trio
 
-from protocol.frames import Message, RoomKind
+from protocol.frames import Message, RoomKind, RoomState
 from storage.migrations import migrations_for
 from storage.store import (
     MemberChanged,
@@ -37,6 +38,7 @@ from storage.store import (
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 1000
+READERS = 3
 
 _INSERT_MESSAGE = (
     "INSERT INTO messages (room, seq, ts, sender, cid, text, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -98,12 +100,16 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._writer = _connect(path, readonly=False)
-        self._reader = _connect(path, readonly=True)
         self._write_limiter = trio.CapacityLimiter(1)
-        self._read_limiter = trio.CapacityLimiter(1)
+        self._readers = [_connect(path, readonly=True) for _ in range(READERS)]
+        self._idle_send, self._idle = trio.open_memory_channel[sqlite3.Connection](READERS)
+        for reader in self._readers:
+            self._idle_send.send_nowait(reader)
+        self._read_limiter = trio.CapacityLimiter(READERS)
 
     def close(self) -> None:
-        self._reader.close()
+        for reader in self._readers:
+            reader.close()
         self._writer.close()
 
     async def _run(self, fn: Callable[[], T], limiter: trio.CapacityLimiter) -> T:
@@ -111,6 +117,14 @@ class SqliteStore:
             return await trio.to_thread.run_sync(fn, limiter=limiter)
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on an idle reader connection (each is used by one thread at a time)."""
+        reader = await self._idle.receive()
+        try:
+            return await self._run(lambda: fn(reader), self._read_limiter)
+        finally:
+            self._idle_send.send_nowait(reader)
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
         def run() -> T:
@@ -260,30 +274,30 @@ class SqliteStore:
     # --- reads ------------------------------------------------------------------------
 
     async def fetch_messages(self, room: str, lo: int, hi: int) -> list[Message]:
-        def fetch() -> list[Message]:
-            rows = self._reader.execute(
+        def fetch(reader: sqlite3.Connection) -> list[Message]:
+            rows = reader.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages"
                 " WHERE room = ? AND seq BETWEEN ? AND ? ORDER BY seq",
                 (room, lo, hi),
             ).fetchall()
             return [_message(room, r) for r in rows]
 
-        return await self._run(fetch, self._read_limiter)
+        return await self._read(fetch)
 
     async def find_message(self, room: str, user: str | None, cid: str) -> Message | None:
-        def find() -> Message | None:
-            row = self._reader.execute(
+        def find(reader: sqlite3.Connection) -> Message | None:
+            row = reader.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages"
                 " WHERE room = ? AND sender IS ? AND cid = ? ORDER BY seq LIMIT 1",
                 (room, user, cid),
             ).fetchone()
             return None if row is None else _message(room, row)
 
-        return await self._run(find, self._read_limiter)
+        return await self._read(find)
 
     async def list_rooms(self, after: str | None, limit: int) -> list[RoomSummary]:
-        def rooms() -> list[RoomSummary]:
-            rows = self._reader.execute(
+        def rooms(reader: sqlite3.Connection) -> list[RoomSummary]:
+            rows = reader.execute(
                 "SELECT r.id, r.kind, r.owner,"
                 " (SELECT count(*) FROM members m WHERE m.room = r.id),"
                 " (SELECT coalesce(max(seq), 0) FROM messages g WHERE g.room = r.id)"
@@ -295,10 +309,26 @@ class SqliteStore:
                 for i, k, o, n, s in rows
             ]
 
-        return await self._run(rooms, self._read_limiter)
+        return await self._read(rooms)
+
+    async def rooms_of(self, user: str, after: str | None, limit: int) -> list[RoomState]:
+        def rooms(reader: sqlite3.Connection) -> list[RoomState]:
+            rows = reader.execute(
+                "SELECT r.id, r.kind, r.owner, r.epoch,"
+                " (SELECT coalesce(max(seq), 0) FROM messages g WHERE g.room = r.id)"
+                " FROM members m JOIN rooms r ON r.id = m.room"
+                " WHERE m.user = ? AND m.room > ? ORDER BY m.room LIMIT ?",
+                (user, after or "", limit),
+            ).fetchall()
+            return [
+                RoomState(room=i, kind=RoomKind(k), owner=o, epoch=e, seq=s)
+                for i, k, o, e, s in rows
+            ]
+
+        return await self._read(rooms)
 
     async def ping(self) -> None:
-        await self._run(lambda: self._reader.execute("SELECT 1").fetchone(), self._read_limiter)
+        await self._read(lambda reader: reader.execute("SELECT 1").fetchone())
 
 
 def _lock(path: Path) -> int:

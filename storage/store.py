@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from protocol.frames import Message, RoomKind
+from protocol.frames import Message, RoomKind, RoomState
 
 
 class StorageError(Exception):
@@ -102,6 +102,9 @@ class Store(Protocol):
 
     async def list_rooms(self, after: str | None, limit: int) -> list[RoomSummary]:
         """Rooms in id order, starting after ``after``."""
+
+    async def rooms_of(self, user: str, after: str | None, limit: int) -> list[RoomState]:
+        """The rooms ``user`` is a member of, in id order, starting after ``after``."""
 
     async def ping(self) -> None:
         """Raise ``StorageUnavailable`` unless the database answers."""

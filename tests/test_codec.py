@@ -23,6 +23,10 @@ from protocol.frames import (
     Join,
     Message,
     Page,
+    RoomKind,
+    RoomList,
+    Rooms,
+    RoomState,
     Send,
     Welcome,
 )
@@ -163,6 +167,25 @@ def _frames_of(cls: type[Frame]) -> st.SearchStrategy[Frame]:
                     max_size=4,
                 ).map(tuple),
             )
+        ),
+        RoomList: st.builds(
+            RoomList,
+            id=uint,
+            more=st.booleans(),
+            items=st.lists(
+                st.builds(
+                    RoomState,
+                    room=room_ids,
+                    kind=st.sampled_from(RoomKind),
+                    seq=uint,
+                    epoch=texts,
+                    owner=st.none() | user_ids,
+                ),
+                max_size=4,
+            ).map(tuple),
+        ),
+        Rooms: st.builds(
+            Rooms, id=uint, room=st.none() | room_ids, limit=st.none() | st.integers(1, 500)
         ),
         Welcome: st.builds(
             Welcome,
@@ -343,7 +366,14 @@ def test_arbitrary_cbor_only_raises_protocol_errors(value: Any) -> None:
 
 def test_check_data_refuses_what_json_clients_cannot_hold() -> None:
     check_data({"a": [1, 2.5, "x", b"y", None, True, {"b": {}}]})
-    for bad in ({1: "int key"}, {"x": float("inf")}, {"x": cbor2.CBORSimpleValue(99)}):
+    check_data({"big": 2**64 - 1, "small": -(2**64)})
+    for bad in (
+        {1: "int key"},
+        {"x": float("inf")},
+        {"x": cbor2.CBORSimpleValue(99)},
+        {"x": 2**64},
+        {"x": -(2**64) - 1},
+    ):
         with pytest.raises(RemoteProtocolError):
             check_data(bad)
     deep: dict[str, Any] = {}

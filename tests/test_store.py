@@ -157,6 +157,27 @@ async def test_list_rooms_pages_in_id_order(store: Store) -> None:
     assert [r.room for r in await store.list_rooms("b", 2)] == ["c"]
 
 
+async def test_rooms_of_a_user(store: Store) -> None:
+    run = (await store.begin_run()).run
+    await store.write_batch(
+        [
+            created("c", "alice", "bob", run=run),
+            created("a", "alice", run=run, kind=RoomKind.PRIVATE),
+            created("b", "bob", run=run),
+            msg("c", 1),
+            msg("c", 2),
+        ]
+    )
+    rooms = await store.rooms_of("alice", None, 10)
+    assert [(r.room, r.kind, r.seq, r.owner, r.epoch) for r in rooms] == [
+        ("a", RoomKind.PRIVATE, 0, "alice", "e1"),
+        ("c", RoomKind.OPEN, 2, "alice", "e1"),
+    ]
+    assert [r.room for r in await store.rooms_of("alice", "a", 10)] == ["c"]
+    assert [r.room for r in await store.rooms_of("alice", None, 1)] == ["a"]
+    assert await store.rooms_of("nobody", None, 10) == []
+
+
 async def test_ping(store: Store) -> None:
     await store.ping()
 

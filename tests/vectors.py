@@ -27,6 +27,9 @@ from protocol.frames import (
     Ping,
     Pong,
     RoomKind,
+    RoomList,
+    Rooms,
+    RoomState,
     Send,
     Sent,
     Unsubscribe,
@@ -53,6 +56,8 @@ VECTORS: dict[str, Frame] = {
     "send": Send(id=9, room="lobby", cid="c1", text="hi"),
     "send-data-retry": Send(id=10, room="lobby", cid="c2", data={"emoji": "wave"}, retry=True),
     "history": History(id=11, room="lobby", before=42, limit=20),
+    "rooms": Rooms(id=12, limit=50),
+    "rooms-after": Rooms(id=13, room="lobby", limit=50),
     # server to client
     "welcome": Welcome(
         session="5e55",
@@ -83,6 +88,14 @@ VECTORS: dict[str, Frame] = {
             Message(
                 room="lobby", seq=41, ts=TS - 4000, cid="c9", user="alice", data={"emoji": "wave"}
             ),
+        ),
+        more=True,
+    ),
+    "roomlist": RoomList(
+        id=12,
+        items=(
+            RoomState(room="dm:alice:bob", kind=RoomKind.DIRECT, seq=7, epoch=EPOCH),
+            RoomState(room="lobby", kind=RoomKind.OPEN, seq=43, epoch=EPOCH, owner="alice"),
         ),
         more=True,
     ),
