@@ -3,7 +3,8 @@
 How this works: the room is the only sequencer of its messages. A ``Publish`` gets the
 next ``seq``, is encoded and framed once, queued for storage, and the same ``bytes`` are
 appended to every subscribed session's outbox without awaiting (DESIGN.md). The sender's
-sent-ack waits for the commit of the batch holding the message (``Ticket.then``).
+sent-ack waits for the commit of the batch holding the message (``Ticket.then``). The
+room never awaits storage: everything it needs was loaded when it started.
 
 The room keeps its newest messages in ``ring`` with their frames. An entry leaves the
 ring only once stored, so storage plus ring always hold every seq: a resume or history
@@ -55,6 +56,17 @@ from storage.write_behind import COMMITTED, Ticket
 log = logging.getLogger(__name__)
 
 TURN = 64  # most commands a room handles before letting other tasks run
+PRUNE_EVERY = 1024  # messages between sweeps for closed outboxes
+
+
+class _Sub:
+    """A subscribed session, and the seq after which it gets every message."""
+
+    __slots__ = ("covered", "link")
+
+    def __init__(self, link: SessionLink, covered: int) -> None:
+        self.link = link
+        self.covered = covered
 
 
 class _Entry:
@@ -83,7 +95,11 @@ class Room:
     def __init__(self, key: str, services: Services, predecessor: "Room | None") -> None:
         self.key = key
         self._s = services
-        self._predecessor = predecessor
+        # One that crashed while loading never took over: inherit what it would have.
+        while predecessor is not None and not predecessor.loaded:
+            predecessor = predecessor._predecessor
+        self._predecessor: Room | None = predecessor
+        self.loaded: bool = False
         self.exists = False
         self.kind = RoomKind.OPEN
         self.owner: str | None = None
@@ -91,14 +107,14 @@ class Room:
         self.members: set[str] = set()
         self.seq = 0
         self.delivered = 0  # highest seq fanned out
-        self.subs: dict[Outbox, SessionLink] = {}
+        self.subs: dict[Outbox, _Sub] = {}
         self._ring: deque[_Entry] = deque()
         self._by_cid: dict[tuple[str | None, str], _Entry] = {}
         self._last_ticket = COMMITTED  # the newest record this room queued for storage
 
     def online_users(self) -> set[str]:
         """Users with a live subscribed session here."""
-        return {link.user for ob, link in self.subs.items() if not ob.closed}
+        return {sub.link.user for ob, sub in self.subs.items() if not ob.closed}
 
     def statistics(self) -> RoomStats:
         return RoomStats(self.key, len(self.subs), len(self.members), self.seq, len(self._ring))
@@ -118,25 +134,22 @@ class Room:
             # Handle what else is already queued before yielding (receive() is a
             # schedule point): the writers this turn woke then send many frames in one
             # syscall each, instead of one frame per wake-up (BENCHMARKS.md).
-            await self._dispatch(command)
+            self._dispatch(command)
             for _ in range(TURN - 1):
                 try:
                     command = inbox.receive_nowait()
                 except trio.WouldBlock:
                     break
-                await self._dispatch(command)
+                self._dispatch(command)
 
-    async def _dispatch(self, command: RoomCommand) -> None:
+    def _dispatch(self, command: RoomCommand) -> None:
         if type(command) is Publish:
-            if command.send.retry and self._needs_lookup(command):
-                await self._publish_looked_up(command)
-            else:
-                self._publish(command)
+            self._publish(command)
         else:
             self._handle(command)
 
     async def _load(self) -> None:
-        predecessor, self._predecessor = self._predecessor, None
+        predecessor = self._predecessor
         if predecessor is not None:
             # Storage must hold all the crashed room sequenced before we read it back.
             await self._s.write_behind.wait_flushed()
@@ -155,6 +168,8 @@ class Room:
             self._adopt(snapshot)
         if predecessor is not None:
             self._take_over(predecessor)
+        self._predecessor = None
+        self.loaded = True
 
     def _adopt(self, snap: RoomSnapshot) -> None:
         self.exists = True
@@ -169,15 +184,19 @@ class Room:
             self._by_cid[m.user, m.cid] = entry
 
     def _take_over(self, old: "Room") -> None:
-        self.subs = {ob: link for ob, link in old.subs.items() if link.user in self.members}
+        self.subs = {ob: sub for ob, sub in old.subs.items() if sub.link.user in self.members}
         missed = [e.frame for e in self._ring if e.message.seq > old.delivered]
         for frame in missed:
             self._fan_out(frame, Message)
         log.info("room %r restarted; %d subscribers kept", self.key, len(self.subs))
 
-    def _retire(self) -> bool:
+    def _prune(self) -> None:
+        """Drop subscribers whose session ended without a Detach reaching us."""
         for outbox in [ob for ob in self.subs if ob.closed]:
             del self.subs[outbox]
+
+    def _retire(self) -> bool:
+        self._prune()
         self._trim()
         if self.subs or not self._last_ticket.committed:
             return False  # a reload now could miss records still queued
@@ -218,24 +237,8 @@ class Room:
         self.delivered = seq
         self._s.metrics.messages.inc()
         self._trim()
-
-    def _needs_lookup(self, cmd: Publish) -> bool:
-        return (
-            self.exists
-            and (cmd.user is None or cmd.user in self.members)
-            and (cmd.user, cmd.send.cid) not in self._by_cid
-        )
-
-    async def _publish_looked_up(self, cmd: Publish) -> None:
-        """A retried send outside the window: was the original stored?"""
-        try:
-            found = await self._s.store.find_message(self.key, cmd.user, cmd.send.cid)
-        except StorageError:
-            return self._refuse(cmd, ErrorCode.TRY_LATER, "storage unavailable; retry later")
-        if found is not None:
-            self._ack(cmd, found, COMMITTED)
-        else:
-            self._publish(cmd)
+        if not seq % PRUNE_EVERY:  # a busy room never goes idle to prune
+            self._prune()
 
     def _ack(self, cmd: Publish, message: Message, ticket: Ticket) -> None:
         if cmd.outbox is not None:
@@ -284,7 +287,8 @@ class Room:
 
     def _handle(self, cmd: RoomCommand) -> None:
         if type(cmd) is Detach:
-            if self.subs.get(cmd.link.outbox) is cmd.link:
+            sub = self.subs.get(cmd.link.outbox)
+            if sub is not None and sub.link is cmd.link:
                 del self.subs[cmd.link.outbox]
         elif type(cmd) is Attach:
             self._attach(cmd)
@@ -324,11 +328,17 @@ class Room:
             if cmd.mode is not AttachMode.JOIN or self.kind is not RoomKind.OPEN:
                 return cmd.reply.fail(ErrorCode.FORBIDDEN, "not a member of this room")
             ticket = self._add_member(user, by=user)
-        attached = self._plan_attach(cmd)
-        self.subs[cmd.link.outbox] = cmd.link
+        outbox = cmd.link.outbox
+        sub = self.subs.get(outbox)
+        attached = self._plan_attach(cmd, None if sub is None else sub.covered)
+        if sub is None:
+            replayed = attached.recovered and cmd.since is not None
+            self.subs[outbox] = _Sub(cmd.link, cmd.since if replayed else self.seq)  # type: ignore[arg-type]
         ticket.then(cmd.reply.set, attached)
 
-    def _plan_attach(self, cmd: Attach) -> Attached:
+    def _plan_attach(self, cmd: Attach, covered: int | None) -> Attached:
+        """What to replay. ``covered`` is set when the session is subscribed already: it
+        gets every message after that seq, so nothing older can come in order."""
         head = self.seq
         since = cmd.since
 
@@ -351,6 +361,8 @@ class Room:
             return attached(None)
         if cmd.epoch != self.epoch or since > head or head - since > self._s.settings.max_replay:
             return attached(False)
+        if covered is not None:
+            return attached(since >= covered)
         ring = self._ring
         start = ring[0].message.seq if ring else head + 1
         if since + 1 >= start:
@@ -422,7 +434,8 @@ class Room:
         frame = server_frame(encode(event))
         if self._small():
             self._fan_out(frame, Member)
-        for outbox, link in list(self.subs.items()):
+        for outbox, sub in list(self.subs.items()):
+            link = sub.link
             if link.user == user:
                 if not self._small():
                     outbox.append(frame)  # the one who left is told in any room

@@ -17,6 +17,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import trio
 
 from actors.directory import ActorKind
@@ -64,15 +65,21 @@ from protocol.frames import (
     Page,
     Ping,
     Pong,
+    RoomList,
+    Rooms,
     Send,
+    Sent,
     Unsubscribe,
     Welcome,
 )
-from protocol.limits import direct_room_id
+from protocol.limits import ROOM_PAGE, direct_room_id
 from protocol.wsframe import server_frame
 from storage.store import StorageError
 
 log = logging.getLogger(__name__)
+
+REPLAY_CHUNK = 200  # messages read from storage at a time while replaying
+BUSY_RECHECK = 1.0  # seconds between keep-alive checks while a request is running
 
 #: Closes the connection with a WebSocket close code and reason.
 CloseFn = Callable[[CloseCode, str], None]
@@ -92,6 +99,8 @@ class Session:
         self.rooms: set[str] = set()
         self.closing = False
         self.going_away = False
+        self.busy = False  # a request is being handled
+        self._authenticated = trio.Event()
         now = trio.current_time()
         self.opened_at = now
         self.last_inbound = now
@@ -124,6 +133,9 @@ class Session:
         if self.user is None and kind is not Hello:
             self._error(ErrorCode.NOT_AUTHENTICATED, "send hello first")
             return
+        # While a request runs, the reader reads nothing (pongs included): the
+        # keep-alive must not count that time as client silence.
+        self.busy = True
         try:
             await self._dispatch(frame)
         except RequestFailed as exc:
@@ -133,6 +145,9 @@ class Session:
                 request_id=getattr(frame, "id", None),
                 room=getattr(frame, "room", None),
             )
+        finally:
+            self.busy = False
+            self.last_inbound = trio.current_time()
 
     def on_text(self) -> None:
         self._error(ErrorCode.BAD_FRAME, "text messages are not part of the protocol")
@@ -151,7 +166,9 @@ class Session:
                     self.rooms.discard(event.room)
 
     async def detach(self) -> None:
-        """Leave every room and the user actor; called once the connection is over."""
+        """Leave every room and the user actor; called once the connection is over, under
+        a shielded deadline. An actor not told (mailbox full until then) drops the closed
+        outbox itself."""
         link = self.link
         if link is None:
             return
@@ -166,14 +183,10 @@ class Session:
             ref = self._s.directory.get(kind, key)
             if ref is None:
                 continue
-            with trio.move_on_after(self._settings.request_timeout, shield=True) as waited:
-                try:
-                    await deliver(ref, command)
-                except RequestFailed:
-                    pass  # the actor stopped: nothing to detach from
-            if waited.cancelled_caught:
-                # The actor prunes closed outboxes itself when it next goes idle.
-                log.warning("session %s could not detach from %s %r", self.id, kind, key)
+            try:
+                await deliver(ref, command)
+            except RequestFailed:
+                pass  # the actor stopped: nothing to detach from
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -188,10 +201,11 @@ class Session:
         *,
         request_id: int | None = None,
         room: str | None = None,
+        charge: bool = True,
     ) -> None:
         self._send(Error(code=code, msg=message, id=request_id, room=room))
         self._metrics.errors_by[code].inc()
-        if not self._errors.take(trio.current_time()):
+        if charge and not self._errors.take(trio.current_time()):
             self.close(CloseCode.TOO_MANY_ERRORS, "too many errors")
 
     def close(self, code: CloseCode, reason: str) -> None:
@@ -210,7 +224,8 @@ class Session:
 
     async def _keepalive(self) -> None:
         s = self._settings
-        await trio.sleep_until(self.opened_at + s.hello_timeout)
+        with trio.move_on_at(self.opened_at + s.hello_timeout):
+            await self._authenticated.wait()
         if self.user is None:
             self.close(CloseCode.HELLO_TIMEOUT, "no hello")
             return
@@ -219,9 +234,12 @@ class Session:
             await trio.sleep_until(quiet_since + s.ping_interval)
             if self.last_inbound != quiet_since:
                 continue
+            if self.busy:
+                await trio.sleep(BUSY_RECHECK)
+                continue
             self._send(Ping())
             await trio.sleep_until(quiet_since + s.ping_interval + s.pong_timeout)
-            if self.last_inbound == quiet_since:
+            if self.last_inbound == quiet_since and not self.busy:
                 self.close(CloseCode.IDLE_TIMEOUT, "no pong")
                 return
 
@@ -254,6 +272,8 @@ class Session:
             return await self._member(frame.id, frame.room, frame.user, remove=False)
         if type(frame) is Unsubscribe:
             return await self._unsubscribe(frame)
+        if type(frame) is Rooms:
+            return await self._rooms(frame)
         raise AssertionError(f"no handler for {frame!r}")
 
     async def _hello(self, hello: Hello) -> None:
@@ -272,6 +292,7 @@ class Session:
         if self.going_away:
             raise RequestFailed(ErrorCode.TRY_LATER, "server is going away")
         self.user = user
+        self._authenticated.set()
         self.link = SessionLink(self.id, user, self.outbox, self._events_send)
         self._metrics.sessions.inc()
         await self._tell(self._s.directory.ref(ActorKind.USER, user), SessionOpened(self.link))
@@ -289,14 +310,32 @@ class Session:
             try:
                 await self._attach(None, room, AttachMode.RESUME, since=seq, epoch=epoch)
             except RequestFailed as exc:
-                self._error(exc.code, exc.message, room=room)
+                # Not the client's fault (it left, was removed): no charge to its budget.
+                self._error(exc.code, exc.message, room=room, charge=False)
 
     async def _publish(self, send: Send) -> None:
         if self.going_away:
             raise RequestFailed(ErrorCode.TRY_LATER, "server is going away; reconnect")
+        if send.retry and await self._ack_stored(send):
+            return
         ref = self._s.directory.ref(ActorKind.ROOM, send.room)
         command = Publish(user=self.user, send=send, outbox=self.outbox)
         await self._tell(ref, command)
+
+    async def _ack_stored(self, send: Send) -> bool:
+        """Acknowledge a resend whose original is stored; False if it is not.
+
+        Done here, not in the room, so a room never waits for storage. An original that
+        is not stored yet is still in the room's window, which the room checks next."""
+        try:
+            with trio.fail_after(self._settings.request_timeout):
+                found = await self._s.store.find_message(send.room, self.user, send.cid)
+        except (StorageError, trio.TooSlowError) as exc:
+            raise RequestFailed(ErrorCode.TRY_LATER, "storage unavailable; retry") from exc
+        if found is None:
+            return False
+        self._send(Sent(id=send.id, room=send.room, cid=send.cid, seq=found.seq, ts=found.ts))
+        return True
 
     async def _attach(
         self,
@@ -307,32 +346,25 @@ class Session:
     ) -> None:
         assert self.link is not None
         limit = self._settings.limits.max_rooms_per_session
-        if room not in self.rooms and len(self.rooms) >= limit:
+        new = room not in self.rooms
+        if new and len(self.rooms) >= limit:
             raise RequestFailed(ErrorCode.TOO_MANY_ROOMS, f"at most {limit} rooms per session")
         reply: Reply[Attached] = Reply()
         command = Attach(link=self.link, mode=mode, reply=reply, **options)
+        self.rooms.add(room)  # first: if the session ends mid-request, detach() covers it
         outbox = self.outbox
         outbox.hold()  # live frames of the room wait until the replay is written
         try:
             try:
                 attached: Attached = await self._ask(ActorKind.ROOM, room, command, reply)
             except RequestFailed as exc:
-                if exc.code is ErrorCode.TIMEOUT:  # it may have subscribed us after all
+                if new:
+                    self.rooms.discard(room)
                     ref = self._s.directory.get(ActorKind.ROOM, room)
-                    if ref is not None:
-                        await self._tell(ref, Detach(self.link))
+                    if exc.code is ErrorCode.TIMEOUT and ref is not None:
+                        await self._tell(ref, Detach(self.link))  # it may have subscribed us
                 raise
-            self.rooms.add(room)
-            replay: list[Message] = []
-            recovered = attached.recovered
-            if attached.storage is not None:
-                lo, hi = attached.storage
-                try:
-                    with trio.fail_after(self._settings.request_timeout):
-                        replay = await self._s.store.fetch_messages(room, lo, hi)
-                except (StorageError, trio.TooSlowError) as exc:
-                    log.warning("replay of %r %d..%d failed: %s", room, lo, hi, exc)
-                    recovered = False
+            replay = await self._replay(room, attached)
             joined = Joined(
                 id=request_id,
                 room=room,
@@ -340,19 +372,46 @@ class Session:
                 owner=attached.owner,
                 seq=attached.seq,
                 epoch=attached.epoch,
-                recovered=recovered,
+                recovered=attached.recovered if replay is not None else False,
             )
             outbox.append_direct(server_frame(encode(joined)))  # ahead of the held live frames
             self._metrics.frames_out_by[Joined].inc()
-            if recovered:
-                for message in replay:
-                    outbox.append_direct(server_frame(encode(message)))
-                for frame in attached.ring:
+            if replay:
+                for frame in replay:
                     outbox.append_direct(frame)
-                count = len(replay) + len(attached.ring)
-                self._metrics.frames_out_by[Message].inc(count)
+                self._metrics.frames_out_by[Message].inc(len(replay))
         finally:
             outbox.release()
+
+    async def _replay(self, room: str, attached: Attached) -> list[bytes] | None:
+        """The frames of what the client missed, or None when they cannot be sent: storage
+        failed, or they would not fit in the outbox, which would close the client as a
+        slow consumer and do so again on every reconnect."""
+        if not attached.recovered:
+            return []
+        budget = self._settings.outbox_bytes // 2
+        size = sum(map(len, attached.ring))
+        frames: list[bytes] = []
+        if attached.storage is not None:
+            lo, hi = attached.storage
+            try:
+                with trio.fail_after(self._settings.request_timeout):
+                    while lo <= hi and size <= budget:
+                        chunk = await self._s.store.fetch_messages(
+                            room, lo, min(hi, lo + REPLAY_CHUNK - 1)
+                        )
+                        for message in chunk:
+                            frames.append(server_frame(encode(message)))
+                            size += len(frames[-1])
+                        lo += REPLAY_CHUNK
+            except (StorageError, trio.TooSlowError) as exc:
+                log.warning("replay of %r failed: %s", room, exc)
+                return None
+        if size > budget:
+            log.info("replay of %r is over %d bytes: the client refetches instead", room, budget)
+            return None
+        frames.extend(attached.ring)
+        return frames
 
     async def _unsubscribe(self, frame: Unsubscribe) -> None:
         assert self.link is not None
@@ -375,6 +434,23 @@ class Session:
         if remove:
             self.rooms.discard(room)
         self._send(Ok(id=request_id))
+
+    async def _rooms(self, query: Rooms) -> None:
+        assert self.user is not None
+        limit = query.limit or ROOM_PAGE
+        try:
+            with trio.fail_after(self._settings.request_timeout):
+                found = await self._s.store.rooms_of(self.user, query.room, limit + 1)
+        except (StorageError, trio.TooSlowError) as exc:
+            raise RequestFailed(ErrorCode.TRY_LATER, "room list unavailable") from exc
+        items = []
+        for state in found[:limit]:
+            # Storage trails a running room by what is still queued for it.
+            live = self._s.directory.actor(ActorKind.ROOM, state.room)
+            if live is not None and live.exists:
+                state = attrs.evolve(state, seq=live.seq, epoch=live.epoch)
+            items.append(state)
+        self._send(RoomList(id=query.id, items=tuple(items), more=len(found) > limit))
 
     async def _history(self, query: History) -> None:
         assert self.user is not None

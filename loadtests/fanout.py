@@ -80,14 +80,24 @@ class Tally:
         return bucket_value_ms(max(self.latency))
 
 
-async def _receive(client: RawClient, room: str, messages: int, tally: Tally, base: int) -> None:
-    expected = base + 1
-    end = base + messages
+@attrs.define
+class _Start:
+    """The seq after which the publisher starts; known once the main process says."""
+
+    known: trio.Event = attrs.field(factory=trio.Event)
+    base: int = 0
+
+
+async def _receive(
+    client: RawClient, room: str, messages: int, tally: Tally, start: _Start
+) -> None:
+    """Check and time every message; answer the server's pings while waiting too."""
+    expected = end = -1
     while expected <= end:
         try:
             payloads = await client.receive()
         except EOFError:
-            tally.lost += end - expected + 1  # the connection ended early
+            tally.lost += max(0, end - expected + 1)  # the connection ended early
             return
         now = time.monotonic_ns()
         for payload in payloads:
@@ -98,6 +108,9 @@ async def _receive(client: RawClient, room: str, messages: int, tally: Tally, ba
                 continue
             if t != MESSAGE or frame.get(K_ROOM) != room:
                 continue
+            if expected < 0:  # the first message: the publisher has started
+                await start.known.wait()
+                expected, end = start.base + 1, start.base + messages
             seq = frame[K_SEQ]
             if seq == expected:
                 expected += 1
@@ -113,6 +126,16 @@ async def _receive(client: RawClient, room: str, messages: int, tally: Tally, ba
             if not tally.first_ns:
                 tally.first_ns = now
             tally.last_ns = now
+
+
+async def _joined(client: RawClient, room: str) -> None:
+    while True:
+        for payload in await client.receive():
+            frame = cbor2.loads(payload)
+            if frame.get(TYPE_KEY) == JOINED and frame.get(K_ROOM) == room:
+                return
+            if frame.get(TYPE_KEY) == ERROR:
+                raise ConnectionError(f"join refused: {frame}")
 
 
 async def _worker(
@@ -131,18 +154,26 @@ async def _worker(
         async with limiter:
             client = await RawClient.connect(host, port, token)
             await client.send(Join(id=1, room=room))
+            await _joined(client, room)  # ready means subscribed, not asked
             clients.append(client)
 
     async with trio.open_nursery() as nursery:
         for token in tokens:
             nursery.start_soon(connect, token)
-    conn.send(("ready", len(clients)))
-    base = await trio.to_thread.run_sync(conn.recv)
     tally = Tally()
-    with trio.move_on_after(give_up_after):
-        async with trio.open_nursery() as nursery:
-            for client in clients:
-                nursery.start_soon(_receive, client, room, messages, tally, base)
+    start = _Start()
+
+    async def learn_start() -> None:
+        conn.send(("ready", len(clients)))
+        start.base = await trio.to_thread.run_sync(conn.recv)
+        start.known.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(learn_start)
+        for client in clients:
+            nursery.start_soon(_receive, client, room, messages, tally, start)
+        await start.known.wait()
+        nursery.cancel_scope.deadline = trio.current_time() + give_up_after
     conn.send(("done", attrs.asdict(tally)))
     for client in clients:
         await client.aclose()

@@ -96,8 +96,10 @@ def admin_blueprint(node: Any) -> Blueprint:
             return _error(ErrorCode.FORBIDDEN, "the admin API is off: start with --admin-token")
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.encode(), node.admin_token.encode()
+        if (
+            scheme.lower() != "bearer"
+            or not token
+            or not hmac.compare_digest(token.encode(), node.admin_token.encode())
         ):
             return _error(ErrorCode.UNAUTHORIZED, "missing or wrong admin token")
         return None

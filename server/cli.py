@@ -32,6 +32,7 @@ CLIENT_SECRET = Option(
     "database",
 )
 MIN_SECRET_BYTES = 32
+MIN_ADMIN_TOKEN_CHARS = 16
 NO_SECRET = (
     "no token secret: pass --secret (or PARLEY_SECRET), or --dev to generate one for development"
 )
@@ -73,6 +74,8 @@ def resolve_secrets(
             f"its secret beside its database ({path}): run this where the server runs, or "
             "pass the server's --database-url"
         )
+    if admin_token is not None and len(admin_token) < MIN_ADMIN_TOKEN_CHARS:
+        raise UsageError(f"the admin token must be at least {MIN_ADMIN_TOKEN_CHARS} characters")
     if len(secret.encode()) < MIN_SECRET_BYTES:
         raise UsageError(
             f"the token secret must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 for HS256); "

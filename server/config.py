@@ -63,6 +63,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _unset_if_empty(text: str) -> str | None:
+    # PARLEY_ADMIN_TOKEN= must switch the admin API off, not accept an empty token.
+    return text or None
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -78,7 +83,9 @@ DATABASE_URL = Option(
     "--database-url",
     "where messages are stored; sqlite:///relative.db or sqlite:////absolute.db",
 )
-SECRET = Option("--secret", "HS256 key that signs session tokens (required unless --dev)")
+SECRET = Option(
+    "--secret", "HS256 key that signs session tokens (required unless --dev)", _unset_if_empty
+)
 DEV = Option(
     "--dev",
     "development mode: generate the secret and admin token if not given and keep them in "
@@ -98,9 +105,15 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--ops-host", "address of the operators' HTTP endpoint"),
     Option("--ops-port", "port of /healthz, /readyz, /metrics and /admin", _port),
     DATABASE_URL,
-    Option("--redis-url", "Redis URL for a multi-node bus (unset: in-process bus)"),
+    Option(
+        "--redis-url", "Redis URL for a multi-node bus (unset: in-process bus)", _unset_if_empty
+    ),
     SECRET,
-    Option("--admin-token", "bearer token for the admin API (unset: admin API off)"),
+    Option(
+        "--admin-token",
+        "bearer token for the admin API, 16 characters or more (unset or empty: admin API off)",
+        _unset_if_empty,
+    ),
     DEV,
     LOG_LEVEL,
     Option("--max-frame-bytes", "largest client frame", _positive_int),

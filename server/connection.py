@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 RECEIVE_BYTES = 65536
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 3.0  # how long we wait for the client's close frame, or to send ours
+DETACH_TIMEOUT = 2.0  # for telling rooms and the user actor that a session is gone
 WS_PATH = "/ws"
 SUBPROTOCOL = "parley.v1"
 
@@ -71,7 +72,12 @@ async def _handshake(stream: trio.abc.Stream, ws: WSConnection) -> bool:
             for event in events:
                 if not isinstance(event, Request):
                     continue
-                if urlsplit(event.target).path != WS_PATH:
+                try:
+                    path = urlsplit(event.target).path
+                except ValueError:
+                    await stream.send_all(_http_error("400 Bad Request", "bad request target\n"))
+                    return False
+                if path != WS_PATH:
                     reject = RejectConnection(
                         status_code=404,
                         headers=[(b"content-type", b"text/plain")],
@@ -119,7 +125,7 @@ class Connection:
             with trio.move_on_after(1, shield=True):
                 await self._send_close_now(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.move_on_after(DETACH_TIMEOUT, shield=True):
                 await self.session.detach()
             await trio.aclose_forcefully(self._stream)
 
@@ -231,11 +237,14 @@ class Connection:
 async def serve_connection(
     stream: trio.abc.Stream, services: Services, connections: set[Connection], peer: str
 ) -> None:
-    """Run one client connection to its end."""
+    """Run one client connection to its end. Nothing here may reach the listener."""
     ws = WSConnection(ConnectionType.SERVER)
     try:
         accepted = await _handshake(stream, ws)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
+        accepted = False
+    except Exception:
+        log.exception("handshake with %s failed; closing it", peer)
         accepted = False
     if not accepted:
         await trio.aclose_forcefully(stream)

@@ -64,6 +64,7 @@ class Node:
     store: Store
     connections: set[Connection] = attrs.field(factory=set)
     draining: bool = False
+    deadline: float | None = None  # when a drain must be over, flush included
     storage_error: str | None = None  # from the periodic probe
     admin_token: str | None = None
 
@@ -165,6 +166,7 @@ class Node:
     async def drain(self, stop_accepting: Callable[[], None], deadline: float) -> None:
         """Everything up to closing the sessions; returns by ``deadline``."""
         self.draining = True
+        self.deadline = deadline
         stop_accepting()
         log.info("draining: %d connections", len(self.connections))
         for conn in list(self.connections):
@@ -224,7 +226,9 @@ async def open_node(
                 async with trio.open_nursery() as connections:
                     yield node, connections
             finally:
-                with trio.move_on_after(config.drain_timeout, shield=True):
+                # One deadline for the whole drain: what is left of it, if it began.
+                deadline = node.deadline or trio.current_time() + config.drain_timeout
+                with trio.move_on_at(deadline, shield=True):
                     await write_behind.wait_flushed()
                     await store.end_run(run.run)
                     clean = True

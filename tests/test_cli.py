@@ -87,6 +87,14 @@ def test_serve_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
     assert result.returncode == 2 and "at least 32 bytes" in result.stderr
 
 
+def test_an_empty_admin_token_means_off_and_a_short_one_is_refused() -> None:
+    args = build_parser({"PARLEY_ADMIN_TOKEN": "", "PARLEY_SECRET": ""}).parse_args(["serve"])
+    config = config_from_args(args)
+    assert config.admin_token is None and config.secret is None
+    result = run_cli("serve", "--secret", SECRET, "--admin-token", "short")
+    assert result.returncode == 2 and "at least 16" in result.stderr
+
+
 def test_serve_refuses_the_redis_bus_it_does_not_have(tmp_path: Path) -> None:
     result = run_cli("serve", "--dev", "--redis-url", "redis://localhost", cwd=tmp_path)
     assert result.returncode == 2 and "Redis" in result.stderr

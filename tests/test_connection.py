@@ -45,6 +45,15 @@ async def test_other_paths_get_404(server: RunningServer) -> None:
     assert accepted.startswith(b"HTTP/1.1 101 ")
 
 
+async def test_a_malformed_request_target_gets_400_and_the_node_lives(
+    server: RunningServer,
+) -> None:
+    response = await http_get(server, UPGRADE % b"//[x")
+    assert response.startswith(b"HTTP/1.1 400 ")
+    async with server.client("alice") as alice:  # still serving
+        assert await alice.ping() >= 0
+
+
 async def test_plain_http_gets_400(server: RunningServer) -> None:
     response = await http_get(server, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 400 ")

@@ -6,6 +6,7 @@ from pathlib import Path
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from actors.directory import ActorKind
 from protocol.client import ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import Member, MemberOp, Message
@@ -50,7 +51,8 @@ async def test_metrics_count_the_traffic(server: RunningServer) -> None:
     assert got["parley_frames_in_total", (("type", "send"),)] == 3
     assert got["parley_frames_out_total", (("type", "sent"),)] == 3
     assert got["parley_frames_out_total", (("type", "message"),)] == 6  # 3 to each
-    assert got["parley_fanout_deliveries_total", ()] >= 6
+    # 3 messages to 2 subscribers, and bob's join told to alice: nothing counted twice.
+    assert got["parley_fanout_deliveries_total", ()] == 7
     assert got["parley_messages_total", ()] == 3
     assert got["parley_actors", (("kind", "room"),)] == 1
     assert got["parley_actors", (("kind", "user"),)] == 2
@@ -232,3 +234,39 @@ async def test_admin_validation_errors(server: RunningServer) -> None:
             response = await http.request(method, url, json=body)
             assert response.status_code == status, (method, url, response.text)
             assert "code" in response.json()["error"]
+
+
+async def test_a_request_waiting_on_storage_does_not_look_idle(tmp_path: Path) -> None:
+    """The reader reads no pong while it waits for a join's commit: not a silent client."""
+    async with run_server(tmp_path, ping_interval=0.2, pong_timeout=0.2) as server:
+        async with server.client("alice") as alice, server.client("bob") as bob:
+            await alice.create("r")
+            blocker = sqlite3.connect(tmp_path / "parley.db", isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(bob.join, "r")  # waits for the member's commit
+                    await trio.sleep(1.0)  # well past ping interval + pong timeout
+                    blocker.execute("ROLLBACK")
+            finally:
+                blocker.close()
+            assert await bob.ping() >= 0
+
+
+async def test_a_session_that_ends_mid_join_leaves_no_subscriber(tmp_path: Path) -> None:
+    async with run_server(tmp_path) as server:
+        async with server.client("alice") as alice:
+            await alice.create("r")
+            blocker = sqlite3.connect(tmp_path / "parley.db", isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            try:
+                async with server.client("bob") as bob:
+                    with trio.move_on_after(0.5):
+                        await bob.join("r")  # subscribed, waiting for the commit
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            room = server.node.directory.actor(ActorKind.ROOM, "r")
+            with trio.fail_after(10):
+                while any(s.link.user == "bob" for s in room.subs.values()):  # noqa: ASYNC110
+                    await trio.sleep(0.02)

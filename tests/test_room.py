@@ -194,6 +194,39 @@ async def test_join_with_a_position_resumes_too(server: RunningServer) -> None:
         assert [m.seq for m in await messages(reader, 3)] == missed
 
 
+async def test_joining_a_resumed_room_again_replays_nothing_twice(server: RunningServer) -> None:
+    """What parley chat did on every reconnect: resume in hello, then join at once."""
+    async with server.client("reader") as reader:
+        await reader.create("r")
+        await reader.send("r", "seen")
+        await messages(reader, 1)
+        positions = dict(reader.positions)
+    missed = await _miss_messages(server, "r", 3)
+    async with server.client("reader", resume=positions) as reader:
+        again = await reader.join("r")  # still with the old position
+        assert again.recovered is True
+        live = await reader.send("r", "live")
+        got = await messages(reader, 4)
+        assert [m.seq for m in got] == [*missed, live.seq]
+
+
+async def test_a_resume_too_big_for_the_outbox_is_not_replayed(tmp_path: Path) -> None:
+    async with run_server(tmp_path, outbox_bytes=64 * 1024, max_text_chars=20_000) as server:
+        async with server.client("reader") as reader:
+            await reader.create("r")
+            positions = dict(reader.positions)
+        async with server.client("talker") as talker:
+            await talker.join("r")
+            for _ in range(10):  # 200 kB missed: more than half the outbox
+                await talker.send("r", "x" * 20_000)
+        async with server.client("reader", resume=positions) as reader:
+            joined = await reader.next_event(Joined)
+            assert (joined.recovered, joined.seq) == (False, 10)
+            assert await reader.ping() >= 0  # not closed as a slow consumer
+            page = await reader.history("r", limit=3)
+            assert [m.seq for m in page.items] == [8, 9, 10]
+
+
 async def test_resume_with_a_stale_epoch_starts_over(server: RunningServer) -> None:
     async with server.client("reader") as reader:
         await reader.create("r")
@@ -217,13 +250,19 @@ async def test_resume_too_far_behind_is_not_replayed(tmp_path: Path) -> None:
             assert (await reader.next_event(Message)).seq == live.seq
 
 
-async def test_resume_of_a_room_you_left_is_refused(server: RunningServer) -> None:
+async def test_resume_of_rooms_you_left_is_refused_without_closing(server: RunningServer) -> None:
+    resume = {}
     async with server.client("reader") as reader:
-        joined = await reader.create("r")
-        await reader.leave("r")
-    async with server.client("reader", resume={"r": (0, joined.epoch)}) as reader:
-        error = await reader.next_event()
-        assert (error.code, error.room) == (ErrorCode.FORBIDDEN, "r")
+        for i in range(25):  # more than the error budget (20)
+            joined = await reader.create(f"r{i}")
+            await reader.leave(f"r{i}")
+            resume[f"r{i}"] = (0, joined.epoch)
+    async with server.client("reader", resume=resume) as reader:
+        errors = [await reader.next_event() for _ in range(25)]
+        assert {(e.code, e.room) for e in errors} == {
+            (ErrorCode.FORBIDDEN, f"r{i}") for i in range(25)
+        }
+        assert await reader.ping() >= 0  # not closed for "too many errors"
 
 
 # --- history ------------------------------------------------------------------------
@@ -372,6 +411,28 @@ async def test_errors_for_missing_rooms_and_limits(tmp_path: Path) -> None:
                 await alice.create("three")
             await alice.unsubscribe("two")
             await alice.create("three")
+
+
+async def test_a_user_lists_their_rooms(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.create("beta")
+        first = await alice.create("alpha", private=True)
+        await bob.create("gamma")
+        await bob.join("beta")
+        await alice.send("beta", "one")
+        sent = await alice.send("beta", "two")
+        page = await alice.rooms()
+        states = [(r.room, r.kind, r.seq, r.owner) for r in page.items]
+        assert states == [
+            ("alpha", RoomKind.PRIVATE, 0, "alice"),
+            ("beta", RoomKind.OPEN, sent.seq, "alice"),
+        ]
+        assert page.items[0].epoch == first.epoch and not page.more
+        paged = await alice.rooms(limit=1)
+        assert [r.room for r in paged.items] == ["alpha"] and paged.more
+        rest = await alice.rooms(after="alpha", limit=1)
+        assert [r.room for r in rest.items] == ["beta"] and not rest.more
+        assert [r.room for r in (await bob.rooms()).items] == ["beta", "gamma"]
 
 
 # --- direct rooms -------------------------------------------------------------------

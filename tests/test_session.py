@@ -168,3 +168,14 @@ async def test_errors_spread_over_time_are_forgiven(
             await trio.sleep(1.0)
         await ws.send_message(encode(Ping(id=1)))
         assert await next_frame(ws) == Pong(id=1)
+
+
+async def test_pings_start_from_hello_not_from_the_hello_timeout(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path, ping_interval=3.0, hello_timeout=10.0) as mem:
+        async with mem.connect() as ws:
+            await hello(ws)
+            quiet = trio.current_time()
+            assert await next_frame(ws) == Ping()
+            assert trio.current_time() - quiet == 3.0
