@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import trio
@@ -48,23 +50,52 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     fanout.set_defaults(func=cmd_fanout)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
 
 
-def cmd_fanout(args: argparse.Namespace) -> int:
-    from loadtests.fanout import run_fanout
-
+@contextmanager
+def _target(args: argparse.Namespace) -> Iterator[tuple[str, int, str, int | None]]:
+    """(host, port, secret, server pid): the server at --url, or one started here."""
     if args.url:
         from server.cli import resolve_secrets
         from server.config import Config
 
         hostport = args.url.split("//", 1)[-1].split("/", 1)[0]
         host, _, port = hostport.rpartition(":")
-        secret = resolve_secrets(args.secret, None, Config().database_url).secret
+        yield (
+            host,
+            int(port),
+            resolve_secrets(args.secret, None, Config().database_url).secret,
+            None,
+        )
+        return
+    with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
+        port = free_port()
+        secret = secrets.token_urlsafe(32)
+        flags = f"--host 127.0.0.1 --port {port} --ops-port {free_port()} --log-level warning"
+        flags += " --rate 1000000 --burst 1000000"  # the publisher is not rate-limited
+        command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), "--secret", secret]
+        command += ["--database-url", f"sqlite:///{Path(tmp) / 'bench.db'}"]
+        if args.server_cpu is not None:
+            command = ["taskset", "-c", str(args.server_cpu), *command]
+        server = subprocess.Popen(command)
+        try:
+            _wait_for_port(port, server)
+            yield "127.0.0.1", port, secret, server.pid
+        finally:
+            server.terminate()
+            server.wait(30)
+
+
+def cmd_fanout(args: argparse.Namespace) -> int:
+    from loadtests.fanout import run_fanout
+
+    with _target(args) as (host, port, secret, pid):
 
         def token_for(user: str) -> str:
             return issue_token(secret, user, 3600)
@@ -72,7 +103,7 @@ def cmd_fanout(args: argparse.Namespace) -> int:
         result = trio.run(
             lambda: run_fanout(
                 host,
-                int(port),
+                port,
                 token_for,
                 receivers=args.receivers,
                 messages=args.messages,
@@ -80,65 +111,10 @@ def cmd_fanout(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 rate=args.rate,
                 window=args.window,
-                server_pid=None,
+                server_pid=pid,
                 give_up_after=args.timeout,
             )
         )
-        print(result.report())
-        return 0
-
-    with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
-        port = _free_port()
-        secret = secrets.token_urlsafe(32)
-        command = [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--ops-port",
-            str(_free_port()),
-            "--secret",
-            secret,
-            "--database-url",
-            f"sqlite:///{Path(tmp) / 'bench.db'}",
-            "--rate",
-            "1000000",
-            "--burst",
-            "1000000",
-            "--log-level",
-            "warning",
-        ]
-        if args.server_cpu is not None:
-            command = ["taskset", "-c", str(args.server_cpu), *command]
-        server = subprocess.Popen(command)
-        try:
-            _wait_for_port(port, server)
-
-            def token_for(user: str) -> str:
-                return issue_token(secret, user, 3600)
-
-            result = trio.run(
-                lambda: run_fanout(
-                    "127.0.0.1",
-                    port,
-                    token_for,
-                    receivers=args.receivers,
-                    messages=args.messages,
-                    size=args.size,
-                    workers=args.workers,
-                    rate=args.rate,
-                    window=args.window,
-                    server_pid=server.pid,
-                    give_up_after=args.timeout,
-                )
-            )
-        finally:
-            server.terminate()
-            server.wait(30)
     print(result.report())
     return 0
 

@@ -3,7 +3,6 @@
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ import httpx
 import trio
 from trio_websocket import WebSocketConnection
 
+from loadtests.cli import free_port
 from protocol.client import ParleyClient, open_client, open_websocket
 from protocol.codec import decode_server
 from protocol.frames import Frame
@@ -106,13 +106,6 @@ async def events_until(client: ParleyClient, kind: type, count: int) -> list[Any
 
 
 # --- a server in its own process (signals, SIGKILL) -----------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @attrs.define

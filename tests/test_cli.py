@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from loadtests.cli import free_port
 from protocol.client import open_client
 from server.cli import build_parser
 from server.config import SERVE_OPTIONS, config_from_args
 from server.tokens import DEV_SECRETS_NAME, load_dev_secrets, token_verifier
-from tests.helpers import SECRET, free_port, run_cli, run_server
+from tests.helpers import SECRET, run_cli, run_server
 
 
 def test_help_lists_the_commands() -> None:
