@@ -6,6 +6,7 @@ carries the session's outbox instead, so the room can answer without a round tri
 """
 
 import enum
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
@@ -16,9 +17,21 @@ import trio
 from actors.directory import ActorKind, Directory
 from actors.outbox import Outbox
 from protocol.errors import ErrorCode
-from protocol.frames import History, Message, RoomKind, Send
+from protocol.frames import (
+    Frame,
+    History,
+    Message,
+    Receipt,
+    Receipts,
+    RoomKind,
+    Send,
+    Status,
+    TypingOp,
+)
+from storage.write_behind import Ticket
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class RequestFailed(Exception):
@@ -113,7 +126,34 @@ class RoomDropped:
     room: str
 
 
-SessionEvent = RoomDropped
+@attrs.frozen
+class Roster:
+    """The members of a small room the session is subscribed to, whose presence it
+    follows; None once the room is large (it then publishes an online count)."""
+
+    room: str
+    members: frozenset[str] | None
+
+
+@attrs.frozen
+class BlocksChanged:
+    """The users this session's user blocks."""
+
+    blocks: frozenset[str]
+
+
+SessionEvent = RoomDropped | Roster | BlocksChanged
+
+
+def tell_session(link: SessionLink, event: SessionEvent) -> None:
+    """Put ``event`` in a session's inbox without waiting. A session that is closing
+    needs nothing more; one whose inbox is full misses it, which is logged."""
+    try:
+        link.inbox.send_nowait(event)
+    except trio.WouldBlock:
+        log.warning("session %s of %r missed %r (inbox full)", link.id, link.user, event)
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
 
 
 # --- rooms --------------------------------------------------------------------------
@@ -148,6 +188,9 @@ class Attached:
     recovered: bool | None
     ring: tuple[bytes, ...] = ()
     storage: tuple[int, int] | None = None
+    cursor: tuple[int, int] = (0, 0)  # the user's own (delivered, read)
+    state: tuple[bytes, ...] = ()  # frames after the replay: receipt state, online count
+    members: frozenset[str] | None = None  # a small room's members (see Roster)
 
 
 @attrs.frozen
@@ -227,8 +270,64 @@ class DescribeRoom:
     reply: "Reply[RoomInfo]"
 
 
+@attrs.frozen(kw_only=True)
+class MarkReceipt:
+    """A receipt from a session; errors and the ``ok`` go to ``outbox``."""
+
+    user: str
+    receipt: Receipt
+    outbox: Outbox
+
+
+@attrs.frozen(kw_only=True)
+class ReceiptQuery:
+    user: str
+    query: Receipts
+    reply: "Reply[Frame]"
+
+
+@attrs.frozen(kw_only=True)
+class SetTyping:
+    """``user`` starts or stops typing; nobody in ``hidden`` (whom they block) hears it."""
+
+    user: str
+    op: TypingOp
+    hidden: frozenset[str]
+    outbox: Outbox
+    id: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SetBlock:
+    """For a direct room: ``user`` blocks (or unblocks) the other member. ``ticket`` is
+    the block's record: the room does not retire before it is stored."""
+
+    user: str
+    blocked: bool
+    ticket: Ticket
+
+
+@attrs.frozen
+class FlushState:
+    """Queue for storage what the room keeps for its next interval (a drain)."""
+
+    reply: Reply[None]
+
+
 RoomCommand = (
-    Attach | Detach | Publish | AddMember | RemoveMember | HistoryQuery | CreateRoom | DescribeRoom
+    Attach
+    | Detach
+    | Publish
+    | AddMember
+    | RemoveMember
+    | HistoryQuery
+    | CreateRoom
+    | DescribeRoom
+    | MarkReceipt
+    | ReceiptQuery
+    | SetTyping
+    | SetBlock
+    | FlushState
 )
 
 # --- users --------------------------------------------------------------------------
@@ -236,6 +335,8 @@ RoomCommand = (
 
 @attrs.frozen
 class SessionOpened:
+    """The user actor answers with ``BlocksChanged`` in the session's inbox."""
+
     link: SessionLink
 
 
@@ -244,4 +345,19 @@ class SessionClosed:
     link: SessionLink
 
 
-UserCommand = SessionOpened | SessionClosed
+@attrs.frozen
+class ChangeStatus:
+    status: Status
+    reply: Reply[None]
+
+
+@attrs.frozen(kw_only=True)
+class ChangeBlock:
+    """Block or unblock ``other``; the reply is the record's ticket."""
+
+    other: str
+    blocked: bool
+    reply: Reply[Ticket]
+
+
+UserCommand = SessionOpened | SessionClosed | ChangeStatus | ChangeBlock

@@ -57,6 +57,11 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.presence_changes = Counter(
+            "parley_presence_changes_total",
+            "Presence changes published (each once, whatever the number of followers)",
+            registry=r,
+        )
         self.flush_seconds = Histogram(
             "parley_write_behind_flush_seconds",
             "Time to store one write-behind batch",

@@ -15,6 +15,12 @@ idempotency window: a repeated client message id gets its original seq back; a
 A crashed room is restarted by the directory: the new one waits until the write-behind
 queue has stored everything the old one queued, reloads, takes over its subscribers and
 sends them whatever the old one sequenced but did not deliver.
+
+Receipts, online counts and typing are the room's other signals. Receipts and the online
+count are coalesced: the room announces and stores them at most once per receipt
+interval (``actors.receipts``). Typing is never stored; a start expires by itself. The
+room's timers (that interval, typing expiry, retiring when idle) are the deadline of its
+mailbox wait, so the room stays one task.
 """
 
 import itertools
@@ -34,28 +40,52 @@ from actors.messages import (
     CreateRoom,
     DescribeRoom,
     Detach,
+    FlushState,
     HistoryPlan,
     HistoryQuery,
+    MarkReceipt,
     Publish,
+    ReceiptQuery,
     RemoveMember,
     RoomCommand,
     RoomDropped,
     RoomInfo,
+    Roster,
     SessionLink,
+    SetBlock,
+    SetTyping,
+    tell_session,
 )
 from actors.outbox import Outbox
-from actors.services import Services
+from actors.receipts import RoomReceipts
+from actors.services import Services, read_until_stored
 from protocol.codec import encode
 from protocol.errors import ErrorCode
-from protocol.frames import Error, Frame, Member, MemberOp, Message, RoomKind, Sent
-from protocol.limits import direct_room_users
+from protocol.frames import (
+    Cursor,
+    Error,
+    Frame,
+    Member,
+    MemberOp,
+    Message,
+    Ok,
+    Online,
+    ReceiptCounts,
+    ReceiptState,
+    RoomKind,
+    Sent,
+    Typing,
+    TypingOp,
+)
+from protocol.limits import MAX_CURSORS, MAX_RECEIPT_RANGE, direct_room_users
 from protocol.wsframe import server_frame
-from storage.store import MemberChanged, RoomCreated, RoomSnapshot, StorageError
+from storage.store import MemberChanged, RoomCreated, RoomSnapshot
 from storage.write_behind import COMMITTED, Ticket
 
 log = logging.getLogger(__name__)
 
-TURN = 64  # most commands a room handles before letting other tasks run
+TURN = 64  # most messages a room publishes before letting other tasks run
+LIGHT_PER_TURN = 16  # a receipt or any other command costs 1/16 of a publish
 PRUNE_EVERY = 1024  # messages between sweeps for closed outboxes
 
 
@@ -111,6 +141,15 @@ class Room:
         self._ring: deque[_Entry] = deque()
         self._by_cid: dict[tuple[str | None, str], _Entry] = {}
         self._last_ticket = COMMITTED  # the newest record this room queued for storage
+        self.receipts = RoomReceipts(key)
+        self.blockers: frozenset[str] = frozenset()  # direct room: who blocks the other
+        self._user_subs: dict[str, int] = {}  # subscribed sessions per user
+        self._online_dirty = False  # the online count may have changed (large rooms)
+        self._online_sent = -1
+        self._flush_due: float | None = None  # when receipts and the count go out
+        self._store_due: float | None = None  # when moved cursors go to storage
+        self._typers: dict[str, tuple[float, frozenset[str]]] = {}  # user -> (expiry, hidden)
+        self._counts_cache: tuple[int, int, bytes] | None = None  # (seq, version, frame)
 
     def online_users(self) -> set[str]:
         """Users with a live subscribed session here."""
@@ -124,27 +163,40 @@ class Room:
     async def run(self, inbox: trio.MemoryReceiveChannel[RoomCommand]) -> None:
         await self._load()
         idle = self._s.settings.actor_idle
+        quiet_since = trio.current_time()
         while True:
-            with trio.move_on_after(idle) as waiting:
+            with trio.move_on_at(self._wake_at(quiet_since + idle)) as waiting:
                 command = await inbox.receive()
             if waiting.cancelled_caught:
-                if self._retire():
-                    return
+                now = trio.current_time()
+                self._on_timer(now)
+                if now >= quiet_since + idle:
+                    if self._retire():
+                        return
+                    quiet_since = now
                 continue
+            quiet_since = trio.current_time()
             # Handle what else is already queued before yielding (receive() is a
             # schedule point): the writers this turn woke then send many frames in one
             # syscall each, instead of one frame per wake-up (BENCHMARKS.md).
-            self._dispatch(command)
-            for _ in range(TURN - 1):
+            # Receipts are cheap and come from every member at once: a turn that stopped
+            # at 64 of them would leave a thousand sessions blocked on a full mailbox.
+            budget = TURN * LIGHT_PER_TURN
+            while True:
+                budget -= LIGHT_PER_TURN if type(command) is Publish else 1
+                self._dispatch(command)
+                if budget <= 0:
+                    break
                 try:
                     command = inbox.receive_nowait()
                 except trio.WouldBlock:
                     break
-                self._dispatch(command)
 
     def _dispatch(self, command: RoomCommand) -> None:
         if type(command) is Publish:
             self._publish(command)
+        elif type(command) is MarkReceipt:
+            self._receipt(command)
         else:
             self._handle(command)
 
@@ -153,19 +205,16 @@ class Room:
         if predecessor is not None:
             # Storage must hold all the crashed room sequenced before we read it back.
             await self._s.write_behind.wait_flushed()
-        pause = 0.1
-        while True:
-            try:
-                snapshot = await self._s.store.load_room(
-                    self.key, self._s.run, self._s.settings.history_buffer
-                )
-                break
-            except StorageError as exc:
-                log.warning("room %r cannot load (%s); retrying in %.1fs", self.key, exc, pause)
-                await trio.sleep(pause)
-                pause = min(5.0, pause * 2)
+        store, run, recent = self._s.store, self._s.run, self._s.settings.history_buffer
+        snapshot = await read_until_stored(
+            f"room {self.key!r}", lambda: store.load_room(self.key, run, recent)
+        )
         if snapshot is not None:
             self._adopt(snapshot)
+        pair = direct_room_users(self.key)
+        if pair is not None:
+            what = f"blocks of room {self.key!r}"
+            self.blockers = await read_until_stored(what, lambda: store.blockers(*pair))
         if predecessor is not None:
             self._take_over(predecessor)
         self._predecessor = None
@@ -178,13 +227,23 @@ class Room:
         self.epoch = snap.epoch
         self.members = set(snap.members)
         self.seq = self.delivered = snap.seq
+        self.receipts = RoomReceipts(self.key, snap.cursors)
         for m in snap.recent:
             entry = _Entry(m, server_frame(encode(m)), COMMITTED)
             self._ring.append(entry)
             self._by_cid[m.user, m.cid] = entry
 
     def _take_over(self, old: "Room") -> None:
-        self.subs = {ob: sub for ob, sub in old.subs.items() if sub.link.user in self.members}
+        for ob, sub in old.subs.items():
+            if sub.link.user in self.members:
+                self._subscribe(ob, sub)
+        # Receipts not stored yet live only in the old room's memory.
+        for cursor in old.receipts.all():
+            if cursor.user in self.members:
+                self.receipts.mark(cursor.user, cursor.delivered, cursor.read, self.seq)
+        if self.receipts.unsaved:
+            self._schedule(store=True)
+        self.blockers = old.blockers | self.blockers
         missed = [e.frame for e in self._ring if e.message.seq > old.delivered]
         for frame in missed:
             self._fan_out(frame, Message)
@@ -193,14 +252,115 @@ class Room:
     def _prune(self) -> None:
         """Drop subscribers whose session ended without a Detach reaching us."""
         for outbox in [ob for ob in self.subs if ob.closed]:
-            del self.subs[outbox]
+            self._unsubscribe(outbox)
 
     def _retire(self) -> bool:
         self._prune()
         self._trim()
-        if self.subs or not self._last_ticket.committed:
+        if self.receipts.unsaved:
+            self._store_receipts()
+        if self.subs or not self._last_ticket.committed or self.receipts.unsaved:
             return False  # a reload now could miss records still queued
         return self._s.directory.try_retire(ActorKind.ROOM, self.key)
+
+    def _subscribe(self, outbox: Outbox, sub: _Sub) -> None:
+        self.subs[outbox] = sub
+        user = sub.link.user
+        self._user_subs[user] = self._user_subs.get(user, 0) + 1
+        self._online_changed()
+
+    def _unsubscribe(self, outbox: Outbox) -> None:
+        sub = self.subs.pop(outbox)
+        user = sub.link.user
+        left = self._user_subs[user] - 1
+        if left:
+            self._user_subs[user] = left
+        else:
+            del self._user_subs[user]
+            self._online_changed()
+
+    def _online_changed(self) -> None:
+        if not self._small():
+            self._online_dirty = True
+            self._schedule()
+
+    # --- timers -----------------------------------------------------------------------
+
+    def _wake_at(self, idle_at: float) -> float:
+        wake = idle_at
+        if self._flush_due is not None and self._flush_due < wake:
+            wake = self._flush_due
+        if self._store_due is not None and self._store_due < wake:
+            wake = self._store_due
+        if self._typers:
+            wake = min(wake, min(expiry for expiry, _ in self._typers.values()))
+        return wake
+
+    def _schedule(self, *, store: bool = False) -> None:
+        if self._flush_due is None:
+            self._flush_due = trio.current_time() + self._s.settings.receipt_interval
+        if store and self._store_due is None:
+            self._store_due = trio.current_time() + self._s.settings.receipt_store_interval
+
+    def _on_timer(self, now: float) -> None:
+        if self._flush_due is not None and now >= self._flush_due:
+            self._flush()
+        if self._store_due is not None and now >= self._store_due:
+            self._store_receipts()
+        if self._typers:
+            for user in [u for u, (expiry, _) in self._typers.items() if expiry <= now]:
+                _, hidden = self._typers.pop(user)
+                self._typing_event(user, TypingOp.STOP, hidden)
+
+    def _store_receipts(self) -> None:
+        """Queue one upsert per cursor that moved since the last time. Less often than
+        the announcements: with every member acking every message, storing each
+        interval cost more server CPU than the fan-out (BENCHMARKS.md)."""
+        self._store_due = None
+        if not self.receipts.unsaved:
+            return
+        write_behind = self._s.write_behind
+        if write_behind.has_capacity():
+            for record in self.receipts.take_unsaved():
+                self._last_ticket = write_behind.enqueue(record)
+        else:
+            self._schedule(store=True)  # storage is behind: keep them for later
+
+    def _flush(self) -> None:
+        """Announce what accumulated over the interval."""
+        self._flush_due = None
+        changes = self.receipts.take_changes()
+        if changes is not None:
+            self._announce_receipts(changes.cursors, changes.lo, changes.hi)
+        if self._online_dirty:
+            self._online_dirty = False
+            count = len(self._user_subs)
+            if count != self._online_sent and not self._small():
+                self._online_sent = count
+                self._fan_out(server_frame(encode(Online(room=self.key, count=count))), Online)
+
+    def _announce_receipts(self, cursors: tuple[Cursor, ...], lo: int, hi: int) -> None:
+        if self._small():
+            frame = server_frame(encode(ReceiptState(room=self.key, items=cursors)))
+            self._fan_out(frame, ReceiptState)
+            return
+        # A large room announces counts: n members' cursors to n sessions would be n².
+        items = self.receipts.counts(max(lo, hi - MAX_RECEIPT_RANGE + 1), hi)
+        counts = ReceiptCounts(room=self.key, members=len(self.members), items=items)
+        self._fan_out(server_frame(encode(counts)), ReceiptCounts)
+        # A user's other devices still learn how far the user has read: one frame per
+        # such user, encoded once for all their sessions.
+        own = {
+            c.user: server_frame(encode(ReceiptState(room=self.key, items=(c,))))
+            for c in cursors
+            if self._user_subs.get(c.user, 0) > 1
+        }
+        if own:
+            for outbox, sub in self.subs.items():
+                mine = own.get(sub.link.user)
+                if mine is not None:
+                    outbox.append(mine)
+                    self._s.metrics.frames_out_by[ReceiptState].inc()
 
     # --- publishing (the hot path) ----------------------------------------------------
 
@@ -214,6 +374,8 @@ class Room:
         entry = self._by_cid.get((user, send.cid))
         if entry is not None:
             return self._ack(cmd, entry.message, entry.ticket)
+        if self.blockers and user is not None:
+            return self._refuse(cmd, ErrorCode.BLOCKED, _blocked_message(user, self.blockers))
         write_behind = self._s.write_behind
         if not write_behind.has_capacity():
             return self._refuse(cmd, ErrorCode.TRY_LATER, "storage is behind; retry later")
@@ -236,6 +398,9 @@ class Room:
         self._fan_out(frame, Message)
         self.delivered = seq
         self._s.metrics.messages.inc()
+        if self._typers and user in self._typers:
+            # A message ends its sender's typing; clients clear it when it arrives.
+            del self._typers[user]
         self._trim()
         if not seq % PRUNE_EVERY:  # a busy room never goes idle to prune
             self._prune()
@@ -256,12 +421,94 @@ class Room:
 
     def _refuse(self, cmd: Publish, code: ErrorCode, message: str) -> None:
         if cmd.outbox is not None:
-            frame = Error(code=code, msg=message, id=cmd.send.id, room=self.key)
-            cmd.outbox.append(server_frame(encode(frame)))
-            self._s.metrics.errors_by[code].inc()
-            self._s.metrics.frames_out_by[Error].inc()
+            self._error_to(cmd.outbox, code, message, cmd.send.id)
         elif cmd.reply is not None:
             cmd.reply.fail(code, message)
+
+    def _error_to(self, outbox: Outbox, code: ErrorCode, message: str, id: int | None) -> None:
+        frame = Error(code=code, msg=message, id=id, room=self.key)
+        outbox.append(server_frame(encode(frame)))
+        self._s.metrics.errors_by[code].inc()
+        self._s.metrics.frames_out_by[Error].inc()
+
+    # --- receipts and typing ----------------------------------------------------------
+
+    def _refusal(self, user: str) -> tuple[ErrorCode, str] | None:
+        """Why ``user`` may not read or act in this room, if they may not."""
+        if not self.exists:
+            return ErrorCode.NOT_FOUND, "no such room"
+        if user not in self.members:
+            return ErrorCode.FORBIDDEN, "not a member of this room"
+        return None
+
+    def _ok_to(self, outbox: Outbox, id: int | None) -> None:
+        if id is not None:
+            outbox.append(server_frame(encode(Ok(id=id))))
+            self._s.metrics.frames_out_by[Ok].inc()
+
+    def _receipt(self, cmd: MarkReceipt) -> None:
+        receipt = cmd.receipt
+        refusal = self._refusal(cmd.user)
+        if refusal is not None:
+            return self._error_to(cmd.outbox, *refusal, receipt.id)
+        if self.receipts.mark(cmd.user, receipt.delivered, receipt.read, self.seq):
+            self._schedule(store=True)
+        self._ok_to(cmd.outbox, receipt.id)
+
+    def _receipt_query(self, cmd: ReceiptQuery) -> None:
+        refusal = self._refusal(cmd.user)
+        if refusal is not None:
+            return cmd.reply.fail(*refusal)
+        q = cmd.query
+        if q.limit is not None:
+            assert q.seq is not None  # the codec checks it
+            items = self.receipts.counts(q.seq, min(self.seq, q.seq + q.limit - 1))
+            frame: Frame = ReceiptCounts(
+                id=q.id, room=self.key, members=len(self.members), items=items
+            )
+        else:
+            found, more = self.receipts.who(self.members, q.seq, MAX_CURSORS)
+            frame = ReceiptState(id=q.id, room=self.key, items=tuple(found), more=more)
+        cmd.reply.set(frame)
+
+    def _typing(self, cmd: SetTyping) -> None:
+        user = cmd.user
+        refusal = self._refusal(user)
+        if refusal is not None:
+            return self._error_to(cmd.outbox, *refusal, cmd.id)
+        if self.blockers:
+            message = _blocked_message(user, self.blockers)
+            return self._error_to(cmd.outbox, ErrorCode.BLOCKED, message, cmd.id)
+        if cmd.op is TypingOp.START:
+            expiry = trio.current_time() + self._s.settings.typing_timeout
+            if self._typers.get(user) is None:
+                self._typing_event(user, TypingOp.START, cmd.hidden)
+            self._typers[user] = (expiry, cmd.hidden)
+        elif self._typers.pop(user, None) is not None:
+            self._typing_event(user, TypingOp.STOP, cmd.hidden)
+        self._ok_to(cmd.outbox, cmd.id)
+
+    def _typing_event(self, user: str, op: TypingOp, hidden: frozenset[str]) -> None:
+        """To every subscribed session but the typer's and those of users they block."""
+        frame = server_frame(encode(Typing(room=self.key, user=user, op=op)))
+        n = 0
+        for outbox, sub in self.subs.items():
+            recipient = sub.link.user
+            if recipient != user and recipient not in hidden:
+                outbox.append(frame)
+                n += 1
+        self._s.metrics.frames_out_by[Typing].inc(n)
+
+    def _set_block(self, cmd: SetBlock) -> None:
+        pair = direct_room_users(self.key)
+        if pair is None or cmd.user not in pair:
+            return
+        self._last_ticket = cmd.ticket  # not retired (and reloaded) before it is stored
+        if cmd.blocked:
+            self.blockers = self.blockers | {cmd.user}
+            self._typers.clear()
+        else:
+            self.blockers = self.blockers - {cmd.user}
 
     def _fan_out(self, frame: bytes, kind: type[Frame]) -> None:
         subs = self.subs
@@ -289,7 +536,9 @@ class Room:
         if type(cmd) is Detach:
             sub = self.subs.get(cmd.link.outbox)
             if sub is not None and sub.link is cmd.link:
-                del self.subs[cmd.link.outbox]
+                self._unsubscribe(cmd.link.outbox)
+        elif type(cmd) is SetTyping:
+            self._typing(cmd)
         elif type(cmd) is Attach:
             self._attach(cmd)
         elif type(cmd) is AddMember:
@@ -302,6 +551,14 @@ class Room:
             self._admin_create(cmd)
         elif type(cmd) is DescribeRoom:
             self._describe(cmd)
+        elif type(cmd) is ReceiptQuery:
+            self._receipt_query(cmd)
+        elif type(cmd) is SetBlock:
+            self._set_block(cmd)
+        elif type(cmd) is FlushState:
+            self._flush()
+            self._store_receipts()
+            cmd.reply.set(None)
         else:
             raise TypeError(f"room got {cmd!r}")
 
@@ -316,6 +573,8 @@ class Room:
             pair = direct_room_users(self.key)
             if pair is None or user not in pair:
                 return cmd.reply.fail(ErrorCode.FORBIDDEN, "not a direct room of yours")
+            if self.blockers - {user}:
+                return cmd.reply.fail(ErrorCode.BLOCKED, _blocked_message(user, self.blockers))
             ticket = self._create(RoomKind.DIRECT, None, pair)
             peer = pair[1] if pair[0] == user else pair[0]
             self._notify(
@@ -324,6 +583,8 @@ class Room:
             )
         elif not self.exists:
             return cmd.reply.fail(ErrorCode.NOT_FOUND, "no such room")
+        if self.blockers - {user}:  # the other member of this direct room blocks the user
+            return cmd.reply.fail(ErrorCode.BLOCKED, _blocked_message(user, self.blockers))
         if user not in self.members:
             if cmd.mode is not AttachMode.JOIN or self.kind is not RoomKind.OPEN:
                 return cmd.reply.fail(ErrorCode.FORBIDDEN, "not a member of this room")
@@ -333,8 +594,31 @@ class Room:
         attached = self._plan_attach(cmd, None if sub is None else sub.covered)
         if sub is None:
             replayed = attached.recovered and cmd.since is not None
-            self.subs[outbox] = _Sub(cmd.link, cmd.since if replayed else self.seq)  # type: ignore[arg-type]
+            self._subscribe(outbox, _Sub(cmd.link, cmd.since if replayed else self.seq))  # type: ignore[arg-type]
+        attached = attrs.evolve(
+            attached,
+            cursor=self.receipts.cursor(user),
+            state=self._state_frames(),
+            members=frozenset(self.members) if self._small() else None,
+        )
         ticket.then(cmd.reply.set, attached)
+
+    def _state_frames(self) -> tuple[bytes, ...]:
+        """What a session that subscribes learns after its replay: the receipt state and,
+        in a large room, the online count."""
+        if self._small():
+            cursors = self.receipts.all()
+            if not cursors:
+                return ()
+            return (server_frame(encode(ReceiptState(room=self.key, items=cursors))),)
+        head = self.seq
+        cache = self._counts_cache
+        if cache is None or cache[0] != head or cache[1] != self.receipts.version:
+            items = self.receipts.counts(head - MAX_RECEIPT_RANGE + 1, head)
+            counts = ReceiptCounts(room=self.key, members=len(self.members), items=items)
+            cache = self._counts_cache = (head, self.receipts.version, server_frame(encode(counts)))
+        online = Online(room=self.key, count=len(self._user_subs))
+        return (cache[2], server_frame(encode(online)))
 
     def _plan_attach(self, cmd: Attach, covered: int | None) -> Attached:
         """What to replay. ``covered`` is set when the session is subscribed already: it
@@ -389,7 +673,9 @@ class Room:
         return self._last_ticket
 
     def _add_member(self, user: str, by: str | None) -> Ticket:
+        was_small = self._small()
         self.members.add(user)
+        self._roster_changed(was_small)
         record = MemberChanged(room=self.key, user=user, added=True, ts=self._s.now_ms())
         self._last_ticket = self._s.write_behind.enqueue(record)
         event = Member(room=self.key, user=user, op=MemberOp.ADDED, kind=self.kind, by=by)
@@ -427,7 +713,10 @@ class Room:
             return cmd.reply.fail(ErrorCode.FORBIDDEN, "a direct room has exactly two members")
         if user not in self.members:
             return cmd.reply.set(None)
+        was_small = self._small()
         self.members.discard(user)
+        self.receipts.forget(user)
+        self._typers.pop(user, None)
         record = MemberChanged(room=self.key, user=user, added=False, ts=self._s.now_ms())
         ticket = self._last_ticket = self._s.write_behind.enqueue(record)
         event = Member(room=self.key, user=user, op=MemberOp.REMOVED, kind=self.kind, by=cmd.by)
@@ -439,18 +728,27 @@ class Room:
             if link.user == user:
                 if not self._small():
                     outbox.append(frame)  # the one who left is told in any room
-                del self.subs[outbox]
-                try:
-                    link.inbox.send_nowait(RoomDropped(self.key))
-                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                    pass  # a session that cannot hear this is closing or being closed
+                self._unsubscribe(outbox)
+                tell_session(link, RoomDropped(self.key))
+        self._roster_changed(was_small)
         ticket.then(cmd.reply.set, None)
 
+    def _roster_changed(self, was_small: bool) -> None:
+        """Subscribed sessions follow the presence of a small room's members."""
+        if self._small():
+            event = Roster(self.key, frozenset(self.members))
+        elif was_small:
+            event = Roster(self.key, None)
+            self._online_changed()
+        else:
+            return
+        for sub in self.subs.values():
+            tell_session(sub.link, event)
+
     def _history(self, cmd: HistoryQuery) -> None:
-        if not self.exists:
-            return cmd.reply.fail(ErrorCode.NOT_FOUND, "no such room")
-        if cmd.user not in self.members:
-            return cmd.reply.fail(ErrorCode.FORBIDDEN, "not a member of this room")
+        refusal = self._refusal(cmd.user)
+        if refusal is not None:
+            return cmd.reply.fail(*refusal)
         q = cmd.query
         limit = q.limit or self._s.settings.limits.default_history_limit
         head = self.seq
@@ -497,3 +795,9 @@ class Room:
     def _notify(self, user: str, event: Member) -> None:
         """Tell every session of ``user`` (subscribed here or not)."""
         self._s.bus.publish(f"user:{user}", server_frame(encode(event)))
+
+
+def _blocked_message(user: str, blockers: frozenset[str]) -> str:
+    if user in blockers:
+        return "you block this user; unblock them first"
+    return "this user does not accept your messages"

@@ -1,15 +1,19 @@
 """What the node gives every actor: settings and shared services."""
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import attrs
+import trio
 
 from actors.directory import Directory
 from actors.metrics import Metrics
+from actors.presence import PresenceBook
 from protocol.limits import Limits
 from storage.bus import Bus
-from storage.store import Store
+from storage.store import StorageError, Store
 from storage.write_behind import WriteBehind
 
 
@@ -33,6 +37,28 @@ class Settings:
     error_budget: int = 20  # error frames a session may earn in a row before it is closed
     error_refill: float = 1.0  # error budget regained per second
     mailbox_size: int = 1024
+    receipt_interval: float = 0.1  # a room announces receipts this often
+    receipt_store_interval: float = 1.0  # and stores the cursors that moved this often
+    typing_timeout: float = 6.0  # a typing start not refreshed in this long ends itself
+    presence_grace: float = 5.0  # a user is announced offline this long after their last session
+    max_watches: int = 100  # users one session may watch explicitly
+
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+async def read_until_stored(what: str, read: Callable[[], Awaitable[T]]) -> T:
+    """``read()`` from storage, retried with backoff while storage fails: an actor that
+    starts cannot serve without what storage knows, and must not crash the node."""
+    pause = 0.1
+    while True:
+        try:
+            return await read()
+        except StorageError as exc:
+            log.warning("%s: storage failed (%s); retrying in %.1fs", what, exc, pause)
+            await trio.sleep(pause)
+            pause = min(5.0, pause * 2)
 
 
 def wall_ms() -> int:
@@ -51,3 +77,4 @@ class Services:
     run: int  # this node's run id, for crash detection (storage.store.Store.begin_run)
     verify_token: Callable[[str], str]  # token -> user id, or raises ValueError
     now_ms: Callable[[], int] = wall_ms
+    presence: PresenceBook = attrs.field(factory=PresenceBook)

@@ -9,12 +9,16 @@ in the outbox when the message is stored.
 
 Subscribing (join, create, direct, resume) holds the outbox while the room's reply
 and any replay are written, so the client reads: ``joined``, the messages it missed in
-seq order, then live traffic, with no gap and no duplicate.
+seq order, the room's receipt state, then live traffic, with no gap and no duplicate.
+
+The session follows the presence of the members of its small rooms and of the users it
+watches: one bus subscription per user however many rooms they share (``_follow``),
+kept current by the rooms' ``Roster`` events.
 """
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -26,29 +30,42 @@ from actors.messages import (
     Attach,
     Attached,
     AttachMode,
+    BlocksChanged,
+    ChangeBlock,
+    ChangeStatus,
     Detach,
     HistoryPlan,
     HistoryQuery,
+    MarkReceipt,
     Publish,
+    ReceiptQuery,
     RemoveMember,
     Reply,
     RequestFailed,
+    RoomDropped,
+    Roster,
     SessionClosed,
     SessionEvent,
     SessionLink,
     SessionOpened,
+    SetBlock,
+    SetTyping,
     answer_within,
     ask,
     deliver,
 )
 from actors.metrics import Metrics
 from actors.outbox import Outbox
+from actors.presence import PresenceNote
 from actors.services import Services
 from actors.token_bucket import TokenBucket
 from protocol.codec import decode_client, encode
 from protocol.errors import CloseCode, ErrorCode, RemoteProtocolError
 from protocol.frames import (
     PROTOCOL_VERSION,
+    Block,
+    BlockList,
+    Blocks,
     Create,
     Direct,
     Error,
@@ -65,16 +82,29 @@ from protocol.frames import (
     Page,
     Ping,
     Pong,
+    Presence,
+    PresenceList,
+    PresenceState,
+    Receipt,
+    Receipts,
     RoomList,
     Rooms,
     Send,
     Sent,
+    SetStatus,
+    Status,
+    Typing,
+    Unblock,
     Unsubscribe,
+    Unwatch,
+    Watch,
     Welcome,
+    Who,
 )
 from protocol.limits import ROOM_PAGE, direct_room_id
 from protocol.wsframe import server_frame
 from storage.store import StorageError
+from storage.write_behind import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +137,12 @@ class Session:
         self._bucket = TokenBucket(self._settings.rate, self._settings.burst, now)
         self._errors = TokenBucket(self._settings.error_refill, self._settings.error_budget, now)
         self._events_send, self._events = trio.open_memory_channel[SessionEvent](64)
+        self.blocks: frozenset[str] | None = None  # whom the user blocks; None: not known yet
+        self._blocks_known = trio.Event()
+        self._following: dict[str, int] = {}  # user -> reasons (rooms, a watch) to follow
+        self._unfollow_fns: dict[str, Callable[[], None]] = {}
+        self._rosters: dict[str, frozenset[str]] = {}  # small room -> members followed
+        self._watched: set[str] = set()
 
     # --- driven by the connection -----------------------------------------------------
 
@@ -163,7 +199,19 @@ class Session:
             nursery.start_soon(self._keepalive)
             async with self._events:
                 async for event in self._events:
-                    self.rooms.discard(event.room)
+                    self._on_event(event)
+
+    def _on_event(self, event: SessionEvent) -> None:
+        if type(event) is RoomDropped:
+            self.rooms.discard(event.room)
+            self._set_roster(event.room, None)
+        elif type(event) is Roster:
+            if event.room in self.rooms:
+                added = self._set_roster(event.room, event.members)
+                self._send_presence(added)
+        elif type(event) is BlocksChanged:
+            self.blocks = event.blocks
+            self._blocks_known.set()
 
     async def detach(self) -> None:
         """Leave every room and the user actor; called once the connection is over, under
@@ -174,6 +222,10 @@ class Session:
             return
         self.link = None
         self._metrics.sessions.dec()
+        for unfollow in self._unfollow_fns.values():
+            unfollow()
+        self._unfollow_fns.clear()
+        self._following.clear()
         targets: list[tuple[ActorKind, str, object]] = [
             (ActorKind.ROOM, room, Detach(link)) for room in self.rooms
         ]
@@ -219,8 +271,67 @@ class Session:
             return await ask(self._s.directory, kind, key, command, reply)
 
     async def _tell(self, ref: trio.MemorySendChannel[Any], command: object) -> None:
+        try:
+            ref.send_nowait(command)  # the usual case: no timeout scope to set up
+            return
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
         with answer_within(self._settings.request_timeout):
             await deliver(ref, command)
+
+    # --- presence -----------------------------------------------------------------------
+
+    def _follow(self, users: Iterable[str]) -> list[str]:
+        """Count one more reason to follow each of ``users``; those newly followed."""
+        added = []
+        for user in users:
+            if user == self.user:
+                continue
+            n = self._following.get(user, 0)
+            if not n:
+                channel = f"presence:{user}"
+                self._unfollow_fns[user] = self._s.bus.subscribe(channel, self._on_presence)
+                added.append(user)
+            self._following[user] = n + 1
+        return added
+
+    def _unfollow(self, users: Iterable[str]) -> None:
+        for user in users:
+            n = self._following.get(user, 0) - 1
+            if n > 0:
+                self._following[user] = n
+            elif n == 0:
+                del self._following[user]
+                self._unfollow_fns.pop(user)()
+
+    def _set_roster(self, room: str, members: frozenset[str] | None) -> list[str]:
+        old = self._rosters.pop(room, frozenset())
+        new = members or frozenset()
+        if members is not None:
+            self._rosters[room] = members
+        added = self._follow(new - old)
+        self._unfollow(old - new)
+        return added
+
+    def _on_presence(self, note: object) -> None:
+        assert isinstance(note, PresenceNote)
+        if self.user not in note.hidden:
+            self.outbox.append(note.frame)
+            self._metrics.frames_out_by[Presence].inc()
+
+    def _presence_frame(self, users: Iterable[str]) -> bytes | None:
+        """The online ones of ``users``, as one ``presencelist``; None if none is."""
+        assert self.user is not None
+        items = self._s.presence.visible(users, self.user)
+        if not items:
+            return None
+        self._metrics.frames_out_by[PresenceList].inc()
+        return server_frame(encode(PresenceList(items=tuple(items))))
+
+    def _send_presence(self, users: list[str]) -> None:
+        frame = self._presence_frame(users) if users else None
+        if frame is not None:
+            self.outbox.append(frame)
 
     async def _keepalive(self) -> None:
         s = self._settings
@@ -274,6 +385,31 @@ class Session:
             return await self._unsubscribe(frame)
         if type(frame) is Rooms:
             return await self._rooms(frame)
+        if type(frame) is Receipt:
+            command = MarkReceipt(user=self.user, receipt=frame, outbox=self.outbox)  # type: ignore[arg-type]
+            return await self._tell(self._s.directory.ref(ActorKind.ROOM, frame.room), command)
+        if type(frame) is Typing:
+            return await self._typing(frame)
+        if type(frame) is Receipts:
+            return await self._receipts(frame)
+        if type(frame) is Who:
+            items = await self._presence_of(frame.users)
+            return self._send(PresenceList(id=frame.id, items=items))
+        if type(frame) is Watch:
+            return await self._watch(frame)
+        if type(frame) is Unwatch:
+            gone = self._watched.intersection(frame.users)
+            self._watched -= gone
+            self._unfollow(gone)
+            return self._send(Ok(id=frame.id))
+        if type(frame) is SetStatus:
+            return await self._set_status(frame)
+        if type(frame) is Block or type(frame) is Unblock:
+            return await self._block(frame)
+        if type(frame) is Blocks:
+            with answer_within(self._settings.request_timeout):
+                await self._blocks_known.wait()  # the user actor may still be loading
+            return self._send(BlockList(id=frame.id, users=tuple(sorted(self.blocks or ()))))
         raise AssertionError(f"no handler for {frame!r}")
 
     async def _hello(self, hello: Hello) -> None:
@@ -295,6 +431,8 @@ class Session:
         self._authenticated.set()
         self.link = SessionLink(self.id, user, self.outbox, self._events_send)
         self._metrics.sessions.inc()
+        # Told, not asked: a user actor that loads from storage first must not delay the
+        # welcome. It sends the block list as soon as it has it.
         await self._tell(self._s.directory.ref(ActorKind.USER, user), SessionOpened(self.link))
         self._send(
             Welcome(
@@ -365,6 +503,7 @@ class Session:
                         await self._tell(ref, Detach(self.link))  # it may have subscribed us
                 raise
             replay = await self._replay(room, attached)
+            delivered, read = attached.cursor
             joined = Joined(
                 id=request_id,
                 room=room,
@@ -373,6 +512,8 @@ class Session:
                 seq=attached.seq,
                 epoch=attached.epoch,
                 recovered=attached.recovered if replay is not None else False,
+                delivered=delivered or None,
+                read=read or None,
             )
             outbox.append_direct(server_frame(encode(joined)))  # ahead of the held live frames
             self._metrics.frames_out_by[Joined].inc()
@@ -380,6 +521,12 @@ class Session:
                 for frame in replay:
                     outbox.append_direct(frame)
                 self._metrics.frames_out_by[Message].inc(len(replay))
+            for frame in attached.state:
+                outbox.append_direct(frame)
+            added = self._set_roster(room, attached.members)
+            presence = self._presence_frame(added) if added else None
+            if presence is not None:
+                outbox.append_direct(presence)
         finally:
             outbox.release()
 
@@ -417,6 +564,7 @@ class Session:
         assert self.link is not None
         if frame.room in self.rooms:
             self.rooms.discard(frame.room)
+            self._set_roster(frame.room, None)
             ref = self._s.directory.get(ActorKind.ROOM, frame.room)
             if ref is not None:
                 await self._tell(ref, Detach(self.link))
@@ -433,6 +581,7 @@ class Session:
         await self._ask(ActorKind.ROOM, room, command, reply)
         if remove:
             self.rooms.discard(room)
+            self._set_roster(room, None)
         self._send(Ok(id=request_id))
 
     async def _rooms(self, query: Rooms) -> None:
@@ -469,3 +618,74 @@ class Session:
         self._send(
             Page(id=query.id, room=query.room, epoch=plan.epoch, items=items, more=plan.more)
         )
+
+    async def _typing(self, frame: Typing) -> None:
+        assert self.user is not None
+        if self.blocks is None:
+            # In the first instant of a session, before the block list came: nobody must
+            # see typing they should not, and typing is ephemeral, so let it go.
+            if frame.id is not None:
+                self._send(Ok(id=frame.id))
+            return
+        command = SetTyping(
+            user=self.user, op=frame.op, hidden=self.blocks, outbox=self.outbox, id=frame.id
+        )
+        await self._tell(self._s.directory.ref(ActorKind.ROOM, frame.room), command)
+
+    async def _receipts(self, query: Receipts) -> None:
+        assert self.user is not None
+        reply: Reply[Frame] = Reply()
+        command = ReceiptQuery(user=self.user, query=query, reply=reply)
+        self._send(await self._ask(ActorKind.ROOM, query.room, command, reply))
+
+    async def _presence_of(self, users: Iterable[str]) -> tuple[PresenceState, ...]:
+        """What this user may see of ``users``' presence: read storage first, then the
+        presence book, so a change published meanwhile is not answered with older news."""
+        assert self.user is not None
+        wanted = list(dict.fromkeys(users))
+        try:
+            with trio.fail_after(self._settings.request_timeout):
+                stored = await self._s.store.stored_presence(wanted, self.user)
+        except (StorageError, trio.TooSlowError) as exc:
+            raise RequestFailed(ErrorCode.TRY_LATER, "presence unavailable") from exc
+        last_seen = {p.user: p.last_seen for p in stored if not p.hidden}
+        fresh = self._s.presence.known(wanted, self.user)  # newer than storage
+        return tuple(
+            fresh.get(u) or PresenceState(user=u, status=Status.OFFLINE, ts=last_seen.get(u))
+            for u in wanted
+        )
+
+    async def _watch(self, frame: Watch) -> None:
+        new = set(frame.users) - self._watched - {self.user}
+        limit = self._settings.max_watches
+        if len(self._watched) + len(new) > limit:
+            raise RequestFailed(ErrorCode.TOO_MANY_WATCHES, f"at most {limit} watched users")
+        self._watched |= new
+        self._follow(new)  # first, so no change falls between the answer and the events
+        items = await self._presence_of(frame.users)
+        self._send(PresenceList(id=frame.id, items=items))
+
+    async def _set_status(self, frame: SetStatus) -> None:
+        assert self.user is not None
+        reply: Reply[None] = Reply()
+        await self._ask(ActorKind.USER, self.user, ChangeStatus(frame.status, reply), reply)
+        if frame.id is not None:
+            self._send(Ok(id=frame.id))
+
+    async def _block(self, frame: Block | Unblock) -> None:
+        assert self.user is not None
+        if frame.user == self.user:
+            raise RequestFailed(ErrorCode.INVALID, "one cannot block oneself")
+        blocked = type(frame) is Block
+        reply: Reply[Ticket] = Reply()
+        command = ChangeBlock(other=frame.user, blocked=blocked, reply=reply)
+        ticket: Ticket = await self._ask(ActorKind.USER, self.user, command, reply)
+        # Their direct room, running or not, must refuse from now on.
+        room = direct_room_id(self.user, frame.user)
+        block = SetBlock(user=self.user, blocked=blocked, ticket=ticket)
+        await self._tell(self._s.directory.ref(ActorKind.ROOM, room), block)
+        stored: Reply[None] = Reply()
+        ticket.then(stored.set, None)
+        with answer_within(self._settings.request_timeout):
+            await stored.wait()
+        self._send(Ok(id=frame.id))

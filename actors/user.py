@@ -2,50 +2,197 @@
 
 It subscribes to the bus channel ``user:<id>`` while it runs, so an event for the user
 (an invitation, a new direct room) reaches every session of theirs, on whichever node
-the event was raised. It retires once the last session is gone and it has been idle.
+the event was raised.
+
+It owns the user's presence: online from the first session; after the last one closes,
+offline only once the grace period has passed without a new session, so a reconnect
+(a phone switching networks) shows no offline/online flicker. Each change is published
+once (``actors.presence``). It also owns the user's status and block list, loaded from
+storage when it starts and written behind. It retires once offline and idle.
 """
 
-import logging
 from collections.abc import Callable
 
 import trio
 
 from actors.directory import ActorKind
-from actors.messages import SessionClosed, SessionLink, SessionOpened, UserCommand
-from actors.services import Services
-
-log = logging.getLogger(__name__)
+from actors.messages import (
+    BlocksChanged,
+    ChangeBlock,
+    ChangeStatus,
+    SessionClosed,
+    SessionLink,
+    SessionOpened,
+    UserCommand,
+    tell_session,
+)
+from actors.presence import presence_note
+from actors.services import Services, read_until_stored
+from protocol.frames import Status
+from storage.store import BlockChanged, UserSeen
+from storage.write_behind import COMMITTED, Ticket
 
 
 class User:
     def __init__(self, key: str, services: Services, predecessor: "User | None") -> None:
         self.key = key
         self._s = services
-        # Sessions outlive a crash of their user actor: the new one keeps them.
-        self.sessions: dict[str, SessionLink] = {} if predecessor is None else predecessor.sessions
+        self.sessions: dict[str, SessionLink] = {}
+        self.loaded = False
+        self.status = Status.ONLINE
+        self.blocks: frozenset[str] = frozenset()
+        self.online = False
+        self.grace_until: float | None = None  # offline is announced then, if still alone
+        self.last_seen: int | None = None
+        self._last_ticket: Ticket = COMMITTED
+        self._loaded = trio.Event()
+        if predecessor is not None:
+            # Sessions outlive a crash of their user actor: the new one keeps them, and
+            # what it knew (some of it not stored yet).
+            self.sessions = predecessor.sessions
+            if predecessor.loaded:
+                self.loaded = True
+                self._loaded.set()
+                self.status = predecessor.status
+                self.blocks = predecessor.blocks
+                self.online = predecessor.online
+                self.grace_until = predecessor.grace_until
+                self.last_seen = predecessor.last_seen
+                self._last_ticket = predecessor._last_ticket
 
     async def run(self, inbox: trio.MemoryReceiveChannel[UserCommand]) -> None:
         unsubscribe: Callable[[], None] = self._s.bus.subscribe(f"user:{self.key}", self._deliver)
         try:
-            idle = self._s.settings.actor_idle
-            while True:
-                with trio.move_on_after(idle) as waiting:
-                    command = await inbox.receive()
-                if waiting.cancelled_caught:
-                    # A session that could not say goodbye leaves a closed outbox behind.
-                    for sid in [k for k, v in self.sessions.items() if v.outbox.closed]:
-                        del self.sessions[sid]
-                    if not self.sessions and self._s.directory.try_retire(ActorKind.USER, self.key):
-                        return
-                elif type(command) is SessionOpened:
-                    self.sessions[command.link.id] = command.link
-                elif type(command) is SessionClosed:
-                    self.sessions.pop(command.link.id, None)
-                else:
-                    raise TypeError(f"user got {command!r}")
+            async with trio.open_nursery() as nursery:
+                if not self.loaded:
+                    # Sessions are registered at once, so events for the user reach them
+                    # while storage is read; presence waits for what storage says.
+                    nursery.start_soon(self._load_then_announce)
+                await self._serve(inbox)
+                nursery.cancel_scope.cancel()
         finally:
             unsubscribe()
 
-    def _deliver(self, frame: bytes) -> None:
+    async def _load_then_announce(self) -> None:
+        await self._load()
+        self._loaded.set()
+        if self.sessions:
+            self.online = True
+            self._publish()
+            for link in self.sessions.values():
+                tell_session(link, BlocksChanged(self.blocks))
+
+    async def _serve(self, inbox: trio.MemoryReceiveChannel[UserCommand]) -> None:
+        idle = self._s.settings.actor_idle
+        quiet_since = trio.current_time()
+        while True:
+            wake = quiet_since + idle
+            if self.grace_until is not None:
+                wake = min(wake, self.grace_until)
+            with trio.move_on_at(wake) as waiting:
+                command = await inbox.receive()
+            if not waiting.cancelled_caught:
+                quiet_since = trio.current_time()
+                if not self.loaded and type(command) in (ChangeStatus, ChangeBlock):
+                    await self._loaded.wait()
+                self._handle(command)
+                continue
+            now = trio.current_time()
+            if now >= quiet_since + idle:
+                quiet_since = now
+                # A session that could not say goodbye leaves a closed outbox behind.
+                for sid in [k for k, v in self.sessions.items() if v.outbox.closed]:
+                    del self.sessions[sid]
+                self._maybe_alone(now)
+            if self.grace_until is not None and now >= self.grace_until:
+                self._go_offline()
+            if (
+                self.loaded
+                and not self.sessions
+                and not self.online
+                and self._last_ticket.committed
+                and self._s.directory.try_retire(ActorKind.USER, self.key)
+            ):
+                self._s.presence.remove(self.key)  # storage has it all now
+                return
+
+    async def _load(self) -> None:
+        store = self._s.store
+        snapshot = await read_until_stored(f"user {self.key!r}", lambda: store.load_user(self.key))
+        self.status = snapshot.status
+        self.blocks = snapshot.blocks
+        self.last_seen = snapshot.last_seen
+        self.loaded = True
+
+    def _handle(self, command: UserCommand) -> None:
+        if type(command) is SessionOpened:
+            self.sessions[command.link.id] = command.link
+            if not self.loaded:
+                return  # _load_then_announce takes it from here
+            self.grace_until = None  # back within the grace period: nobody hears a thing
+            if not self.online:
+                self.online = True
+                self._publish()
+            tell_session(command.link, BlocksChanged(self.blocks))
+        elif type(command) is SessionClosed:
+            self.sessions.pop(command.link.id, None)
+            self._maybe_alone(trio.current_time())
+        elif type(command) is ChangeStatus:
+            self.status = command.status
+            self._store(UserSeen(user=self.key, status=self.status, last_seen=None))
+            if self.online:
+                self._publish()
+            self._last_ticket.then(command.reply.set, None)
+        elif type(command) is ChangeBlock:
+            self._block(command)
+        else:
+            raise TypeError(f"user got {command!r}")
+
+    def _block(self, command: ChangeBlock) -> None:
+        other = command.other
+        if command.blocked:
+            self.blocks = self.blocks | {other}
+        else:
+            self.blocks = self.blocks - {other}
+        record = BlockChanged(
+            user=self.key, other=other, blocked=command.blocked, ts=self._s.now_ms()
+        )
+        ticket = self._store(record)
+        self._put_in_book()
+        for link in self.sessions.values():
+            tell_session(link, BlocksChanged(self.blocks))
+        command.reply.set(ticket)
+
+    def _maybe_alone(self, now: float) -> None:
+        if not self.sessions and self.online and self.grace_until is None:
+            self.grace_until = now + self._s.settings.presence_grace
+
+    def _go_offline(self) -> None:
+        self.grace_until = None
+        self.online = False
+        self.last_seen = self._s.now_ms()
+        self._store(UserSeen(user=self.key, status=self.status, last_seen=self.last_seen))
+        self._publish()
+
+    def _publish(self) -> None:
+        """Tell every follower, once, whatever the number of rooms they share."""
+        self._put_in_book()
+        status, ts = (self.status, None) if self.online else (Status.OFFLINE, self.last_seen)
+        note = presence_note(self.key, status, self.blocks, ts)
+        self._s.bus.publish(f"presence:{self.key}", note)
+        self._s.metrics.presence_changes.inc()
+
+    def _put_in_book(self) -> None:
+        if self.online:
+            self._s.presence.put(self.key, self.status, self.blocks)
+        else:
+            self._s.presence.put(self.key, Status.OFFLINE, self.blocks, self.last_seen)
+
+    def _store(self, record: UserSeen | BlockChanged) -> Ticket:
+        self._last_ticket = self._s.write_behind.enqueue(record)
+        return self._last_ticket
+
+    def _deliver(self, frame: object) -> None:
+        assert isinstance(frame, bytes)
         for link in self.sessions.values():
             link.outbox.append(frame)

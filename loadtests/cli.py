@@ -38,6 +38,11 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     fanout.add_argument("--rate", type=float, default=0, help="messages/s; 0 = as fast as acked")
     fanout.add_argument("--window", type=int, default=256, help="sends awaiting their ack")
     fanout.add_argument("--timeout", type=float, default=120, help="seconds receivers wait")
+    fanout.add_argument(
+        "--receipts",
+        action="store_true",
+        help="every receiver acks every message (delivered and read)",
+    )
     fanout.add_argument("--url", help="an existing server, ws://host:port/ws")
     fanout.add_argument(
         "--secret",
@@ -113,6 +118,7 @@ def cmd_fanout(args: argparse.Namespace) -> int:
                 window=args.window,
                 server_pid=pid,
                 give_up_after=args.timeout,
+                receipts=args.receipts,
             )
         )
     print(result.report())

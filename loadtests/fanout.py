@@ -6,7 +6,9 @@ process on the machine); each receiver checks seq order and records the
 publish-to-deliver latency in a log-scale histogram (1 % resolution), which the workers
 send back to be merged. Reported: deliveries/s, latency percentiles, lost/duplicate/
 out-of-order deliveries, and, when the bench started the server itself, the server's
-CPU time per delivery read from /proc.
+CPU time per delivery read from /proc. With ``--receipts`` every receiver acks every
+message it gets (delivered and read up to its seq), and the run reports how many receipt
+events that cost: the room's coalescing at work.
 """
 
 import math
@@ -23,14 +25,17 @@ import cbor2
 import trio
 
 from loadtests.rawclient import RawClient
+from protocol.codec import encode
 from protocol.errors import ErrorCode
-from protocol.frames import FIELD_KEYS, TYPE_KEY, Create, Join, Pong, Send
+from protocol.frames import FIELD_KEYS, TYPE_KEY, Create, Join, Pong, Receipt, Send
+from protocol.wsframe import client_frame
 
 JOINED = 20
 MESSAGE = 22
 PING = 2
 SENT = 21
 ERROR = 5
+RECEIPT_EVENTS = (40, 41)  # receiptstate, receiptcounts
 K_SEQ = FIELD_KEYS["seq"]
 K_DATA = FIELD_KEYS["data"]
 K_ROOM = FIELD_KEYS["room"]
@@ -54,6 +59,8 @@ class Tally:
     lost: int = 0
     duplicates: int = 0
     reordered: int = 0
+    receipts_sent: int = 0
+    receipt_events: int = 0
     first_ns: int = 0
     last_ns: int = 0
     latency: Counter[int] = attrs.field(factory=Counter)
@@ -63,6 +70,8 @@ class Tally:
         self.lost += other.lost
         self.duplicates += other.duplicates
         self.reordered += other.reordered
+        self.receipts_sent += other.receipts_sent
+        self.receipt_events += other.receipt_events
         self.first_ns = min(x for x in (self.first_ns, other.first_ns) if x) or 0
         self.last_ns = max(self.last_ns, other.last_ns)
         self.latency.update(other.latency)
@@ -89,11 +98,12 @@ class _Start:
 
 
 async def _receive(
-    client: RawClient, room: str, messages: int, tally: Tally, start: _Start
+    client: RawClient, room: str, messages: int, tally: Tally, start: _Start, receipts: bool
 ) -> None:
     """Check and time every message; answer the server's pings while waiting too."""
     expected = end = -1
     while expected <= end:
+        acks: list[bytes] = []
         try:
             payloads = await client.receive()
         except EOFError:
@@ -105,6 +115,9 @@ async def _receive(
             t = frame.get(TYPE_KEY)
             if t == PING:
                 await client.send(Pong())
+                continue
+            if t in RECEIPT_EVENTS:
+                tally.receipt_events += 1
                 continue
             if t != MESSAGE or frame.get(K_ROOM) != room:
                 continue
@@ -126,6 +139,11 @@ async def _receive(
             if not tally.first_ns:
                 tally.first_ns = now
             tally.last_ns = now
+            if receipts:
+                acks.append(client_frame(encode(Receipt(room=room, delivered=seq, read=seq))))
+        if acks:
+            tally.receipts_sent += len(acks)
+            await client.stream.send_all(b"".join(acks))
 
 
 async def _joined(client: RawClient, room: str) -> None:
@@ -146,6 +164,7 @@ async def _worker(
     room: str,
     messages: int,
     give_up_after: float,
+    receipts: bool,
 ) -> None:
     clients: list[RawClient] = []
     limiter = trio.CapacityLimiter(50)
@@ -171,7 +190,7 @@ async def _worker(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(learn_start)
         for client in clients:
-            nursery.start_soon(_receive, client, room, messages, tally, start)
+            nursery.start_soon(_receive, client, room, messages, tally, start, receipts)
         await start.known.wait()
         nursery.cancel_scope.deadline = trio.current_time() + give_up_after
     conn.send(("done", attrs.asdict(tally)))
@@ -197,6 +216,8 @@ class FanoutResult:
     max_ms: float
     server_cpu_s: float | None
     connect_s: float
+    receipts_sent: int = 0
+    receipt_events: int = 0
 
     @property
     def deliveries_per_s(self) -> float:
@@ -212,6 +233,11 @@ class FanoutResult:
             f"   max {self.max_ms:.1f} ms",
             f"  lost {self.lost}   duplicates {self.duplicates}   out of order {self.reordered}",
         ]
+        if self.receipts_sent:
+            lines.append(
+                f"  receipts       {self.receipts_sent} sent, {self.receipt_events} receipt events"
+                f" received = {self.receipt_events / self.receipts_sent:.4f} events per receipt"
+            )
         if self.server_cpu_s is not None and self.deliveries:
             per = self.server_cpu_s / self.deliveries * 1e6
             lines.append(f"  server CPU     {self.server_cpu_s:.2f}s = {per:.2f} µs/delivery")
@@ -241,6 +267,7 @@ async def run_fanout(
     window: int,
     server_pid: int | None,
     give_up_after: float,
+    receipts: bool = False,
     room: str = "bench",
 ) -> FanoutResult:
     setup = await RawClient.connect(host, port, token_for("publisher"))
@@ -255,7 +282,7 @@ async def run_fanout(
         parent, child = ctx.Pipe()
         proc = ctx.Process(
             target=_worker_main,
-            args=(child, host, port, tokens, room, messages, give_up_after),
+            args=(child, host, port, tokens, room, messages, give_up_after, receipts),
             daemon=True,
         )
         proc.start()
@@ -302,6 +329,8 @@ async def run_fanout(
         max_ms=bucket_value_ms(max(tally.latency)) if tally.latency else float("nan"),
         server_cpu_s=cpu,
         connect_s=connect_s,
+        receipts_sent=tally.receipts_sent,
+        receipt_events=tally.receipt_events,
     )
 
 

@@ -26,6 +26,9 @@ from protocol.codec import decode_server, encode
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.frames import (
     PROTOCOL_VERSION,
+    Block,
+    BlockList,
+    Blocks,
     Create,
     Direct,
     Error,
@@ -41,13 +44,27 @@ from protocol.frames import (
     Page,
     Ping,
     Pong,
+    PresenceList,
+    PresenceState,
+    Receipt,
+    ReceiptCounts,
+    Receipts,
+    ReceiptState,
     RoomKind,
     RoomList,
     Rooms,
     Send,
     Sent,
+    SetStatus,
+    Status,
+    Typing,
+    TypingOp,
+    Unblock,
     Unsubscribe,
+    Unwatch,
+    Watch,
     Welcome,
+    Who,
 )
 
 F = TypeVar("F", bound=Frame)
@@ -169,6 +186,48 @@ class ParleyClient:
     async def rooms(self, *, after: str | None = None, limit: int | None = None) -> RoomList:
         """A page of the rooms this user is a member of."""
         return await self.request(Rooms(id=self.next_id(), room=after, limit=limit), RoomList)
+
+    async def receipt(
+        self, room: str, *, delivered: int | None = None, read: int | None = None
+    ) -> None:
+        """Ack delivery and/or reading up to a seq; returns once the room took it."""
+        frame = Receipt(id=self.next_id(), room=room, delivered=delivered, read=read)
+        await self.request(frame, Ok)
+
+    async def receipt_state(self, room: str, seq: int | None = None) -> ReceiptState:
+        """Members' cursors: those who have received ``seq``, or all members."""
+        return await self.request(Receipts(id=self.next_id(), room=room, seq=seq), ReceiptState)
+
+    async def receipt_counts(self, room: str, seq: int, limit: int = 1) -> ReceiptCounts:
+        frame = Receipts(id=self.next_id(), room=room, seq=seq, limit=limit)
+        return await self.request(frame, ReceiptCounts)
+
+    async def typing(self, room: str, *, stop: bool = False) -> None:
+        op = TypingOp.STOP if stop else TypingOp.START
+        await self.request(Typing(id=self.next_id(), room=room, op=op), Ok)
+
+    async def set_status(self, status: Status) -> None:
+        await self.request(SetStatus(id=self.next_id(), status=status), Ok)
+
+    async def who(self, *users: str) -> dict[str, PresenceState]:
+        answer = await self.request(Who(id=self.next_id(), users=users), PresenceList)
+        return {p.user: p for p in answer.items}
+
+    async def watch(self, *users: str) -> dict[str, PresenceState]:
+        answer = await self.request(Watch(id=self.next_id(), users=users), PresenceList)
+        return {p.user: p for p in answer.items}
+
+    async def unwatch(self, *users: str) -> None:
+        await self.request(Unwatch(id=self.next_id(), users=users), Ok)
+
+    async def block(self, user: str) -> None:
+        await self.request(Block(id=self.next_id(), user=user), Ok)
+
+    async def unblock(self, user: str) -> None:
+        await self.request(Unblock(id=self.next_id(), user=user), Ok)
+
+    async def blocks(self) -> tuple[str, ...]:
+        return (await self.request(Blocks(id=self.next_id()), BlockList)).users
 
     async def ping(self) -> float:
         """Round-trip time in seconds."""

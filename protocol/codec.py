@@ -23,7 +23,9 @@ from protocol.frames import (
     FIELD_KEYS,
     SERVER_FRAMES,
     TYPE_KEY,
+    Block,
     Create,
+    Cursor,
     Direct,
     Frame,
     Hello,
@@ -34,20 +36,37 @@ from protocol.frames import (
     MemberOp,
     Message,
     Page,
+    PresenceList,
+    PresenceState,
+    Receipt,
+    ReceiptCounts,
+    Receipts,
+    ReceiptState,
     RoomKind,
     RoomList,
     Rooms,
     RoomState,
     Send,
+    SeqCount,
+    SetStatus,
+    Status,
+    Typing,
+    TypingOp,
+    Unblock,
     Unsubscribe,
+    Unwatch,
+    Watch,
+    Who,
 )
 from protocol.limits import (
     DIRECT_PREFIX,
     MAX_CID_CHARS,
     MAX_DATA_DEPTH,
     MAX_EPOCH_CHARS,
+    MAX_RECEIPT_RANGE,
     MAX_ROOM_PAGE,
     MAX_UINT,
+    MAX_USERS_PER_REQUEST,
     Limits,
     is_room_id,
     is_user_id,
@@ -107,7 +126,13 @@ def _items(cls: type, shared: str | None) -> _Items:
     return _Items(cls, fields, {f.key: f.name for f in fields}, shared)
 
 
-_ITEMS = {Page: _items(Message, "room"), RoomList: _items(RoomState, None)}
+_ITEMS = {
+    Page: _items(Message, "room"),
+    RoomList: _items(RoomState, None),
+    ReceiptState: _items(Cursor, None),
+    ReceiptCounts: _items(SeqCount, None),
+    PresenceList: _items(PresenceState, None),
+}
 
 
 def _to_map(frame: object, fields: Iterable[_Field]) -> dict[int, Any]:
@@ -159,8 +184,13 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(int, _strict(int, lambda v: 0 <= v <= MAX_UINT))
     conv.register_structure_hook(bool, _strict(bool))
     conv.register_structure_hook_func(lambda t: t == dict[str, Any], _strict(dict))
-    for enum in (RoomKind, MemberOp):
+    for enum in (RoomKind, MemberOp, TypingOp, Status):
         conv.register_structure_hook(enum, lambda v, t: t(_strict(int)(v, int)))
+    # cattrs would turn a string into a tuple of its characters.
+    conv.register_structure_hook_func(
+        lambda t: t == tuple[str, ...],
+        lambda v, _: tuple(_strict(str)(u, str) for u in _strict(list)(v, list)),
+    )
     return conv
 
 
@@ -348,6 +378,29 @@ def validate(frame: Frame, limits: Limits) -> None:
             _check_room(frame.room)
         if frame.limit is not None and not 0 < frame.limit <= MAX_ROOM_PAGE:
             raise _invalid(f"limit must be 1-{MAX_ROOM_PAGE}")
+    elif isinstance(frame, Receipt):
+        _check_room(frame.room)
+        if frame.delivered is None and frame.read is None:
+            raise _invalid("receipt needs delivered, read or both")
+    elif isinstance(frame, Receipts):
+        _check_room(frame.room)
+        if frame.limit is not None:
+            if frame.seq is None:
+                raise _invalid("receipts with a limit needs the first seq")
+            if not 0 < frame.limit <= MAX_RECEIPT_RANGE:
+                raise _invalid(f"limit must be 1-{MAX_RECEIPT_RANGE}")
+    elif isinstance(frame, Typing):
+        _check_room(frame.room)
+    elif isinstance(frame, SetStatus):
+        if frame.status is Status.OFFLINE:
+            raise _invalid("status may be online, away or dnd; offline is the server's to say")
+    elif isinstance(frame, Who | Watch | Unwatch):
+        if not 0 < len(frame.users) <= MAX_USERS_PER_REQUEST:
+            raise _invalid(f"name 1-{MAX_USERS_PER_REQUEST} users")
+        for user in frame.users:
+            _check_user(user)
+    elif isinstance(frame, Block | Unblock):
+        _check_user(frame.user)
     elif isinstance(frame, History):
         _check_room(frame.room)
         if frame.before is not None and frame.after is not None:

@@ -26,6 +26,8 @@ class ErrorCode(IntEnum):
     NOT_FOUND = 201
     ROOM_EXISTS = 202
     TOO_MANY_ROOMS = 203
+    BLOCKED = 204
+    TOO_MANY_WATCHES = 205
     # 3xx: the server cannot do it now; retrying later may work.
     TRY_LATER = 300
     INTERNAL = 301

@@ -45,6 +45,12 @@ FIELD_KEYS: dict[str, int] = {
     "by": 27,
     "owner": 28,
     "delay": 29,
+    "delivered": 30,
+    "read": 31,
+    "status": 32,
+    "users": 33,
+    "count": 34,
+    "members": 35,
 }
 FIELD_NAMES: dict[int, str] = {key: name for name, key in FIELD_KEYS.items()}
 TYPE_KEY = 0
@@ -59,6 +65,20 @@ class RoomKind(IntEnum):
 class MemberOp(IntEnum):
     ADDED = 0
     REMOVED = 1
+
+
+class TypingOp(IntEnum):
+    START = 0
+    STOP = 1
+
+
+class Status(IntEnum):
+    """A user's presence. A client sets online, away or dnd; offline is the server's."""
+
+    OFFLINE = 0
+    ONLINE = 1
+    AWAY = 2
+    DND = 3
 
 
 class Frame:
@@ -200,6 +220,105 @@ class Unsubscribe(Frame):
     room: str
 
 
+@attrs.frozen(kw_only=True)
+class Receipt(Frame):
+    """This user has received (``delivered``) or read (``read``) ``room`` up to a seq.
+
+    Each is a monotonic maximum per user (all devices together): a lower or repeated
+    value changes nothing. ``read`` implies ``delivered``. With an ``id`` the server
+    answers ``ok``; without one, only errors are answered.
+    """
+
+    TYPE = 30
+    room: str
+    delivered: int | None = None
+    read: int | None = None
+    id: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Receipts(Frame):
+    """Ask a room's receipt state. With ``limit``: counts for ``limit`` seqs from
+    ``seq`` (``receiptcounts``). Without: the cursors of the members who have received
+    ``seq`` (all members if ``seq`` is absent) (``receiptstate``)."""
+
+    TYPE = 31
+    id: int
+    room: str
+    seq: int | None = None
+    limit: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Typing(Frame):
+    """Client to server: this user starts or stops typing in ``room`` (no ``user``).
+    Server to client: ``user`` does. A start lasts a few seconds unless refreshed."""
+
+    TYPE = 32
+    room: str
+    op: TypingOp = TypingOp.START
+    user: str | None = None
+    id: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SetStatus(Frame):
+    """Set this user's presence status: online, away or dnd."""
+
+    TYPE = 33
+    status: Status
+    id: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Who(Frame):
+    """Ask the presence and last-seen time of ``users`` (answered by ``presencelist``)."""
+
+    TYPE = 34
+    id: int
+    users: tuple[str, ...]
+
+
+@attrs.frozen(kw_only=True)
+class Watch(Frame):
+    """Subscribe to the presence of ``users``; answered by ``presencelist``."""
+
+    TYPE = 35
+    id: int
+    users: tuple[str, ...]
+
+
+@attrs.frozen(kw_only=True)
+class Unwatch(Frame):
+    TYPE = 36
+    id: int
+    users: tuple[str, ...]
+
+
+@attrs.frozen(kw_only=True)
+class Block(Frame):
+    """Block ``user``: no direct messages either way, no presence or typing of ours."""
+
+    TYPE = 37
+    id: int
+    user: str
+
+
+@attrs.frozen(kw_only=True)
+class Unblock(Frame):
+    TYPE = 38
+    id: int
+    user: str
+
+
+@attrs.frozen(kw_only=True)
+class Blocks(Frame):
+    """List the users this user blocks (answered by ``blocklist``)."""
+
+    TYPE = 39
+    id: int
+
+
 # --- server to client ---------------------------------------------------------------
 
 
@@ -253,6 +372,8 @@ class Joined(Frame):
     id: int | None = None
     owner: str | None = None
     recovered: bool | None = None
+    delivered: int | None = None  # this user's receipt cursor in the room, if not 0
+    read: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -326,6 +447,93 @@ class Member(Frame):
     by: str | None = None
 
 
+@attrs.frozen(kw_only=True)
+class Cursor:
+    """One member's receipt position in a room; an item of ``receiptstate``."""
+
+    user: str
+    delivered: int = 0
+    read: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class ReceiptState(Frame):
+    """Members' receipt cursors. As an event (no ``id``): the latest values of those
+    that changed, at most one per room per receipt interval."""
+
+    TYPE = 40
+    room: str
+    items: tuple[Cursor, ...]
+    id: int | None = None
+    more: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class SeqCount:
+    """How many members have received and read ``seq``; an item of ``receiptcounts``."""
+
+    seq: int
+    delivered: int = 0
+    read: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class ReceiptCounts(Frame):
+    """Per-message counts out of ``members``: the receipt event of a large room, and the
+    answer to ``receipts`` with a ``limit``."""
+
+    TYPE = 41
+    room: str
+    members: int
+    items: tuple[SeqCount, ...]
+    id: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Presence(Frame):
+    """``user``'s presence changed. ``ts`` is their last-seen time when offline."""
+
+    TYPE = 42
+    user: str
+    status: Status
+    ts: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class PresenceState:
+    """An item of ``presencelist``."""
+
+    user: str
+    status: Status
+    ts: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class PresenceList(Frame):
+    """Presence of several users: the answer to ``who`` and ``watch``, and, without
+    ``id``, the online members of a room a session subscribes to."""
+
+    TYPE = 43
+    items: tuple[PresenceState, ...]
+    id: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Online(Frame):
+    """How many members of a large room are online (instead of each one's presence)."""
+
+    TYPE = 44
+    room: str
+    count: int
+
+
+@attrs.frozen(kw_only=True)
+class BlockList(Frame):
+    TYPE = 45
+    id: int
+    users: tuple[str, ...]
+
+
 CLIENT_FRAMES: tuple[type[Frame], ...] = (
     Hello,
     Ping,
@@ -339,6 +547,16 @@ CLIENT_FRAMES: tuple[type[Frame], ...] = (
     History,
     Unsubscribe,
     Rooms,
+    Receipt,
+    Receipts,
+    Typing,
+    SetStatus,
+    Who,
+    Watch,
+    Unwatch,
+    Block,
+    Unblock,
+    Blocks,
 )
 SERVER_FRAMES: tuple[type[Frame], ...] = (
     Welcome,
@@ -353,4 +571,11 @@ SERVER_FRAMES: tuple[type[Frame], ...] = (
     Page,
     RoomList,
     Member,
+    ReceiptState,
+    ReceiptCounts,
+    Typing,
+    Presence,
+    PresenceList,
+    Online,
+    BlockList,
 )

@@ -18,6 +18,9 @@ MAX_DATA_DEPTH = 8
 MAX_UINT = 2**53 - 1  # the largest integer every JavaScript client reads exactly
 ROOM_PAGE = 100  # rooms in a roomlist when the request names no limit
 MAX_ROOM_PAGE = 500
+MAX_RECEIPT_RANGE = 100  # seqs in one receipts-count answer
+MAX_CURSORS = 1000  # member cursors in one receiptstate answer
+MAX_USERS_PER_REQUEST = 100  # users named in one who, watch or unwatch
 
 
 @attrs.frozen(kw_only=True)

@@ -63,6 +63,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _unset_if_empty(text: str) -> str | None:
     # PARLEY_ADMIN_TOKEN= must switch the admin API off, not accept an empty token.
     return text or None
@@ -138,9 +145,32 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--history-buffer", "recent messages each active room keeps in memory", _positive_int),
     Option(
         "--large-room",
-        "rooms with more members than this tell joins and leaves only to the member concerned",
+        "rooms with more members than this tell joins and leaves only to the member "
+        "concerned, publish an online count instead of members' presence, and receipt "
+        "counts instead of members' receipts",
         _positive_int,
     ),
+    Option(
+        "--receipt-interval",
+        "seconds over which a room coalesces receipts and online counts into one event",
+        _positive_float,
+    ),
+    Option(
+        "--receipt-store-interval",
+        "seconds over which a room gathers moved receipt cursors into one store",
+        _positive_float,
+    ),
+    Option(
+        "--typing-timeout",
+        "seconds after which a typing start that was not refreshed ends",
+        _positive_float,
+    ),
+    Option(
+        "--presence-grace",
+        "seconds after a user's last session closes before they are announced offline",
+        _non_negative_float,
+    ),
+    Option("--max-watches", "users one session may watch explicitly", _positive_int),
     Option(
         "--max-replay",
         "most messages a resume replays; beyond it the client refetches",
@@ -200,6 +230,11 @@ class Config:
     history_buffer: int = _d.history_buffer
     max_replay: int = _d.max_replay
     large_room: int = _d.large_room
+    receipt_interval: float = _d.receipt_interval
+    receipt_store_interval: float = _d.receipt_store_interval
+    typing_timeout: float = _d.typing_timeout
+    presence_grace: float = _d.presence_grace
+    max_watches: int = _d.max_watches
     ack_mode: str = "durable"
     write_queue_records: int = 100_000
     write_queue_bytes: int = 64 * 2**20
@@ -222,6 +257,11 @@ class Config:
             history_buffer=self.history_buffer,
             max_replay=self.max_replay,
             large_room=self.large_room,
+            receipt_interval=self.receipt_interval,
+            receipt_store_interval=self.receipt_store_interval,
+            typing_timeout=self.typing_timeout,
+            presence_grace=self.presence_grace,
+            max_watches=self.max_watches,
             actor_idle=self.actor_idle,
             durable_acks=self.ack_mode == "durable",
             ping_interval=self.ping_interval,

@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from actors.directory import ActorKind, Directory
+from actors.messages import FlushState, Reply, RequestFailed, deliver
 from actors.metrics import Metrics
 from actors.room import Room
 from actors.services import Services
@@ -121,6 +122,7 @@ class Node:
             "connections": len(self.connections),
             "sessions": sum(1 for c in self.connections if c.session.user is not None),
             "users_online": sum(1 for u in users if u.sessions),
+            "presence_online": len(self.services.presence),
             "actors": {str(kind): self.directory.count(kind) for kind in ActorKind},
             "write_behind": attrs.asdict(wb),
             "draining": self.draining,
@@ -163,6 +165,19 @@ class Node:
                 self.storage_error = f"probe failed: {exc or 'timeout'}"
             await trio.sleep(interval)
 
+    async def _flush_rooms(self) -> None:
+        """Have every room queue what it keeps for its next interval (receipts)."""
+        for room in list(self.directory.actors(ActorKind.ROOM)):
+            ref = self.directory.get(ActorKind.ROOM, room.key)
+            if ref is None:
+                continue
+            reply: Reply[None] = Reply()
+            try:
+                await deliver(ref, FlushState(reply))
+                await reply.wait()
+            except RequestFailed:
+                pass  # it stopped, after storing what it had
+
     async def drain(self, stop_accepting: Callable[[], None], deadline: float) -> None:
         """Everything up to closing the sessions; returns by ``deadline``."""
         self.draining = True
@@ -172,6 +187,7 @@ class Node:
         for conn in list(self.connections):
             conn.session.goaway("server shutting down", GOAWAY_DELAY_MS)
         with trio.move_on_at(deadline) as flushing:
+            await self._flush_rooms()
             await self.write_behind.wait_flushed()
         if flushing.cancelled_caught:
             depth = self.write_behind.statistics().depth

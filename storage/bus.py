@@ -2,18 +2,20 @@
 
 A single node uses ``InProcessBus``: a publish calls the local subscribers of the
 channel at once. A Redis bus (many nodes) will implement the same two methods with
-PUBLISH/SUBSCRIBE, so actors do not change. Channels are named ``<kind>:<key>``; today
-``user:<id>`` carries events for every session of one user.
+PUBLISH/SUBSCRIBE, so actors do not change. Channels are named ``<kind>:<key>``:
+``user:<id>`` carries framed events (bytes) for every session of one user, and
+``presence:<id>`` carries ``actors.presence.PresenceNote`` records (bytes and strings
+only, so a Redis bus can serialize them) to the sessions that follow that user.
 """
 
 from collections.abc import Callable
 from typing import Protocol
 
-Deliver = Callable[[bytes], None]
+Deliver = Callable[[object], None]
 
 
 class Bus(Protocol):
-    def publish(self, channel: str, payload: bytes) -> None:
+    def publish(self, channel: str, payload: object) -> None:
         """Hand ``payload`` to every subscriber of ``channel``; never blocks."""
 
     def subscribe(self, channel: str, deliver: Deliver) -> Callable[[], None]:
@@ -26,7 +28,7 @@ class InProcessBus:
     def __init__(self) -> None:
         self._subscribers: dict[str, list[Deliver]] = {}
 
-    def publish(self, channel: str, payload: bytes) -> None:
+    def publish(self, channel: str, payload: object) -> None:
         for deliver in self._subscribers.get(channel, ()):
             deliver(payload)
 

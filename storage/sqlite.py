@@ -13,7 +13,7 @@ import itertools
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -22,10 +22,12 @@ from urllib.parse import urlsplit
 import cbor2
 import trio
 
-from protocol.frames import Message, RoomKind, RoomState
+from protocol.frames import Message, RoomKind, RoomState, Status
 from storage.migrations import migrations_for
 from storage.store import (
+    BlockChanged,
     MemberChanged,
+    ReceiptUpsert,
     Record,
     RoomCreated,
     RoomSnapshot,
@@ -34,6 +36,9 @@ from storage.store import (
     StorageConfigError,
     StorageError,
     StorageUnavailable,
+    StoredPresence,
+    UserSeen,
+    UserSnapshot,
 )
 
 T = TypeVar("T")
@@ -45,6 +50,16 @@ _INSERT_MESSAGE = (
     " ON CONFLICT (room, seq) DO NOTHING"
 )
 _MESSAGE_COLUMNS = "seq, ts, sender, cid, text, data"
+_UPSERT_RECEIPT = (
+    "INSERT INTO receipts (room, user, delivered, read) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (room, user) DO UPDATE SET"
+    " delivered = max(delivered, excluded.delivered), read = max(read, excluded.read)"
+)
+_UPSERT_USER = (
+    "INSERT INTO users (id, status, last_seen) VALUES (?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+    " last_seen = coalesce(max(last_seen, excluded.last_seen), last_seen, excluded.last_seen)"
+)
 
 
 def sqlite_path(url: str) -> Path:
@@ -221,6 +236,11 @@ class SqliteStore:
                     "SELECT coalesce(max(seq), 0) FROM messages WHERE room = ?", (room,)
                 ).fetchone()
                 seq = top
+            cursors = conn.execute(
+                "SELECT r.user, r.delivered, r.read FROM receipts r JOIN members m"
+                " ON m.room = r.room AND m.user = r.user WHERE r.room = ?",
+                (room,),
+            ).fetchall()
             return RoomSnapshot(
                 room=room,
                 kind=RoomKind(kind),
@@ -229,6 +249,7 @@ class SqliteStore:
                 members=members,
                 seq=seq,
                 recent=msgs,
+                cursors=tuple(cursors),
             )
 
         return await self._run(self._transaction(load), self._write_limiter)
@@ -265,6 +286,30 @@ class SqliteStore:
                             conn.execute(
                                 "DELETE FROM members WHERE room = ? AND user = ?",
                                 (r.room, r.user),
+                            )
+                elif kind is ReceiptUpsert:
+                    receipts = cast(Iterable[ReceiptUpsert], run)
+                    conn.executemany(
+                        _UPSERT_RECEIPT, [(r.room, r.user, r.delivered, r.read) for r in receipts]
+                    )
+                elif kind is UserSeen:
+                    seen = cast(Iterable[UserSeen], run)
+                    conn.executemany(
+                        _UPSERT_USER, [(r.user, int(r.status), r.last_seen) for r in seen]
+                    )
+                elif kind is BlockChanged:
+                    for r in run:
+                        assert isinstance(r, BlockChanged)
+                        if r.blocked:
+                            conn.execute(
+                                "INSERT OR IGNORE INTO blocks (user, other, created_at)"
+                                " VALUES (?, ?, ?)",
+                                (r.user, r.other, r.ts),
+                            )
+                        else:
+                            conn.execute(
+                                "DELETE FROM blocks WHERE user = ? AND other = ?",
+                                (r.user, r.other),
                             )
                 else:
                     raise TypeError(f"not a record: {kind!r}")
@@ -326,6 +371,53 @@ class SqliteStore:
             ]
 
         return await self._read(rooms)
+
+    async def load_user(self, user: str) -> UserSnapshot:
+        def load(reader: sqlite3.Connection) -> UserSnapshot:
+            row = reader.execute(
+                "SELECT status, last_seen FROM users WHERE id = ?", (user,)
+            ).fetchone()
+            blocks = frozenset(
+                o for (o,) in reader.execute("SELECT other FROM blocks WHERE user = ?", (user,))
+            )
+            if row is None:
+                return UserSnapshot(blocks=blocks)
+            return UserSnapshot(status=Status(row[0]), last_seen=row[1], blocks=blocks)
+
+        return await self._read(load)
+
+    async def blockers(self, a: str, b: str) -> frozenset[str]:
+        def find(reader: sqlite3.Connection) -> frozenset[str]:
+            rows = reader.execute(
+                "SELECT user FROM blocks"
+                " WHERE (user = ? AND other = ?) OR (user = ? AND other = ?)",
+                (a, b, b, a),
+            )
+            return frozenset(u for (u,) in rows)
+
+        return await self._read(find)
+
+    async def stored_presence(self, users: Sequence[str], viewer: str) -> list[StoredPresence]:
+        def find(reader: sqlite3.Connection) -> list[StoredPresence]:
+            marks = ", ".join("?" * len(users))
+            hiding = {
+                u
+                for (u,) in reader.execute(
+                    f"SELECT user FROM blocks WHERE other = ? AND user IN ({marks})",
+                    (viewer, *users),
+                )
+            }
+            rows = reader.execute(
+                f"SELECT id, status, last_seen FROM users WHERE id IN ({marks})", tuple(users)
+            )
+            return [
+                StoredPresence(user=u, status=Status(s), last_seen=t, hidden=u in hiding)
+                for u, s, t in rows
+            ]
+
+        if not users:
+            return []
+        return await self._read(find)
 
     async def ping(self) -> None:
         await self._read(lambda reader: reader.execute("SELECT 1").fetchone())

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from protocol.frames import Message, RoomKind, RoomState
+from protocol.frames import Message, RoomKind, RoomState, Status
 
 
 class StorageError(Exception):
@@ -47,8 +47,35 @@ class MemberChanged:
     ts: int
 
 
+@attrs.frozen(kw_only=True)
+class ReceiptUpsert:
+    """Stored as an upsert that keeps the maximum of each cursor."""
+
+    room: str
+    user: str
+    delivered: int
+    read: int
+
+
+@attrs.frozen(kw_only=True)
+class UserSeen:
+    """A user's chosen status, and when they went offline (None: unchanged)."""
+
+    user: str
+    status: Status
+    last_seen: int | None
+
+
+@attrs.frozen(kw_only=True)
+class BlockChanged:
+    user: str
+    other: str
+    blocked: bool
+    ts: int
+
+
 #: What the write-behind queue persists. A message is stored as its own frame.
-Record = Message | RoomCreated | MemberChanged
+Record = Message | RoomCreated | MemberChanged | ReceiptUpsert | UserSeen | BlockChanged
 
 
 @attrs.frozen(kw_only=True)
@@ -62,6 +89,24 @@ class RoomSnapshot:
     members: frozenset[str]
     seq: int
     recent: tuple[Message, ...]  # the newest messages, ascending seq
+    cursors: tuple[tuple[str, int, int], ...] = ()  # (user, delivered, read) of members
+
+
+@attrs.frozen(kw_only=True)
+class UserSnapshot:
+    """A user as storage knows it, for a User actor that starts."""
+
+    status: Status = Status.ONLINE
+    last_seen: int | None = None
+    blocks: frozenset[str] = frozenset()  # users this user blocks
+
+
+@attrs.frozen(kw_only=True)
+class StoredPresence:
+    user: str
+    status: Status  # the status the user chose; the user is offline
+    last_seen: int | None
+    hidden: bool  # the user blocks the viewer, who may not see their presence
 
 
 @attrs.frozen(kw_only=True)
@@ -105,6 +150,15 @@ class Store(Protocol):
 
     async def rooms_of(self, user: str, after: str | None, limit: int) -> list[RoomState]:
         """The rooms ``user`` is a member of, in id order, starting after ``after``."""
+
+    async def load_user(self, user: str) -> UserSnapshot:
+        """What a User actor starts from (defaults for a user never seen)."""
+
+    async def blockers(self, a: str, b: str) -> frozenset[str]:
+        """Which of ``a`` and ``b`` blocks the other."""
+
+    async def stored_presence(self, users: Sequence[str], viewer: str) -> list[StoredPresence]:
+        """Status and last seen of ``users`` that storage knows, as ``viewer`` may see them."""
 
     async def ping(self) -> None:
         """Raise ``StorageUnavailable`` unless the database answers."""

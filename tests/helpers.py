@@ -13,14 +13,17 @@ from typing import Any
 import attrs
 import httpx
 import trio
+import trio.testing
+import trio_websocket
 from trio_websocket import WebSocketConnection
 
 from loadtests.cli import free_port
-from protocol.client import ParleyClient, open_client, open_websocket
+from protocol.client import ParleyClient, open_client, open_websocket, run_client
 from protocol.codec import decode_server
 from protocol.frames import Frame
 from server.config import Config
-from server.node import Addresses, Node, serve
+from server.connection import serve_connection
+from server.node import Addresses, Node, open_node, serve
 from server.tokens import issue_token, token_verifier
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -96,8 +99,63 @@ async def run_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[RunningS
             shutdown.set()
 
 
+@asynccontextmanager
+async def memory_node(tmp_path: Path, **overrides: Any) -> AsyncIterator["MemoryNode"]:
+    config = node_config(tmp_path, storage_probe_interval=0, **overrides)
+    async with open_node(config, token_verifier(SECRET)) as (node, connections):
+        yield MemoryNode(node, connections)
+        connections.cancel_scope.cancel()
+
+
+class MemoryNode:
+    """A node whose clients connect over memory streams: no kernel I/O, so a test can
+    drive it in virtual time (``trio.testing.MockClock``)."""
+
+    def __init__(self, node: Node, connections: trio.Nursery) -> None:
+        self.node = node
+        self.connections = connections
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[WebSocketConnection]:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        self.connections.start_soon(
+            serve_connection, server_stream, self.node.services, self.node.connections, "mem"
+        )
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery,
+                client_stream,  # type: ignore[arg-type]  # any trio Stream works
+                "localhost",
+                "/ws",
+            )
+            try:
+                yield ws
+            finally:
+                # Close like a client that leaves: the server sees the session end now.
+                with trio.move_on_after(5, shield=True):
+                    await ws.aclose()
+                    await client_stream.aclose()
+                nursery.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def client(self, user: str) -> AsyncIterator[ParleyClient]:
+        """A ``ParleyClient`` over a memory stream."""
+        async with self.connect() as ws, run_client(ws, issue_token(SECRET, user, 3600)) as c:
+            yield c
+
+
 async def next_frame(ws: WebSocketConnection) -> Frame:
     return decode_server(await ws.get_message())  # type: ignore[arg-type]
+
+
+def pending_events(client: ParleyClient) -> list[object]:
+    """Every event the client has received and not read yet, without waiting."""
+    events: list[object] = []
+    while True:
+        try:
+            events.append(client.events.receive_nowait())
+        except trio.WouldBlock:
+            return events
 
 
 async def events_until(client: ParleyClient, kind: type, count: int) -> list[Any]:

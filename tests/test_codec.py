@@ -17,17 +17,24 @@ from protocol.frames import (
     FIELD_KEYS,
     SERVER_FRAMES,
     Create,
+    Cursor,
     Frame,
     Hello,
     History,
     Join,
     Message,
     Page,
+    PresenceList,
+    PresenceState,
+    ReceiptCounts,
+    ReceiptState,
     RoomKind,
     RoomList,
     Rooms,
     RoomState,
     Send,
+    SeqCount,
+    Status,
     Welcome,
 )
 from protocol.limits import Limits, direct_room_id, direct_room_users
@@ -66,13 +73,13 @@ def test_documented_bytes_decode_to_vector(name: str) -> None:
 
 
 def test_error_code_table_matches_the_code() -> None:
-    section = PROTOCOL_MD.split("## 9. Errors")[1].split("## 10.")[0]
+    section = PROTOCOL_MD.split("## 10. Errors")[1].split("## 11.")[0]
     documented = {int(c): n for c, n in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
     assert documented == {int(c): c.name for c in ErrorCode}
 
 
 def test_close_code_table_matches_the_code() -> None:
-    section = PROTOCOL_MD.split("## 10. Close codes")[1].split("## 11.")[0]
+    section = PROTOCOL_MD.split("## 11. Close codes")[1].split("## 12.")[0]
     documented = {int(c): n for c, n in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
     assert documented == {int(c): c.name for c in CloseCode}
 
@@ -195,6 +202,37 @@ def _frames_of(cls: type[Frame]) -> st.SearchStrategy[Frame]:
             ping=uint,
             ts=uint,
             limits=st.dictionaries(texts, uint, max_size=5),
+        ),
+        ReceiptState: st.builds(
+            ReceiptState,
+            room=room_ids,
+            id=st.none() | uint,
+            more=st.booleans(),
+            items=st.lists(
+                st.builds(Cursor, user=user_ids, delivered=uint, read=uint), max_size=4
+            ).map(tuple),
+        ),
+        ReceiptCounts: st.builds(
+            ReceiptCounts,
+            room=room_ids,
+            members=uint,
+            id=st.none() | uint,
+            items=st.lists(
+                st.builds(SeqCount, seq=uint, delivered=uint, read=uint), max_size=4
+            ).map(tuple),
+        ),
+        PresenceList: st.builds(
+            PresenceList,
+            id=st.none() | uint,
+            items=st.lists(
+                st.builds(
+                    PresenceState,
+                    user=user_ids,
+                    status=st.sampled_from(Status),
+                    ts=st.none() | uint,
+                ),
+                max_size=4,
+            ).map(tuple),
         ),
         Message: st.builds(
             Message,

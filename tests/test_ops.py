@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.directory import ActorKind
 from protocol.client import ServerError
 from protocol.errors import ErrorCode
-from protocol.frames import Member, MemberOp, Message
+from protocol.frames import Member, MemberOp, Message, ReceiptState
 from tests.helpers import RunningServer, run_server
 
 
@@ -270,3 +270,21 @@ async def test_a_session_that_ends_mid_join_leaves_no_subscriber(tmp_path: Path)
             with trio.fail_after(10):
                 while any(s.link.user == "bob" for s in room.subs.values()):  # noqa: ASYNC110
                     await trio.sleep(0.02)
+
+
+async def test_metrics_count_receipts_and_presence(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.create("r")
+        await bob.join("r")
+        sent = await alice.send("r", "m")
+        await bob.receipt("r", read=sent.seq)
+        with trio.fail_after(10):
+            await alice.next_event(ReceiptState)
+        await bob.who("alice")
+        async with server.http(admin=False) as http:
+            got = samples((await http.get("/metrics")).text)
+    assert got["parley_frames_in_total", (("type", "receipt"),)] == 1
+    assert got["parley_frames_in_total", (("type", "who"),)] == 1
+    assert got["parley_frames_out_total", (("type", "receiptstate"),)] == 2  # to both
+    assert got["parley_frames_out_total", (("type", "presencelist"),)] >= 1  # who
+    assert got["parley_presence_changes_total", ()] == 2  # alice and bob came online

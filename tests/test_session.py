@@ -6,54 +6,19 @@ wall time. Nothing here touches storage after start-up, so no thread runs while 
 clock jumps.
 """
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
-import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from protocol.codec import encode
 from protocol.errors import CloseCode, ErrorCode
 from protocol.frames import Error, Hello, Ping, Pong, Welcome
-from server.connection import serve_connection
-from server.node import Node, open_node
-from server.tokens import issue_token, token_verifier
-from tests.helpers import SECRET, next_frame, node_config
-
-
-@asynccontextmanager
-async def memory_node(tmp_path: Path, **overrides: Any) -> AsyncIterator["MemoryNode"]:
-    config = node_config(tmp_path, storage_probe_interval=0, **overrides)
-    async with open_node(config, token_verifier(SECRET)) as (node, connections):
-        yield MemoryNode(node, connections)
-        connections.cancel_scope.cancel()
-
-
-class MemoryNode:
-    def __init__(self, node: Node, connections: trio.Nursery) -> None:
-        self.node = node
-        self.connections = connections
-
-    @asynccontextmanager
-    async def connect(self) -> AsyncIterator[WebSocketConnection]:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        self.connections.start_soon(
-            serve_connection, server_stream, self.node.services, self.node.connections, "mem"
-        )
-        async with trio.open_nursery() as nursery:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery,
-                client_stream,  # type: ignore[arg-type]  # any trio Stream works
-                "localhost",
-                "/ws",
-            )
-            yield ws
-            nursery.cancel_scope.cancel()
+from server.tokens import issue_token
+from tests.helpers import SECRET, memory_node, next_frame
 
 
 async def hello(ws: WebSocketConnection, user: str = "alice") -> Welcome:

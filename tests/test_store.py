@@ -5,14 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from protocol.frames import Message, RoomKind
+from protocol.frames import Message, RoomKind, Status
+from storage.migrations import migrations_for
 from storage.sqlite import sqlite_path
 from storage.store import (
+    BlockChanged,
     MemberChanged,
+    ReceiptUpsert,
     Record,
     RoomCreated,
     StorageConfigError,
     Store,
+    StoredPresence,
+    UserSeen,
+    UserSnapshot,
     open_store,
 )
 
@@ -216,10 +222,60 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
     async with open_store(url) as store:
         await store.begin_run()
-    async with open_store(url) as store:  # a second start must not re-run 0001
+    async with open_store(url) as store:  # a second start must not re-run them
         await store.begin_run()
     import sqlite3
 
     with sqlite3.connect(tmp_path / "m.db") as conn:
         rows = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
-    assert rows == [(1, "init")]
+    assert rows == [(m.version, m.name) for m in migrations_for("sqlite")]
+    assert rows[:2] == [(1, "init"), (2, "receipts_presence_blocks")]
+
+
+# --- receipts, presence, blocks -----------------------------------------------------
+
+
+async def test_receipt_upserts_keep_the_maximum(store: Store) -> None:
+    run = (await store.begin_run()).run
+    await store.write_batch([created("r", "alice", "bob", run=run)])
+
+    def up(user: str, delivered: int, read: int) -> ReceiptUpsert:
+        return ReceiptUpsert(room="r", user=user, delivered=delivered, read=read)
+
+    # A late batch with lower values (another node, a retry) must not go backwards.
+    await store.write_batch([up("bob", 5, 3), up("alice", 2, 2)])
+    await store.write_batch([up("bob", 4, 4), up("bob", 1, 0)])
+    snap = await store.load_room("r", run, 10)
+    assert snap is not None
+    assert sorted(snap.cursors) == [("alice", 2, 2), ("bob", 5, 4)]
+    # A member who left no longer counts.
+    await store.write_batch([MemberChanged(room="r", user="alice", added=False, ts=2)])
+    snap = await store.load_room("r", run, 10)
+    assert snap is not None and snap.cursors == (("bob", 5, 4),)
+
+
+async def test_user_state_and_blocks(store: Store) -> None:
+    assert await store.load_user("alice") == UserSnapshot()
+    await store.write_batch(
+        [
+            UserSeen(user="alice", status=Status.DND, last_seen=None),
+            UserSeen(user="alice", status=Status.DND, last_seen=500),
+            UserSeen(user="alice", status=Status.AWAY, last_seen=None),  # keeps last_seen
+            UserSeen(user="bob", status=Status.ONLINE, last_seen=700),
+            UserSeen(user="bob", status=Status.ONLINE, last_seen=600),  # never backwards
+            BlockChanged(user="alice", other="bob", blocked=True, ts=1),
+            BlockChanged(user="alice", other="carol", blocked=True, ts=1),
+            BlockChanged(user="alice", other="carol", blocked=False, ts=2),
+        ]
+    )
+    assert await store.load_user("alice") == UserSnapshot(
+        status=Status.AWAY, last_seen=500, blocks=frozenset({"bob"})
+    )
+    assert await store.blockers("bob", "alice") == {"alice"}
+    assert await store.blockers("alice", "carol") == frozenset()
+    seen = await store.stored_presence(["alice", "bob", "nobody"], "bob")
+    assert sorted(seen, key=lambda p: p.user) == [
+        StoredPresence(user="alice", status=Status.AWAY, last_seen=500, hidden=True),
+        StoredPresence(user="bob", status=Status.ONLINE, last_seen=700, hidden=False),
+    ]
+    assert await store.stored_presence([], "bob") == []

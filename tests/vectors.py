@@ -8,7 +8,11 @@ from typing import Any
 
 from protocol.codec import encode, to_map
 from protocol.frames import (
+    Block,
+    BlockList,
+    Blocks,
     Create,
+    Cursor,
     Direct,
     Error,
     Frame,
@@ -23,17 +27,34 @@ from protocol.frames import (
     MemberOp,
     Message,
     Ok,
+    Online,
     Page,
     Ping,
     Pong,
+    Presence,
+    PresenceList,
+    PresenceState,
+    Receipt,
+    ReceiptCounts,
+    Receipts,
+    ReceiptState,
     RoomKind,
     RoomList,
     Rooms,
     RoomState,
     Send,
     Sent,
+    SeqCount,
+    SetStatus,
+    Status,
+    Typing,
+    TypingOp,
+    Unblock,
     Unsubscribe,
+    Unwatch,
+    Watch,
     Welcome,
+    Who,
 )
 
 EPOCH = "9f1c2e7a55d0b3e4"
@@ -58,6 +79,19 @@ VECTORS: dict[str, Frame] = {
     "history": History(id=11, room="lobby", before=42, limit=20),
     "rooms": Rooms(id=12, limit=50),
     "rooms-after": Rooms(id=13, room="lobby", limit=50),
+    "receipt": Receipt(room="lobby", delivered=43),
+    "receipt-read": Receipt(room="lobby", delivered=43, read=42, id=14),
+    "receipts-who": Receipts(id=15, room="lobby", seq=42),
+    "receipts-counts": Receipts(id=16, room="lobby", seq=40, limit=3),
+    "typing": Typing(room="lobby"),
+    "typing-stop": Typing(room="lobby", op=TypingOp.STOP),
+    "setstatus": SetStatus(status=Status.AWAY, id=17),
+    "who": Who(id=18, users=("bob", "carol")),
+    "watch": Watch(id=19, users=("bob",)),
+    "unwatch": Unwatch(id=20, users=("bob",)),
+    "block": Block(id=21, user="mallory"),
+    "unblock": Unblock(id=22, user="mallory"),
+    "blocks": Blocks(id=23),
     # server to client
     "welcome": Welcome(
         session="5e55",
@@ -100,6 +134,34 @@ VECTORS: dict[str, Frame] = {
         more=True,
     ),
     "member": Member(room="team", user="bob", op=MemberOp.ADDED, kind=RoomKind.PRIVATE, by="alice"),
+    "joined-cursors": Joined(
+        id=3, room="dm:alice:bob", kind=RoomKind.DIRECT, seq=7, epoch=EPOCH, delivered=7, read=5
+    ),
+    "receiptstate": ReceiptState(
+        room="dm:alice:bob", items=(Cursor(user="bob", delivered=7, read=6),)
+    ),
+    "receiptstate-answer": ReceiptState(
+        id=15,
+        room="lobby",
+        items=(Cursor(user="alice", delivered=43, read=43), Cursor(user="bob", delivered=42)),
+    ),
+    "receiptcounts": ReceiptCounts(
+        room="town",
+        members=500,
+        items=(SeqCount(seq=41, delivered=498, read=310), SeqCount(seq=42, delivered=470, read=12)),
+    ),
+    "typing-event": Typing(room="lobby", user="bob"),
+    "presence": Presence(user="bob", status=Status.DND),
+    "presence-offline": Presence(user="bob", status=Status.OFFLINE, ts=TS),
+    "presencelist": PresenceList(
+        id=18,
+        items=(
+            PresenceState(user="bob", status=Status.ONLINE),
+            PresenceState(user="carol", status=Status.OFFLINE, ts=TS - 60000),
+        ),
+    ),
+    "online": Online(room="town", count=212),
+    "blocklist": BlockList(id=23, users=("mallory",)),
 }
 
 

@@ -1,0 +1,141 @@
+"""Typing indicators and blocking, end to end."""
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from protocol.client import ParleyClient, ServerError
+from protocol.errors import ErrorCode
+from protocol.frames import Member, Message, Presence, Status, Typing, TypingOp
+from tests.helpers import RunningServer, memory_node, run_server
+
+
+async def events_before(client: ParleyClient, seq: int) -> list[object]:
+    """Events until the message ``seq`` arrives (a marker: what came before it)."""
+    seen: list[object] = []
+    with trio.fail_after(10):
+        while not (isinstance(event := await client.next_event(), Message) and event.seq == seq):
+            seen.append(event)
+    return seen
+
+
+def typing_of(events: list[object]) -> list[tuple[str | None, TypingOp]]:
+    return [(e.user, e.op) for e in events if isinstance(e, Typing)]
+
+
+async def test_typing_reaches_the_others_only(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.create("r")
+        await bob.join("r")
+        await alice.typing("r")
+        await alice.typing("r")  # a refresh is not announced again
+        await alice.typing("r", stop=True)
+        await alice.typing("r", stop=True)  # nor a second stop
+        sent = await alice.send("r", "marker")
+        assert typing_of(await events_before(bob, sent.seq)) == [
+            ("alice", TypingOp.START),
+            ("alice", TypingOp.STOP),
+        ]
+        assert typing_of(await events_before(alice, sent.seq)) == []  # not to the typer
+
+
+async def test_typing_expires_without_a_refresh(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        memory_node(tmp_path, typing_timeout=6.0) as mem,
+        mem.client("alice") as alice,
+        mem.client("bob") as bob,
+    ):
+        await alice.create("r")
+        await bob.join("r")
+        await mem.node.write_behind.wait_flushed()
+        mock_clock.autojump_threshold = 0  # nothing below waits for storage
+        start = trio.current_time()
+        await alice.typing("r")
+        await trio.sleep(4)
+        await alice.typing("r")  # refreshed at 4 s: now ends at 10 s
+        with trio.fail_after(60):
+            first = await bob.next_event(Typing)
+            stop = await bob.next_event(Typing)
+        assert (first.op, stop.op, stop.user) == (TypingOp.START, TypingOp.STOP, "alice")
+        assert trio.current_time() - start == pytest.approx(10.0)
+
+
+async def test_typing_in_a_room_one_is_not_in_is_refused(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("eve") as eve:
+        await alice.create("r", private=True)
+        with pytest.raises(ServerError) as refused:
+            await eve.typing("r")
+        assert refused.value.code is ErrorCode.FORBIDDEN
+
+
+async def test_blocking_closes_the_direct_room_both_ways(tmp_path: Path) -> None:
+    async with run_server(tmp_path) as server:
+        async with server.client("alice") as alice, server.client("mallory") as mallory:
+            room = (await mallory.direct("alice")).room
+            await alice.next_event(Member)
+            await alice.direct("mallory")
+            await mallory.send(room, "hello")
+            await alice.block("mallory")
+            assert await alice.blocks() == ("mallory",)
+            for client in (mallory, alice):
+                with pytest.raises(ServerError) as refused:
+                    await client.send(room, "still there?")
+                assert refused.value.code is ErrorCode.BLOCKED
+            with pytest.raises(ServerError) as refused:
+                await mallory.typing(room)
+            assert refused.value.code is ErrorCode.BLOCKED
+        async with server.client("mallory") as mallory:  # a new session: still blocked
+            with pytest.raises(ServerError) as refused:
+                await mallory.direct("alice")
+            assert refused.value.code is ErrorCode.BLOCKED
+    async with run_server(tmp_path) as server:  # the block is stored
+        async with server.client("alice") as alice, server.client("mallory") as mallory:
+            assert await alice.blocks() == ("mallory",)
+            with pytest.raises(ServerError) as refused:
+                await mallory.direct("alice")
+            assert refused.value.code is ErrorCode.BLOCKED
+            await alice.unblock("mallory")
+            assert await alice.blocks() == ()
+            room = (await mallory.direct("alice")).room
+            await mallory.send(room, "thanks")
+
+
+async def test_a_new_direct_room_with_a_blocker_is_refused(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("mallory") as mallory:
+        await alice.block("mallory")  # no room between them yet
+        with pytest.raises(ServerError) as refused:
+            await mallory.direct("alice")
+        assert refused.value.code is ErrorCode.BLOCKED
+        with pytest.raises(ServerError) as refused:
+            await alice.block("alice")
+        assert refused.value.code is ErrorCode.INVALID
+
+
+async def test_a_blocked_user_sees_neither_presence_nor_typing(server: RunningServer) -> None:
+    async with (
+        server.client("alice") as alice,
+        server.client("bob") as bob,
+        server.client("mallory") as mallory,
+    ):
+        await alice.create("g")
+        await bob.join("g")
+        await mallory.join("g")
+        await alice.block("mallory")
+        # alice is online, but not to mallory
+        assert (await mallory.who("alice"))["alice"].status is Status.OFFLINE
+        assert (await mallory.who("alice"))["alice"].ts is None
+        assert (await bob.who("alice"))["alice"].status is Status.ONLINE
+        await alice.set_status(Status.AWAY)
+        await alice.typing("g")
+        sent = await alice.send("g", "marker")
+        for_bob = await events_before(bob, sent.seq)
+        for_mallory = await events_before(mallory, sent.seq)
+        assert typing_of(for_bob) == [("alice", TypingOp.START)]
+        assert Presence(user="alice", status=Status.AWAY) in for_bob
+        assert typing_of(for_mallory) == []
+        assert not any(isinstance(e, Presence) and e.user == "alice" for e in for_mallory)
+        await mallory.send("g", "group rooms are not affected")
