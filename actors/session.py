@@ -257,7 +257,8 @@ class Session:
     ) -> None:
         self._send(Error(code=code, msg=message, id=request_id, room=room))
         self._metrics.errors_by[code].inc()
-        if charge and not self._errors.take(trio.current_time()):
+        # 3xx errors are the server's doing (draining, storage down): not the client's.
+        if charge and code < 300 and not self._errors.take(trio.current_time()):
             self.close(CloseCode.TOO_MANY_ERRORS, "too many errors")
 
     def close(self, code: CloseCode, reason: str) -> None:

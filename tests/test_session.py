@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from protocol.codec import encode
 from protocol.errors import CloseCode, ErrorCode
-from protocol.frames import Error, Hello, Ping, Pong, Welcome
+from protocol.frames import Error, Goaway, Hello, Ping, Pong, Send, Welcome
 from server.tokens import issue_token
 from tests.helpers import SECRET, memory_node, next_frame
 
@@ -119,6 +119,25 @@ async def test_too_many_errors_close_the_session(
         assert codes == [ErrorCode.BAD_FRAME] * 21
         assert info.value.reason is not None
         assert info.value.reason.code == CloseCode.TOO_MANY_ERRORS
+
+
+async def test_refusals_while_going_away_do_not_close_the_session(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """3xx errors are the server's doing: a client sending through a drain keeps its
+    session until the node closes it with 1001, however many sends it pipelines."""
+    async with memory_node(tmp_path) as mem, mem.connect() as ws:
+        await hello(ws)
+        for conn in list(mem.node.connections):
+            conn.session.goaway("draining", 1000)
+        assert isinstance(await next_frame(ws), Goaway)
+        for i in range(40):
+            await ws.send_message(encode(Send(id=i, room="r", cid=f"c{i}", text="x")))
+        for i in range(40):
+            frame = await next_frame(ws)
+            assert isinstance(frame, Error) and (frame.code, frame.id) == (ErrorCode.TRY_LATER, i)
+        await ws.send_message(encode(Ping(id=99)))
+        assert await next_frame(ws) == Pong(id=99)
 
 
 async def test_errors_spread_over_time_are_forgiven(
