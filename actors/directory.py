@@ -34,6 +34,7 @@ MAX_PAUSE = 5.0
 class ActorKind(enum.StrEnum):
     ROOM = "room"
     USER = "user"
+    KV = "kv"
 
 
 class Actor(Protocol):

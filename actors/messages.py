@@ -20,6 +20,8 @@ from protocol.errors import ErrorCode
 from protocol.frames import (
     Frame,
     History,
+    KvPut,
+    KvSync,
     Message,
     Receipt,
     Receipts,
@@ -361,3 +363,17 @@ class ChangeBlock:
 
 
 UserCommand = SessionOpened | SessionClosed | ChangeStatus | ChangeBlock
+
+
+# --- kv -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class KvRequest:
+    """A ``kvput`` or ``kvsync`` from ``link``'s session, answered into its outbox."""
+
+    link: SessionLink
+    frame: KvPut | KvSync
+
+
+KvCommand = KvRequest | Detach

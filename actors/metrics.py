@@ -62,6 +62,20 @@ class Metrics:
             "Presence changes published (each once, whatever the number of followers)",
             registry=r,
         )
+        self.kv_writes = Counter(
+            "parley_kv_writes_total",
+            "KV writes by outcome (applied, resent, stale, conflict, quota, skew)",
+            ["outcome"],
+            registry=r,
+        )
+        self.kv_sync_pages = Counter(
+            "parley_kv_sync_pages_total", "kvchanges pages answered", registry=r
+        )
+        self.kv_resets = Counter(
+            "parley_kv_resets_total",
+            "KV syncs answered with a full listing because the device was too far behind",
+            registry=r,
+        )
         self.flush_seconds = Histogram(
             "parley_write_behind_flush_seconds",
             "Time to store one write-behind batch",
@@ -72,6 +86,8 @@ class Metrics:
         self.frames_out_by = {c: self.frames_out.labels(type=frame_name(c)) for c in SERVER_FRAMES}
         self.errors_by = {c: self.errors.labels(code=str(int(c))) for c in ErrorCode}
         self.closes_by = {c: self.closes.labels(code=str(int(c))) for c in CloseCode}
+        outcomes = ("applied", "resent", "stale", "conflict", "quota", "skew")
+        self.kv_writes_by = {o: self.kv_writes.labels(outcome=o) for o in outcomes}
 
     def collect_at_scrape(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Add metrics read from live state when Prometheus scrapes (queue depths...)."""

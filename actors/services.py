@@ -9,8 +9,10 @@ import attrs
 import trio
 
 from actors.directory import Directory
+from actors.kvmap import KvQuota
 from actors.metrics import Metrics
 from actors.presence import PresenceBook
+from protocol.hlc import Clock
 from protocol.limits import Limits
 from storage.bus import Bus
 from storage.store import StorageError, Store
@@ -42,6 +44,7 @@ class Settings:
     typing_timeout: float = 6.0  # a typing start not refreshed in this long ends itself
     presence_grace: float = 5.0  # a user is announced offline this long after their last session
     max_watches: int = 100  # users one session may watch explicitly
+    kv_quota: KvQuota = attrs.field(factory=KvQuota)
 
 
 T = TypeVar("T")
@@ -78,3 +81,4 @@ class Services:
     verify_token: Callable[[str], str]  # token -> user id, or raises ValueError
     now_ms: Callable[[], int] = wall_ms
     presence: PresenceBook = attrs.field(factory=PresenceBook)
+    hlc: Clock = attrs.field(factory=Clock)  # the node's hybrid logical clock, for kv

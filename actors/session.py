@@ -36,6 +36,7 @@ from actors.messages import (
     Detach,
     HistoryPlan,
     HistoryQuery,
+    KvRequest,
     MarkReceipt,
     Publish,
     ReceiptQuery,
@@ -76,6 +77,8 @@ from protocol.frames import (
     Invite,
     Join,
     Joined,
+    KvPut,
+    KvSync,
     Leave,
     Message,
     Ok,
@@ -143,6 +146,7 @@ class Session:
         self._unfollow_fns: dict[str, Callable[[], None]] = {}
         self._rosters: dict[str, frozenset[str]] = {}  # small room -> members followed
         self._watched: set[str] = set()
+        self._kv = False  # has spoken to the user's kv actor, which may follow it
 
     # --- driven by the connection -----------------------------------------------------
 
@@ -230,6 +234,8 @@ class Session:
             (ActorKind.ROOM, room, Detach(link)) for room in self.rooms
         ]
         targets.append((ActorKind.USER, link.user, SessionClosed(link)))
+        if self._kv:
+            targets.append((ActorKind.KV, link.user, Detach(link)))
         self.rooms.clear()
         for kind, key, command in targets:
             ref = self._s.directory.get(kind, key)
@@ -391,6 +397,11 @@ class Session:
             return await self._tell(self._s.directory.ref(ActorKind.ROOM, frame.room), command)
         if type(frame) is Typing:
             return await self._typing(frame)
+        if type(frame) is KvPut or type(frame) is KvSync:
+            assert self.user is not None and self.link is not None
+            self._kv = True
+            ref = self._s.directory.ref(ActorKind.KV, self.user)
+            return await self._tell(ref, KvRequest(self.link, frame))
         if type(frame) is Receipts:
             return await self._receipts(frame)
         if type(frame) is Who:

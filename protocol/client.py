@@ -38,6 +38,12 @@ from protocol.frames import (
     Invite,
     Join,
     Joined,
+    KvAck,
+    KvChanges,
+    KvPut,
+    KvResult,
+    KvSync,
+    KvWrite,
     Leave,
     Message,
     Ok,
@@ -66,6 +72,7 @@ from protocol.frames import (
     Welcome,
     Who,
 )
+from protocol.kv import KvReplica
 
 F = TypeVar("F", bound=Frame)
 EVENT_BUFFER = 100_000
@@ -228,6 +235,30 @@ class ParleyClient:
 
     async def blocks(self) -> tuple[str, ...]:
         return (await self.request(Blocks(id=self.next_id()), BlockList)).users
+
+    async def kv_put(self, dev: str, *writes: KvWrite) -> KvAck:
+        """Write keys as device ``dev``; returns once stored, with one result per write."""
+        return await self.request(KvPut(id=self.next_id(), dev=dev, items=writes), KvAck)
+
+    async def kv_sync(self, after: int = 0, *, limit: int | None = None) -> KvChanges:
+        """One page of changes after revision ``after``; starts live ``kvchanged`` events."""
+        return await self.request(KvSync(id=self.next_id(), after=after, limit=limit), KvChanges)
+
+    async def kv_push(self, replica: KvReplica) -> list[KvResult]:
+        """Send the replica's pending writes; the results that were refused or lost."""
+        put = replica.put_frame(self.next_id())
+        if not put.items:
+            return []
+        return replica.on_ack(put, await self.request(put, KvAck))
+
+    async def kv_pull(self, replica: KvReplica, *, limit: int | None = None) -> None:
+        """Bring the replica up to date, page by page. Apply the ``kvchanged`` events
+        that follow with ``replica.on_changed``."""
+        while True:
+            page = await self.request(replica.sync_frame(self.next_id(), limit), KvChanges)
+            replica.on_changes(page)
+            if not page.more:
+                return
 
     async def ping(self) -> float:
         """Round-trip time in seconds."""

@@ -32,6 +32,14 @@ from protocol.frames import (
     History,
     Invite,
     Join,
+    KvAck,
+    KvChanged,
+    KvChanges,
+    KvEntry,
+    KvPut,
+    KvResult,
+    KvSync,
+    KvWrite,
     Leave,
     MemberOp,
     Message,
@@ -63,11 +71,13 @@ from protocol.limits import (
     MAX_CID_CHARS,
     MAX_DATA_DEPTH,
     MAX_EPOCH_CHARS,
+    MAX_KV_PAGE,
     MAX_RECEIPT_RANGE,
     MAX_ROOM_PAGE,
     MAX_UINT,
     MAX_USERS_PER_REQUEST,
     Limits,
+    is_device_id,
     is_room_id,
     is_user_id,
 )
@@ -132,6 +142,10 @@ _ITEMS = {
     ReceiptState: _items(Cursor, None),
     ReceiptCounts: _items(SeqCount, None),
     PresenceList: _items(PresenceState, None),
+    KvPut: _items(KvWrite, None),
+    KvAck: _items(KvResult, None),
+    KvChanges: _items(KvEntry, None),
+    KvChanged: _items(KvEntry, None),
 }
 
 
@@ -401,9 +415,33 @@ def validate(frame: Frame, limits: Limits) -> None:
             _check_user(user)
     elif isinstance(frame, Block | Unblock):
         _check_user(frame.user)
+    elif isinstance(frame, KvPut):
+        _check_kv_put(frame, limits)
+    elif isinstance(frame, KvSync):
+        if frame.limit is not None and not 0 < frame.limit <= MAX_KV_PAGE:
+            raise _invalid(f"limit must be 1-{MAX_KV_PAGE}")
     elif isinstance(frame, History):
         _check_room(frame.room)
         if frame.before is not None and frame.after is not None:
             raise _invalid("history takes before or after, not both")
         if frame.limit is not None and not 0 < frame.limit <= limits.max_history_limit:
             raise _invalid(f"limit must be 1-{limits.max_history_limit}")
+
+
+def _check_kv_put(frame: KvPut, limits: Limits) -> None:
+    if not is_device_id(frame.dev):
+        raise _invalid(f"bad device id {frame.dev[:80]!r}: 1-64 of A-Z a-z 0-9 _ . @ + = ~ -")
+    if not 0 < len(frame.items) <= limits.kv_batch:
+        raise _too_large(f"kvput takes 1-{limits.kv_batch} writes")
+    for write in frame.items:
+        if not 0 < len(write.key.encode()) <= limits.kv_key_bytes or "\x00" in write.key:
+            raise _invalid(f"a key is 1-{limits.kv_key_bytes} UTF-8 bytes, without NUL")
+        if write.hlc == 0:
+            raise _invalid(f"write of {write.key!r}: hlc must be above 0")
+        if write.deleted:
+            if write.value is not None:
+                raise _invalid(f"delete of {write.key!r} carries a value")
+            continue
+        check_data(write.value)
+        if len(cbor2.dumps(write.value)) > limits.kv_value_bytes:
+            raise _too_large(f"value of {write.key!r} larger than {limits.kv_value_bytes} bytes")

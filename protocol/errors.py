@@ -28,6 +28,10 @@ class ErrorCode(IntEnum):
     TOO_MANY_ROOMS = 203
     BLOCKED = 204
     TOO_MANY_WATCHES = 205
+    KV_STALE = 206  # only in kvack items: a newer write of the key is stored
+    KV_CONFLICT = 207  # only in kvack items: the key's revision is not the expected one
+    KV_QUOTA = 208  # only in kvack items: the user's map would exceed its quota
+    CLOCK_SKEW = 209  # only in kvack items: the write's clock is too far ahead of the server's
     # 3xx: the server cannot do it now; retrying later may work.
     TRY_LATER = 300
     INTERNAL = 301

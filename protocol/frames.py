@@ -51,6 +51,14 @@ FIELD_KEYS: dict[str, int] = {
     "users": 33,
     "count": 34,
     "members": 35,
+    "key": 36,
+    "value": 37,
+    "hlc": 38,
+    "dev": 39,
+    "rev": 40,
+    "deleted": 41,
+    "expect": 42,
+    "reset": 43,
 }
 FIELD_NAMES: dict[int, str] = {key: name for name, key in FIELD_KEYS.items()}
 TYPE_KEY = 0
@@ -534,6 +542,105 @@ class BlockList(Frame):
     users: tuple[str, ...]
 
 
+@attrs.frozen(kw_only=True)
+class KvWrite:
+    """One change in a ``kvput``: set ``key`` to ``value`` (any CBOR item), or delete it.
+    ``hlc`` is the device's hybrid logical clock (``protocol.hlc``); ``expect`` makes it
+    a compare-and-set on the key's revision (0: the key must never have been written)."""
+
+    key: str
+    hlc: int
+    value: Any = None
+    deleted: bool = False
+    expect: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class KvPut(Frame):
+    """Write one or more keys of the user's map, as device ``dev``."""
+
+    TYPE = 50
+    id: int
+    dev: str
+    items: tuple[KvWrite, ...]
+
+
+@attrs.frozen(kw_only=True)
+class KvSync(Frame):
+    """Changes with a revision above ``after``, oldest first; the first one also starts
+    live ``kvchanged`` events for this session. ``reset``: the client rebuilds its map
+    from nothing, so deletions need not be listed."""
+
+    TYPE = 51
+    id: int
+    after: int = 0
+    limit: int | None = None
+    reset: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class KvEntry:
+    """A key as the server keeps it: the winning write and the revision it got."""
+
+    key: str
+    rev: int
+    hlc: int
+    dev: str
+    value: Any = None
+    deleted: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class KvResult:
+    """The outcome of one ``kvwrite``. Applied (no ``code``): ``rev`` is its revision.
+    Stale or conflict: the key's current entry, ``rev`` 0 if it has none. Refused:
+    ``code`` and ``msg`` only."""
+
+    key: str
+    rev: int = 0
+    code: int | None = None
+    msg: str | None = None
+    hlc: int | None = None
+    dev: str | None = None
+    value: Any = None
+    deleted: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class KvAck(Frame):
+    """Answer to ``kvput`` once its changes are stored: one result per item, in order.
+    ``hlc`` is the server's clock, for the device to observe; ``rev`` the map's revision."""
+
+    TYPE = 52
+    id: int
+    hlc: int
+    rev: int
+    items: tuple[KvResult, ...]
+
+
+@attrs.frozen(kw_only=True)
+class KvChanges(Frame):
+    """Answer to ``kvsync``: entries in ascending ``rev``; ``rev`` is the map's revision.
+    ``reset``: the changes since ``after`` are gone (compacted), so this lists the whole
+    map from revision 0 and the client must drop what it has before applying it."""
+
+    TYPE = 53
+    id: int
+    rev: int
+    items: tuple[KvEntry, ...]
+    more: bool = False
+    reset: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class KvChanged(Frame):
+    """Live: another session of the user changed these keys (stored already)."""
+
+    TYPE = 54
+    rev: int
+    items: tuple[KvEntry, ...]
+
+
 CLIENT_FRAMES: tuple[type[Frame], ...] = (
     Hello,
     Ping,
@@ -557,6 +664,8 @@ CLIENT_FRAMES: tuple[type[Frame], ...] = (
     Block,
     Unblock,
     Blocks,
+    KvPut,
+    KvSync,
 )
 SERVER_FRAMES: tuple[type[Frame], ...] = (
     Welcome,
@@ -578,4 +687,7 @@ SERVER_FRAMES: tuple[type[Frame], ...] = (
     PresenceList,
     Online,
     BlockList,
+    KvAck,
+    KvChanges,
+    KvChanged,
 )

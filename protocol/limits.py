@@ -21,6 +21,8 @@ MAX_ROOM_PAGE = 500
 MAX_RECEIPT_RANGE = 100  # seqs in one receipts-count answer
 MAX_CURSORS = 1000  # member cursors in one receiptstate answer
 MAX_USERS_PER_REQUEST = 100  # users named in one who, watch or unwatch
+KV_PAGE = 500  # entries in a kvchanges page when the request names no limit
+MAX_KV_PAGE = 1000
 
 
 @attrs.frozen(kw_only=True)
@@ -33,6 +35,9 @@ class Limits:
     max_rooms_per_session: int = 100
     max_history_limit: int = 100
     default_history_limit: int = 50
+    kv_key_bytes: int = 256  # UTF-8 bytes of a kv key
+    kv_value_bytes: int = 16384  # CBOR bytes of a kv value
+    kv_batch: int = 500  # writes in one kvput
 
     def announce(self) -> dict[str, int]:
         """The ``limits`` map of ``welcome``."""
@@ -42,7 +47,15 @@ class Limits:
             "data": self.max_data_bytes,
             "rooms": self.max_rooms_per_session,
             "history": self.max_history_limit,
+            "kvkey": self.kv_key_bytes,
+            "kvvalue": self.kv_value_bytes,
+            "kvbatch": self.kv_batch,
         }
+
+
+def is_device_id(value: str) -> bool:
+    """Device ids follow the user id rules (a UUID fits)."""
+    return USER_ID_RE.fullmatch(value) is not None
 
 
 def is_user_id(value: str) -> bool:

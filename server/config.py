@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 
+from actors.kvmap import KvQuota
 from actors.services import Settings
 from protocol.limits import Limits
 
@@ -84,6 +85,7 @@ def _port(text: str) -> int:
 
 _d = Settings()
 _l = Limits()
+_q = KvQuota()
 
 # Options shared by ``serve``, ``token``, ``chat`` and ``migrate``.
 DATABASE_URL = Option(
@@ -171,6 +173,28 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         _non_negative_float,
     ),
     Option("--max-watches", "users one session may watch explicitly", _positive_int),
+    Option("--kv-key-bytes", "longest kv key, in UTF-8 bytes", _positive_int),
+    Option("--kv-value-bytes", "largest kv value, CBOR-encoded", _positive_int),
+    Option("--kv-batch", "most writes in one kvput frame", _positive_int),
+    Option("--kv-max-keys", "kv keys one user may hold (quota)", _positive_int),
+    Option(
+        "--kv-max-bytes", "bytes of kv keys and values one user may hold (quota)", _positive_int
+    ),
+    Option(
+        "--kv-clock-skew",
+        "seconds a kv write's clock may run ahead of the server's before it is refused",
+        _positive_float,
+    ),
+    Option(
+        "--kv-tombstone-ttl",
+        "seconds a kv deletion is remembered; a device offline longer resyncs in full",
+        _positive_float,
+    ),
+    Option(
+        "--kv-max-tombstones",
+        "kv deletions remembered per user; beyond, the oldest are forgotten",
+        _positive_int,
+    ),
     Option(
         "--max-replay",
         "most messages a resume replays; beyond it the client refetches",
@@ -235,6 +259,14 @@ class Config:
     typing_timeout: float = _d.typing_timeout
     presence_grace: float = _d.presence_grace
     max_watches: int = _d.max_watches
+    kv_key_bytes: int = _l.kv_key_bytes
+    kv_value_bytes: int = _l.kv_value_bytes
+    kv_batch: int = _l.kv_batch
+    kv_max_keys: int = _q.max_keys
+    kv_max_bytes: int = _q.max_bytes
+    kv_clock_skew: float = _q.max_skew_ms / 1000
+    kv_tombstone_ttl: float = _q.tombstone_ttl_ms / 1000
+    kv_max_tombstones: int = _q.max_tombstones
     ack_mode: str = "durable"
     write_queue_records: int = 100_000
     write_queue_bytes: int = 64 * 2**20
@@ -251,6 +283,16 @@ class Config:
             max_rooms_per_session=self.max_rooms_per_session,
             max_history_limit=self.max_history_limit,
             default_history_limit=min(_l.default_history_limit, self.max_history_limit),
+            kv_key_bytes=self.kv_key_bytes,
+            kv_value_bytes=self.kv_value_bytes,
+            kv_batch=self.kv_batch,
+        )
+        quota = KvQuota(
+            max_keys=self.kv_max_keys,
+            max_bytes=self.kv_max_bytes,
+            max_skew_ms=round(self.kv_clock_skew * 1000),
+            tombstone_ttl_ms=round(self.kv_tombstone_ttl * 1000),
+            max_tombstones=self.kv_max_tombstones,
         )
         return Settings(
             limits=limits,
@@ -262,6 +304,7 @@ class Config:
             typing_timeout=self.typing_timeout,
             presence_grace=self.presence_grace,
             max_watches=self.max_watches,
+            kv_quota=quota,
             actor_idle=self.actor_idle,
             durable_acks=self.ack_mode == "durable",
             ping_interval=self.ping_interval,

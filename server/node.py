@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from actors.directory import ActorKind, Directory
+from actors.kv import Kv
 from actors.messages import FlushState, Reply, RequestFailed, deliver
 from actors.metrics import Metrics
 from actors.room import Room
@@ -234,6 +235,7 @@ async def open_node(
             )
             directory.register(ActorKind.ROOM, lambda key, old: Room(key, services, old))
             directory.register(ActorKind.USER, lambda key, old: User(key, services, old))
+            directory.register(ActorKind.KV, lambda key, old: Kv(key, services, old))
             node = Node(config, services, store, admin_token=admin_token)
             metrics.collect_at_scrape(node.collect_metrics)
             if config.storage_probe_interval > 0:

@@ -22,10 +22,13 @@ from urllib.parse import urlsplit
 import cbor2
 import trio
 
-from protocol.frames import Message, RoomKind, RoomState, Status
+from protocol.frames import KvEntry, Message, RoomKind, RoomState, Status
 from storage.migrations import migrations_for
 from storage.store import (
     BlockChanged,
+    KvChange,
+    KvCompacted,
+    KvSnapshot,
     MemberChanged,
     ReceiptUpsert,
     Record,
@@ -54,6 +57,16 @@ _UPSERT_RECEIPT = (
     "INSERT INTO receipts (room, user, delivered, read) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (room, user) DO UPDATE SET"
     " delivered = max(delivered, excluded.delivered), read = max(read, excluded.read)"
+)
+_UPSERT_KV = (
+    "INSERT INTO kv (user, key, rev, hlc, dev, value, deleted, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (user, key) DO UPDATE SET rev = excluded.rev, hlc = excluded.hlc,"
+    " dev = excluded.dev, value = excluded.value, deleted = excluded.deleted, ts = excluded.ts"
+    " WHERE excluded.rev > kv.rev"
+)
+_UPSERT_KV_HEAD = (
+    "INSERT INTO kv_heads (user, rev, floor) VALUES (?, ?, ?) ON CONFLICT (user) DO UPDATE SET"
+    " rev = max(rev, excluded.rev), floor = max(floor, excluded.floor)"
 )
 _UPSERT_USER = (
     "INSERT INTO users (id, status, last_seen) VALUES (?, ?, ?)"
@@ -101,6 +114,18 @@ def _message(room: str, row: tuple[Any, ...]) -> Message:
 def _message_row(m: Message) -> tuple[Any, ...]:
     data = None if m.data is None else cbor2.dumps(m.data)
     return (m.room, m.seq, m.ts, m.user, m.cid, m.text, data)
+
+
+def _write_kv(conn: sqlite3.Connection, changes: Iterable[KvChange]) -> None:
+    heads: dict[str, int] = {}
+    rows = []
+    for c in changes:
+        e = c.entry
+        value = None if e.deleted else cbor2.dumps(e.value)
+        rows.append((c.user, e.key, e.rev, e.hlc, e.dev, value, int(e.deleted), c.ts))
+        heads[c.user] = max(heads.get(c.user, 0), e.rev)
+    conn.executemany(_UPSERT_KV, rows)
+    conn.executemany(_UPSERT_KV_HEAD, [(user, rev, 0) for user, rev in heads.items()])
 
 
 def _translate(exc: sqlite3.Error) -> StorageError:
@@ -311,6 +336,16 @@ class SqliteStore:
                                 "DELETE FROM blocks WHERE user = ? AND other = ?",
                                 (r.user, r.other),
                             )
+                elif kind is KvChange:
+                    _write_kv(conn, cast(Iterable[KvChange], run))
+                elif kind is KvCompacted:
+                    for r in run:
+                        assert isinstance(r, KvCompacted)
+                        conn.execute(
+                            "DELETE FROM kv WHERE user = ? AND deleted = 1 AND rev <= ?",
+                            (r.user, r.floor),
+                        )
+                        conn.execute(_UPSERT_KV_HEAD, (r.user, r.floor, r.floor))
                 else:
                     raise TypeError(f"not a record: {kind!r}")
 
@@ -383,6 +418,36 @@ class SqliteStore:
             if row is None:
                 return UserSnapshot(blocks=blocks)
             return UserSnapshot(status=Status(row[0]), last_seen=row[1], blocks=blocks)
+
+        return await self._read(load)
+
+    async def load_kv(self, user: str) -> KvSnapshot:
+        def load(reader: sqlite3.Connection) -> KvSnapshot:
+            head = reader.execute(
+                "SELECT rev, floor FROM kv_heads WHERE user = ?", (user,)
+            ).fetchone()
+            if head is None:
+                return KvSnapshot()
+            rows = reader.execute(
+                "SELECT key, rev, hlc, dev, value, deleted, ts FROM kv WHERE user = ? ORDER BY rev",
+                (user,),
+            )
+            entries = tuple(
+                KvChange(
+                    user=user,
+                    entry=KvEntry(
+                        key=k,
+                        rev=r,
+                        hlc=h,
+                        dev=d,
+                        value=None if v is None else cbor2.loads(v),
+                        deleted=bool(x),
+                    ),
+                    ts=t,
+                )
+                for k, r, h, d, v, x, t in rows
+            )
+            return KvSnapshot(rev=head[0], floor=head[1], entries=entries)
 
         return await self._read(load)
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from protocol.frames import Message, RoomKind, RoomState, Status
+from protocol.frames import KvEntry, Message, RoomKind, RoomState, Status
 
 
 class StorageError(Exception):
@@ -74,8 +74,35 @@ class BlockChanged:
     ts: int
 
 
+@attrs.frozen(kw_only=True)
+class KvChange:
+    """A kv entry of ``user`` as accepted at ``ts`` (server time). Stored only if its
+    revision is above the stored one, so a replayed batch changes nothing."""
+
+    user: str
+    entry: KvEntry
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class KvCompacted:
+    """``user``'s deletions up to revision ``floor`` are forgotten."""
+
+    user: str
+    floor: int
+
+
 #: What the write-behind queue persists. A message is stored as its own frame.
-Record = Message | RoomCreated | MemberChanged | ReceiptUpsert | UserSeen | BlockChanged
+Record = (
+    Message
+    | RoomCreated
+    | MemberChanged
+    | ReceiptUpsert
+    | UserSeen
+    | BlockChanged
+    | KvChange
+    | KvCompacted
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -99,6 +126,16 @@ class UserSnapshot:
     status: Status = Status.ONLINE
     last_seen: int | None = None
     blocks: frozenset[str] = frozenset()  # users this user blocks
+
+
+@attrs.frozen(kw_only=True)
+class KvSnapshot:
+    """A user's kv map as storage knows it: entries (deletions included) in revision
+    order, the newest revision given out, and the newest deletion forgotten."""
+
+    rev: int = 0
+    floor: int = 0
+    entries: tuple[KvChange, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -153,6 +190,9 @@ class Store(Protocol):
 
     async def load_user(self, user: str) -> UserSnapshot:
         """What a User actor starts from (defaults for a user never seen)."""
+
+    async def load_kv(self, user: str) -> KvSnapshot:
+        """``user``'s kv map (empty for a user who never wrote one)."""
 
     async def blockers(self, a: str, b: str) -> frozenset[str]:
         """Which of ``a`` and ``b`` blocks the other."""

@@ -22,6 +22,13 @@ from protocol.frames import (
     Hello,
     History,
     Join,
+    KvAck,
+    KvChanged,
+    KvChanges,
+    KvEntry,
+    KvPut,
+    KvResult,
+    KvWrite,
     Message,
     Page,
     PresenceList,
@@ -73,13 +80,13 @@ def test_documented_bytes_decode_to_vector(name: str) -> None:
 
 
 def test_error_code_table_matches_the_code() -> None:
-    section = PROTOCOL_MD.split("## 10. Errors")[1].split("## 11.")[0]
+    section = PROTOCOL_MD.split("## 11. Errors")[1].split("## 12.")[0]
     documented = {int(c): n for c, n in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
     assert documented == {int(c): c.name for c in ErrorCode}
 
 
 def test_close_code_table_matches_the_code() -> None:
-    section = PROTOCOL_MD.split("## 11. Close codes")[1].split("## 12.")[0]
+    section = PROTOCOL_MD.split("## 12. Close codes")[1].split("## 13.")[0]
     documented = {int(c): n for c, n in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
     assert documented == {int(c): c.name for c in CloseCode}
 
@@ -122,6 +129,19 @@ data_maps = st.dictionaries(
     ),
     max_size=5,
 )
+kv_values = json_leaf | data_maps | st.lists(json_leaf, max_size=3)
+kv_entries = st.lists(
+    st.builds(
+        KvEntry,
+        key=texts,
+        rev=uint,
+        hlc=uint,
+        dev=user_ids,
+        value=kv_values,
+        deleted=st.booleans(),
+    ),
+    max_size=4,
+).map(tuple)
 
 
 def _frames_of(cls: type[Frame]) -> st.SearchStrategy[Frame]:
@@ -234,6 +254,51 @@ def _frames_of(cls: type[Frame]) -> st.SearchStrategy[Frame]:
                 max_size=4,
             ).map(tuple),
         ),
+        KvPut: st.builds(
+            KvPut,
+            id=uint,
+            dev=user_ids,
+            items=st.lists(
+                st.builds(
+                    KvWrite,
+                    key=texts,
+                    hlc=uint,
+                    value=kv_values,
+                    deleted=st.booleans(),
+                    expect=st.none() | uint,
+                ),
+                max_size=4,
+            ).map(tuple),
+        ),
+        KvAck: st.builds(
+            KvAck,
+            id=uint,
+            hlc=uint,
+            rev=uint,
+            items=st.lists(
+                st.builds(
+                    KvResult,
+                    key=texts,
+                    rev=uint,
+                    code=st.none() | uint,
+                    msg=st.none() | texts,
+                    hlc=st.none() | uint,
+                    dev=st.none() | user_ids,
+                    value=kv_values,
+                    deleted=st.booleans(),
+                ),
+                max_size=4,
+            ).map(tuple),
+        ),
+        KvChanges: st.builds(
+            KvChanges,
+            id=uint,
+            rev=uint,
+            more=st.booleans(),
+            reset=st.booleans(),
+            items=kv_entries,
+        ),
+        KvChanged: st.builds(KvChanged, rev=uint, items=kv_entries),
         Message: st.builds(
             Message,
             room=room_ids,

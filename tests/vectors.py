@@ -7,6 +7,7 @@ checks every vector there both ways (hex -> frame, frame -> hex).
 from typing import Any
 
 from protocol.codec import encode, to_map
+from protocol.errors import ErrorCode
 from protocol.frames import (
     Block,
     BlockList,
@@ -22,6 +23,14 @@ from protocol.frames import (
     Invite,
     Join,
     Joined,
+    KvAck,
+    KvChanged,
+    KvChanges,
+    KvEntry,
+    KvPut,
+    KvResult,
+    KvSync,
+    KvWrite,
     Leave,
     Member,
     MemberOp,
@@ -56,9 +65,11 @@ from protocol.frames import (
     Welcome,
     Who,
 )
+from protocol.hlc import pack
 
 EPOCH = "9f1c2e7a55d0b3e4"
 TS = 1700000000123
+HLC = pack(TS)
 
 VECTORS: dict[str, Frame] = {
     # client to server
@@ -162,6 +173,54 @@ VECTORS: dict[str, Frame] = {
     ),
     "online": Online(room="town", count=212),
     "blocklist": BlockList(id=23, users=("mallory",)),
+    "kvput": KvPut(
+        id=24,
+        dev="phone-7f3a",
+        items=(
+            KvWrite(key="settings.theme", hlc=HLC, value="dark"),
+            KvWrite(key="draft:lobby", hlc=HLC + 1, value={"text": "see you at", "at": 10}),
+            KvWrite(key="day:2026-11-20", hlc=HLC + 2, deleted=True, expect=41),
+        ),
+    ),
+    "kvack": KvAck(
+        id=24,
+        hlc=HLC + 5,
+        rev=43,
+        items=(
+            KvResult(key="settings.theme", rev=42),
+            KvResult(key="draft:lobby", rev=43),
+            KvResult(
+                key="day:2026-11-20",
+                code=ErrorCode.KV_CONFLICT,
+                rev=40,
+                hlc=HLC - 9000,
+                dev="tablet-02",
+                value={"steps": 8042},
+            ),
+        ),
+    ),
+    "kvsync": KvSync(id=25, after=40, limit=100),
+    "kvchanges": KvChanges(
+        id=25,
+        rev=43,
+        items=(
+            KvEntry(key="day:2026-11-19", rev=41, hlc=HLC - 20000, dev="tablet-02", deleted=True),
+            KvEntry(key="settings.theme", rev=42, hlc=HLC, dev="phone-7f3a", value="dark"),
+        ),
+        more=True,
+    ),
+    "kvchanged": KvChanged(
+        rev=43,
+        items=(
+            KvEntry(
+                key="draft:lobby",
+                rev=43,
+                hlc=HLC + 1,
+                dev="phone-7f3a",
+                value={"text": "see you at", "at": 10},
+            ),
+        ),
+    ),
 }
 
 

@@ -1,0 +1,21 @@
+-- Each user's key-value map: the winning write of each key, deletions as tombstones
+-- (value NULL, deleted 1) until compaction forgets them.
+CREATE TABLE kv (
+    user    TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    rev     INTEGER NOT NULL,
+    hlc     INTEGER NOT NULL,
+    dev     TEXT NOT NULL,
+    value   BLOB,  -- CBOR
+    deleted INTEGER NOT NULL,
+    ts      INTEGER NOT NULL,  -- server time of the write, for tombstone expiry
+    PRIMARY KEY (user, key)
+) WITHOUT ROWID;
+
+-- rev: the newest revision given out (it never goes back, even when the entry holding
+-- it is compacted away); floor: the newest deletion forgotten.
+CREATE TABLE kv_heads (
+    user  TEXT PRIMARY KEY,
+    rev   INTEGER NOT NULL,
+    floor INTEGER NOT NULL
+) WITHOUT ROWID;
