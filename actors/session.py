@@ -399,6 +399,8 @@ class Session:
             return await self._typing(frame)
         if type(frame) is KvPut or type(frame) is KvSync:
             assert self.user is not None and self.link is not None
+            if self.going_away and type(frame) is KvPut:
+                raise RequestFailed(ErrorCode.TRY_LATER, "server is going away; reconnect")
             self._kv = True
             ref = self._s.directory.ref(ActorKind.KV, self.user)
             return await self._tell(ref, KvRequest(self.link, frame))

@@ -43,16 +43,38 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
         action="store_true",
         help="every receiver acks every message (delivered and read)",
     )
-    fanout.add_argument("--url", help="an existing server, ws://host:port/ws")
-    fanout.add_argument(
+    _target_options(fanout)
+    fanout.set_defaults(func=cmd_fanout)
+
+    kv = kinds.add_parser(
+        "kv",
+        help="kv writes/s and catch-up time",
+        description="KV benchmark: stored kv writes per second with ack latency and server "
+        "CPU per write, then the time a device takes to catch up on --catchup-keys changed "
+        "keys. Without --url it starts its own server (SQLite in a temporary directory).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    kv.add_argument("--users", type=int, default=20, help="writing connections, one user each")
+    kv.add_argument("--batches", type=int, default=200, help="kvput frames per connection")
+    kv.add_argument("--batch", type=int, default=50, help="writes per kvput")
+    kv.add_argument("--keys", type=int, default=1000, help="distinct keys per user")
+    kv.add_argument("--size", type=int, default=100, help="approximate value bytes")
+    kv.add_argument("--window", type=int, default=4, help="kvputs awaiting their ack")
+    kv.add_argument("--catchup-keys", type=int, default=10_000, help="keys the late device gets")
+    _target_options(kv)
+    kv.set_defaults(func=cmd_kv)
+
+
+def _target_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="an existing server, ws://host:port/ws")
+    parser.add_argument(
         "--secret",
         help="that server's token secret (default: the one `serve --dev` keeps in the "
         "working directory)",
     )
-    fanout.add_argument(
+    parser.add_argument(
         "--server-cpu", type=int, metavar="CORE", help="pin the started server to this CPU core"
     )
-    fanout.set_defaults(func=cmd_fanout)
 
 
 def free_port() -> int:
@@ -119,6 +141,28 @@ def cmd_fanout(args: argparse.Namespace) -> int:
                 server_pid=pid,
                 give_up_after=args.timeout,
                 receipts=args.receipts,
+            )
+        )
+    print(result.report())
+    return 0
+
+
+def cmd_kv(args: argparse.Namespace) -> int:
+    from loadtests.kvbench import run_kv
+
+    with _target(args) as (host, port, secret, pid):
+        result = trio.run(
+            lambda: run_kv(
+                f"ws://{host}:{port}/ws",
+                lambda user: issue_token(secret, user, 3600),
+                users=args.users,
+                batches=args.batches,
+                batch=args.batch,
+                keys=args.keys,
+                size=args.size,
+                window=args.window,
+                catchup_keys=args.catchup_keys,
+                server_pid=pid,
             )
         )
     print(result.report())

@@ -323,3 +323,27 @@ async def test_a_session_that_closes_is_forgotten(server: RunningServer) -> None
         with trio.fail_after(10):
             while kv.subs:  # noqa: ASYNC110 - the detach is a message away
                 await trio.sleep(0.01)
+
+
+async def test_metrics_count_writes_by_outcome(server: RunningServer) -> None:
+    async with server.client("alice") as c:
+        t = pack(ms())
+        await c.kv_put("d", KvWrite(key="k", hlc=t + 1, value=1))
+        await c.kv_put("d", KvWrite(key="k", hlc=t, value=0), KvWrite(key="k", hlc=t + 1, value=1))
+        await c.kv_sync()
+    async with server.http(admin=False) as http:
+        text = (await http.get("/metrics")).text
+    assert 'parley_kv_writes_total{outcome="applied"} 1.0' in text
+    assert 'parley_kv_writes_total{outcome="stale"} 1.0' in text
+    assert 'parley_kv_writes_total{outcome="resent"} 1.0' in text
+    assert "parley_kv_sync_pages_total 1.0" in text
+    assert 'parley_frames_in_total{type="kvput"} 2.0' in text
+
+
+async def test_puts_are_refused_while_the_node_goes_away(tmp_path: Path) -> None:
+    async with memory_node(tmp_path) as mem, mem.client("alice") as c:
+        for conn in list(mem.node.connections):
+            conn.session.goaway("draining", 1000)
+        with pytest.raises(ServerError) as info:
+            await c.kv_put("d", KvWrite(key="k", hlc=pack(ms()), value=1))
+        assert info.value.code == ErrorCode.TRY_LATER
