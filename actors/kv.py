@@ -18,7 +18,7 @@ from actors.messages import Detach, KvCommand, KvRequest, SessionLink
 from actors.services import Services, read_until_stored
 from protocol.codec import encode
 from protocol.errors import ErrorCode
-from protocol.frames import Error, Frame, KvAck, KvChanged, KvChanges, KvPut, KvResult, KvSync
+from protocol.frames import Error, Frame, KvAck, KvChanged, KvPut, KvResult, KvSync
 from protocol.limits import KV_PAGE
 from protocol.wsframe import server_frame
 from storage.write_behind import COMMITTED, Ticket
@@ -112,7 +112,10 @@ class Kv:
         clock = self._s.hlc
         if applied:
             clock.observe(max(entry.hlc for entry in applied))
-        ack = KvAck(id=put.id, hlc=clock.now(now), rev=self.map.rev, items=tuple(results))
+        # The map's revision is a sync position only for a session that gets every
+        # change (it has synced); to any other it would skip changes it never saw.
+        rev = self.map.rev if link.id in self.subs else 0
+        ack = KvAck(id=put.id, hlc=clock.now(now), rev=rev, items=tuple(results))
         changed = KvChanged(rev=self.map.rev, items=tuple(applied)) if applied else None
         self._compact()
         self._last_ticket.then(self._answer_put, (link, ack, changed))
@@ -132,28 +135,17 @@ class Kv:
     def _sync(self, link: SessionLink, sync: KvSync) -> None:
         assert self.map is not None
         self.subs[link.id] = link
-        # A client that is rebuilding (``reset``) pages through a full listing: its
-        # position is a place in that listing, whatever was forgotten since.
-        reset = not sync.reset and self.map.resets(sync.after)
-        after = 0 if reset else sync.after
-        items, more = self.map.changes(
-            after,
-            sync.limit or KV_PAGE,
-            max_bytes=PAGE_BYTES,
-            deletions=not (reset or sync.reset or after == 0),
-        )
-        page = KvChanges(id=sync.id, rev=self.map.rev, items=tuple(items), more=more, reset=reset)
+        page = self.map.answer(sync, KV_PAGE, PAGE_BYTES)
         self._s.metrics.kv_sync_pages.inc()
-        if reset:
+        if page.reset and sync.after:
             self._s.metrics.kv_resets.inc()
         self._last_ticket.then(self._send_to, (link, page))
 
     def _compact(self) -> None:
         assert self.map is not None
         now = trio.current_time()
-        if self.map.tombstones <= self.map.quota.max_tombstones:
-            if now < self._compacted_at + COMPACT_EVERY:
-                return
+        if now < self._compacted_at + COMPACT_EVERY:
+            return  # a scan of the whole map: not at every write
         self._compacted_at = now
         record = self.map.compact(self._s.now_ms())
         if record is not None:

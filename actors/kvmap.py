@@ -16,7 +16,7 @@ import attrs
 import cbor2
 
 from protocol.errors import ErrorCode
-from protocol.frames import KvEntry, KvResult, KvWrite
+from protocol.frames import KvChanges, KvEntry, KvResult, KvSync, KvWrite
 from protocol.hlc import physical_ms
 from storage.store import KvChange, KvCompacted, KvSnapshot
 
@@ -27,7 +27,8 @@ class KvQuota:
     max_bytes: int = 4 * 2**20  # UTF-8 key bytes plus CBOR value bytes of live keys
     max_skew_ms: int = 60_000  # how far a write's clock may run ahead of the server's
     tombstone_ttl_ms: int = 30 * 86_400_000  # deletions are remembered this long
-    max_tombstones: int = 10_000  # and at most this many
+    max_tombstones: int = 10_000  # and at most this many, but for the young ones:
+    min_tombstone_age_ms: int = 600_000  # a sync listing in progress must see these
 
 
 class KvMap:
@@ -36,6 +37,9 @@ class KvMap:
         self.quota = quota
         self.rev = snapshot.rev
         self.floor = snapshot.floor
+        # The greatest write among the forgotten deletions: a write to a key with no
+        # entry must beat it, or an old write would bring a deleted key back.
+        self.floor_write = (snapshot.floor_hlc, snapshot.floor_dev)
         self._entries: dict[str, KvChange] = {}
         self._sizes: dict[str, int] = {}
         self.bytes = 0
@@ -59,10 +63,12 @@ class KvMap:
             return KvResult(key=w.key, rev=cur.rev), None  # a resend of the stored write
         if physical_ms(w.hlc) > now_ms + self.quota.max_skew_ms:
             return _refused(w.key, ErrorCode.CLOCK_SKEW, "the write's clock is ahead of ours"), None
-        if w.expect is not None and w.expect != (0 if cur is None else cur.rev):
+        if w.expect is not None and w.expect != (0 if cur is None or cur.deleted else cur.rev):
             return _current(w.key, ErrorCode.KV_CONFLICT, cur), None
         if cur is not None and (w.hlc, dev) < (cur.hlc, cur.dev):
             return _current(w.key, ErrorCode.KV_STALE, cur), None
+        if cur is None and (w.hlc, dev) <= self.floor_write:
+            return _current(w.key, ErrorCode.KV_STALE, None), None
         size = 0 if w.deleted else len(w.key.encode()) + len(cbor2.dumps(w.value))
         if not w.deleted:
             keys = self.keys + (cur is None or cur.deleted)
@@ -84,6 +90,22 @@ class KvMap:
         """Whether a device synced up to ``after`` must start over: deletions it has not
         seen are forgotten, or it has revisions this map never gave out (lost storage)."""
         return after > self.rev or 0 < after < self.floor
+
+    def answer(self, sync: KvSync, limit: int, max_bytes: int) -> KvChanges:
+        """The page that answers ``sync``."""
+        if sync.reset:
+            # The next page of a full listing: it starts over if a deletion it may not
+            # have listed was forgotten since it began (a key of an earlier page).
+            restart = sync.rev is None or self.floor > sync.rev or sync.after > self.rev
+        else:
+            restart = sync.after == 0 or self.resets(sync.after)
+        after = 0 if restart else sync.after
+        # From 0 there is nothing to delete; past that, a key listed in an earlier page
+        # may have been deleted since.
+        items, more = self.changes(
+            after, sync.limit or limit, max_bytes=max_bytes, deletions=after > 0
+        )
+        return KvChanges(id=sync.id, rev=self.rev, items=tuple(items), more=more, reset=restart)
 
     def size_of(self, key: str) -> int:
         """Bytes ``key`` counts against the quota (0 if deleted or absent)."""
@@ -110,27 +132,31 @@ class KvMap:
         return page, len(page) < len(newer)
 
     def compact(self, now_ms: int) -> KvCompacted | None:
-        """Forget the deletions past their time, or beyond the cap (down to 3/4 of it)."""
+        """Forget the deletions past their time, and the oldest beyond the cap (down to
+        3/4 of it) once they are old enough."""
         q = self.quota
         excess = self.tombstones - q.max_tombstones
         if excess > 0:
             excess = self.tombstones - q.max_tombstones * 3 // 4
-        horizon = now_ms - q.tombstone_ttl_ms
+        expired = now_ms - q.tombstone_ttl_ms
+        old = now_ms - q.min_tombstone_age_ms
         floor = None
         for change in list(self._entries.values()):
             entry = change.entry
             if not entry.deleted:
                 continue
-            if excess <= 0 and change.ts >= horizon:
+            if change.ts >= expired and (excess <= 0 or change.ts > old):
                 break  # every deletion up to ``floor`` is gone, and only those
             del self._entries[entry.key]
             self.tombstones -= 1
             excess -= 1
             floor = entry.rev
+            self.floor_write = max(self.floor_write, (entry.hlc, entry.dev))
         if floor is None:
             return None
         self.floor = floor
-        return KvCompacted(user=self.user, floor=floor)
+        hlc, dev = self.floor_write
+        return KvCompacted(user=self.user, floor=floor, floor_hlc=hlc, floor_dev=dev)
 
     def _put(self, change: KvChange, size: int | None = None) -> None:
         key = change.entry.key

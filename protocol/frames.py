@@ -568,14 +568,15 @@ class KvPut(Frame):
 @attrs.frozen(kw_only=True)
 class KvSync(Frame):
     """Changes with a revision above ``after``, oldest first; the first one also starts
-    live ``kvchanged`` events for this session. ``reset``: the client rebuilds its map
-    from nothing, so deletions need not be listed."""
+    live ``kvchanged`` events for this session. ``reset``: the next page of a full
+    listing, which began with a ``kvchanges`` of revision ``rev``."""
 
     TYPE = 51
     id: int
     after: int = 0
     limit: int | None = None
     reset: bool = False
+    rev: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -609,20 +610,21 @@ class KvResult:
 @attrs.frozen(kw_only=True)
 class KvAck(Frame):
     """Answer to ``kvput`` once its changes are stored: one result per item, in order.
-    ``hlc`` is the server's clock, for the device to observe; ``rev`` the map's revision."""
+    ``hlc`` is the server's clock, for the device to observe; ``rev`` the map's revision
+    if this session has synced (0 otherwise)."""
 
     TYPE = 52
     id: int
     hlc: int
-    rev: int
     items: tuple[KvResult, ...]
+    rev: int = 0
 
 
 @attrs.frozen(kw_only=True)
 class KvChanges(Frame):
     """Answer to ``kvsync``: entries in ascending ``rev``; ``rev`` is the map's revision.
-    ``reset``: the changes since ``after`` are gone (compacted), so this lists the whole
-    map from revision 0 and the client must drop what it has before applying it."""
+    ``reset``: this begins a full listing of the map from revision 0 (the client asked
+    from 0, or the changes since ``after`` are forgotten): drop what you have first."""
 
     TYPE = 53
     id: int

@@ -28,9 +28,8 @@ class KvReplica:
         self.entries: dict[str, KvEntry] = {}  # as the server has them, deletions included
         self.rev = 0  # synced up to this revision: what the next sync asks after
         self.pending: dict[str, KvWrite] = {}  # written here, not acknowledged yet
-        self.live = False  # a sync has completed: acks and events now move ``rev``
         self._paging: int | None = None  # while a sync runs: the last revision received
-        self._reset = False
+        self._listing: int | None = None  # during a full listing: the revision it began at
 
     # --- local writes -------------------------------------------------------------------
 
@@ -76,12 +75,13 @@ class KvReplica:
         """The next ``kvsync``: from where the replica is, or where the last page ended."""
         if self._paging is None:
             return KvSync(id=request_id, after=self.rev, limit=limit)
-        return KvSync(id=request_id, after=self._paging, limit=limit, reset=self._reset)
+        full = self._listing is not None
+        return KvSync(id=request_id, after=self._paging, limit=limit, reset=full, rev=self._listing)
 
     def on_changes(self, page: KvChanges) -> None:
         if page.reset:
             self.entries.clear()  # what it had is older than what the server remembers
-            self._reset = True
+            self._listing = page.rev
         for entry in page.items:
             self._apply(entry)
             self.clock.observe(entry.hlc)
@@ -89,9 +89,8 @@ class KvReplica:
             self._paging = page.items[-1].rev
             return
         self._paging = None
-        self._reset = False
+        self._listing = None
         self.rev = page.rev
-        self.live = True
 
     def on_changed(self, event: KvChanged) -> None:
         for entry in event.items:
@@ -100,9 +99,10 @@ class KvReplica:
         self._advance(event.rev)
 
     def _advance(self, rev: int) -> None:
-        # Once synced, the session gets every change in revision order (an event, or an
-        # ack for its own), so the latest one it got is how far it is synced.
-        if self.live and self._paging is None:
+        # A session that has synced gets every change in revision order (an event, or an
+        # ack for its own), so the latest revision it got is how far it is synced. The
+        # server sends 0 to a session that has not synced on this connection.
+        if rev and self._paging is None:
             self.rev = max(self.rev, rev)
 
     def _apply(self, entry: KvEntry) -> None:

@@ -192,8 +192,15 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--kv-max-tombstones",
-        "kv deletions remembered per user; beyond, the oldest are forgotten",
+        "kv deletions remembered per user; beyond, the oldest are forgotten once older "
+        "than --kv-tombstone-min-age",
         _positive_int,
+    ),
+    Option(
+        "--kv-tombstone-min-age",
+        "seconds a kv deletion is remembered whatever the count (a sync listing must "
+        "take less than this)",
+        _non_negative_float,
     ),
     Option(
         "--max-replay",
@@ -267,6 +274,7 @@ class Config:
     kv_clock_skew: float = _q.max_skew_ms / 1000
     kv_tombstone_ttl: float = _q.tombstone_ttl_ms / 1000
     kv_max_tombstones: int = _q.max_tombstones
+    kv_tombstone_min_age: float = _q.min_tombstone_age_ms / 1000
     ack_mode: str = "durable"
     write_queue_records: int = 100_000
     write_queue_bytes: int = 64 * 2**20
@@ -293,6 +301,7 @@ class Config:
             max_skew_ms=round(self.kv_clock_skew * 1000),
             tombstone_ttl_ms=round(self.kv_tombstone_ttl * 1000),
             max_tombstones=self.kv_max_tombstones,
+            min_tombstone_age_ms=round(self.kv_tombstone_min_age * 1000),
         )
         return Settings(
             limits=limits,

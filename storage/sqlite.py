@@ -346,6 +346,10 @@ class SqliteStore:
                             (r.user, r.floor),
                         )
                         conn.execute(_UPSERT_KV_HEAD, (r.user, r.floor, r.floor))
+                        conn.execute(
+                            "UPDATE kv_heads SET floor_hlc = ?, floor_dev = ? WHERE user = ?",
+                            (r.floor_hlc, r.floor_dev, r.user),
+                        )
                 else:
                     raise TypeError(f"not a record: {kind!r}")
 
@@ -424,7 +428,7 @@ class SqliteStore:
     async def load_kv(self, user: str) -> KvSnapshot:
         def load(reader: sqlite3.Connection) -> KvSnapshot:
             head = reader.execute(
-                "SELECT rev, floor FROM kv_heads WHERE user = ?", (user,)
+                "SELECT rev, floor, floor_hlc, floor_dev FROM kv_heads WHERE user = ?", (user,)
             ).fetchone()
             if head is None:
                 return KvSnapshot()
@@ -447,7 +451,10 @@ class SqliteStore:
                 )
                 for k, r, h, d, v, x, t in rows
             )
-            return KvSnapshot(rev=head[0], floor=head[1], entries=entries)
+            rev, floor, floor_hlc, floor_dev = head
+            return KvSnapshot(
+                rev=rev, floor=floor, floor_hlc=floor_hlc, floor_dev=floor_dev, entries=entries
+            )
 
         return await self._read(load)
 

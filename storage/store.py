@@ -86,10 +86,13 @@ class KvChange:
 
 @attrs.frozen(kw_only=True)
 class KvCompacted:
-    """``user``'s deletions up to revision ``floor`` are forgotten."""
+    """``user``'s deletions up to revision ``floor`` are forgotten; ``(floor_hlc,
+    floor_dev)`` is the greatest write among all deletions forgotten so far."""
 
     user: str
     floor: int
+    floor_hlc: int
+    floor_dev: str
 
 
 #: What the write-behind queue persists. A message is stored as its own frame.
@@ -135,6 +138,8 @@ class KvSnapshot:
 
     rev: int = 0
     floor: int = 0
+    floor_hlc: int = 0
+    floor_dev: str = ""
     entries: tuple[KvChange, ...] = ()
 
 

@@ -130,12 +130,14 @@ async def test_last_writer_wins_by_clock_then_device(server: RunningServer) -> N
 
 async def test_a_resent_write_gets_its_revision_back(server: RunningServer) -> None:
     async with server.client("alice") as c:
+        assert (await c.kv_put("phone", KvWrite(key="x", hlc=1, value=0))).rev == 0  # unsynced
+        await c.kv_sync()
         write = KvWrite(key="k", hlc=pack(ms()), value=1)
         first = await c.kv_put("phone", write)
         again = await c.kv_put("phone", write, KvWrite(key="j", hlc=pack(ms()) + 1, value=2))
-        assert first.items[0].rev == again.items[0].rev == 1
+        assert first.items[0].rev == again.items[0].rev == 2
         assert again.items[0].code is None
-        assert again.items[1].rev == 2 and again.rev == 2  # no revision spent on the resend
+        assert again.items[1].rev == 3 and again.rev == 3  # no revision spent on the resend
 
 
 async def test_compare_and_set(server: RunningServer) -> None:
@@ -200,34 +202,54 @@ async def test_quotas_and_limits(tmp_path: Path) -> None:
         assert {e.key: e.value for e in page.items} == {"k0": "changed", "k2": 2, "k3": 3}
 
 
-async def test_compacted_deletions_make_a_late_device_start_over(tmp_path: Path) -> None:
-    async with run_server(tmp_path, kv_max_tombstones=4) as server:
-        phone, tablet = KvReplica("phone"), KvReplica("tablet")
-        async with server.client("alice") as c:
-            for i in range(10):
-                phone.set(f"k{i}", i, ms())
-            await c.kv_push(phone)
-            await c.kv_pull(tablet)
-            assert tablet.rev == 10
-        async with server.client("alice") as c:
-            for i in range(6):  # six deletions: over the cap, so three are forgotten
-                phone.delete(f"k{i}", ms())
-            await c.kv_push(phone)
-            phone.set("k9", "nine", ms())
-            await c.kv_push(phone)
-        async with server.client("alice") as c:
-            page = await c.kv_sync(tablet.rev)
-            assert page.reset  # it cannot learn every deletion: the whole map instead
-            assert not any(e.deleted for e in page.items)
-            tablet.on_changes(page)
+async def test_compacted_deletions_make_a_late_device_start_over(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    wall = [ms()]
+    phone, tablet = KvReplica("phone"), KvReplica("tablet")
+    async with memory_node(tmp_path, kv_max_tombstones=4) as mem, mem.client("alice") as c:
+        mem.node.services.now_ms = lambda: wall[0]
+        for i in range(10):
+            phone.set(f"k{i}", i, wall[0])
+        await c.kv_push(phone)
+        await c.kv_pull(tablet)
+        assert tablet.rev == 10
+        deleted_at = wall[0]
+        for i in range(6):  # six deletions: over the cap of 4
+            phone.delete(f"k{i}", deleted_at)
+        await c.kv_push(phone)
+        assert not (await c.kv_sync(10)).reset  # too young to be forgotten yet
+        await mem.node.write_behind.wait_flushed()
+        mock_clock.autojump_threshold = 0
+        wall[0] += 601_000  # past --kv-tombstone-min-age
+        await trio.sleep(61)  # and past the time between compactions
+        phone.set("k9", "nine", wall[0])
+        await c.kv_push(phone)  # the oldest three deletions are forgotten after it
+
+        page = await c.kv_sync(tablet.rev)
+        assert page.reset  # it cannot learn every deletion: the whole map instead
+        assert not any(e.deleted for e in page.items)
+        tablet.on_changes(page)
         assert live(tablet) == {"k6": 6, "k7": 7, "k8": 8, "k9": "nine"} == live(phone)
         assert tablet.rev == 17
-        async with server.client("alice") as c:  # a device that is not behind: deltas
-            page = await c.kv_sync(16)
-            assert not page.reset and [e.key for e in page.items] == ["k9"]
-    async with run_server(tmp_path, kv_max_tombstones=4) as server, server.client("alice") as c:
+        page = await c.kv_sync(16)  # a device that is not behind gets deltas
+        assert not page.reset and [e.key for e in page.items] == ["k9"]
+        # A write older than a forgotten deletion does not bring its key back...
+        ack = await c.kv_put("laptop", KvWrite(key="k0", hlc=pack(deleted_at - 5000), value=0))
+        assert (ack.items[0].code, ack.items[0].rev) == (ErrorCode.KV_STALE, 0)
+        # ...a newer one does; and "expect 0" means absent or deleted.
+        ack = await c.kv_put(
+            "laptop",
+            KvWrite(key="k1", hlc=pack(wall[0]), value="back"),
+            KvWrite(key="k4", hlc=pack(wall[0]), value="new", expect=0),
+        )
+        assert [r.code for r in ack.items] == [None, None]
+        await mem.node.write_behind.wait_flushed()
+    async with memory_node(tmp_path, kv_max_tombstones=4) as mem, mem.client("alice") as c:
         assert (await c.kv_sync(10)).reset  # what was forgotten stays forgotten
         assert not (await c.kv_sync(16)).reset
+        ack = await c.kv_put("laptop", KvWrite(key="k2", hlc=pack(deleted_at - 5000), value=0))
+        assert ack.items[0].code == ErrorCode.KV_STALE
 
 
 async def test_old_deletions_expire(tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:

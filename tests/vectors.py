@@ -200,6 +200,7 @@ VECTORS: dict[str, Frame] = {
         ),
     ),
     "kvsync": KvSync(id=25, after=40, limit=100),
+    "kvsync-listing": KvSync(id=26, after=1200, limit=1000, reset=True, rev=2400),
     "kvchanges": KvChanges(
         id=25,
         rev=43,

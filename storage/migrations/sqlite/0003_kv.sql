@@ -13,9 +13,13 @@ CREATE TABLE kv (
 ) WITHOUT ROWID;
 
 -- rev: the newest revision given out (it never goes back, even when the entry holding
--- it is compacted away); floor: the newest deletion forgotten.
+-- it is compacted away); floor: the newest deletion forgotten; (floor_hlc, floor_dev):
+-- the greatest write among the deletions forgotten, which a write to a key with no
+-- entry must beat.
 CREATE TABLE kv_heads (
-    user  TEXT PRIMARY KEY,
-    rev   INTEGER NOT NULL,
-    floor INTEGER NOT NULL
+    user      TEXT PRIMARY KEY,
+    rev       INTEGER NOT NULL,
+    floor     INTEGER NOT NULL,
+    floor_hlc INTEGER NOT NULL DEFAULT 0,
+    floor_dev TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
