@@ -14,8 +14,8 @@ keeps each room's position (last seq seen, epoch) in ``positions``: pass that as
 import itertools
 import secrets
 import ssl
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -23,7 +23,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from protocol.codec import decode_server, encode
-from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.errors import ErrorCode, RemoteProtocolError, sole_exception
 from protocol.frames import (
     PROTOCOL_VERSION,
     Block,
@@ -410,22 +410,3 @@ async def run_client(
                 yield client
             finally:
                 nursery.cancel_scope.cancel()
-
-
-@contextmanager
-def sole_exception() -> Iterator[None]:
-    """Raise the one exception of a group as itself.
-
-    Trio wraps whatever leaves a nursery in an ExceptionGroup; a caller of this client
-    should be able to write ``except ServerError``, as with trio-websocket's own API.
-    Groups of several exceptions are left alone.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        sole: BaseException = group
-        while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
-            sole = sole.exceptions[0]
-        if sole is group:
-            raise
-        raise sole from None

@@ -5,6 +5,8 @@ Close codes travel in the WebSocket close frame when the server ends a session.
 Both tables are reproduced in PROTOCOL.md; ``tests/test_codec.py`` checks they agree.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import IntEnum
 
 
@@ -80,3 +82,22 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """We were about to send something that breaks the protocol: a bug on our side."""
+
+
+@contextmanager
+def sole_exception() -> Iterator[None]:
+    """Raise the one exception of a group as itself.
+
+    Trio wraps whatever leaves a nursery in an ExceptionGroup; a caller of this client
+    should be able to write ``except ServerError``, as with trio-websocket's own API.
+    Groups of several exceptions are left alone.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        sole: BaseException = group
+        while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
+            sole = sole.exceptions[0]
+        if sole is group:
+            raise
+        raise sole from None

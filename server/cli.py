@@ -12,9 +12,11 @@ import trio
 
 from server.chat import ChatError
 from server.config import (
+    DATABASE_POOL,
     DATABASE_URL,
     LOG_LEVEL,
     SERVE_OPTIONS,
+    STATEMENT_TIMEOUT,
     Config,
     Option,
     add_options,
@@ -150,7 +152,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from storage.store import open_store
 
     async def migrate() -> None:
-        async with open_store(args.database_url):
+        async with open_store(
+            args.database_url,
+            pool_size=args.database_pool,
+            statement_timeout=args.statement_timeout,
+        ):
             pass
 
     trio.run(migrate)
@@ -220,7 +226,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         help="apply database migrations and exit",
         description="Apply pending schema migrations (serve also does it at start).",
     )
-    add_options(migrate, (DATABASE_URL, LOG_LEVEL), environ)
+    add_options(migrate, (DATABASE_URL, DATABASE_POOL, STATEMENT_TIMEOUT, LOG_LEVEL), environ)
     migrate.set_defaults(func=cmd_migrate)
 
     from loadtests.cli import add_bench_parser

@@ -90,7 +90,16 @@ _q = KvQuota()
 # Options shared by ``serve``, ``token``, ``chat`` and ``migrate``.
 DATABASE_URL = Option(
     "--database-url",
-    "where messages are stored; sqlite:///relative.db or sqlite:////absolute.db",
+    "where messages are stored: sqlite:///relative.db, sqlite:////absolute.db or "
+    "postgresql://user:password@host:5432/database",
+)
+DATABASE_POOL = Option(
+    "--database-pool", "PostgreSQL connections this node keeps at most", _positive_int
+)
+STATEMENT_TIMEOUT = Option(
+    "--statement-timeout",
+    "seconds a PostgreSQL statement (or getting a connection) may take before it fails",
+    _positive_float,
 )
 SECRET = Option(
     "--secret", "HS256 key that signs session tokens (required unless --dev)", _unset_if_empty
@@ -114,6 +123,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--ops-host", "address of the operators' HTTP endpoint"),
     Option("--ops-port", "port of /healthz, /readyz, /metrics and /admin", _port),
     DATABASE_URL,
+    DATABASE_POOL,
+    STATEMENT_TIMEOUT,
     Option(
         "--redis-url", "Redis URL for a multi-node bus (unset: in-process bus)", _unset_if_empty
     ),
@@ -242,6 +253,8 @@ class Config:
     ops_host: str = "127.0.0.1"
     ops_port: int = 9090
     database_url: str = "sqlite:///parley.db"
+    database_pool: int = 10
+    statement_timeout: float = 5.0
     redis_url: str | None = None
     secret: str | None = None
     admin_token: str | None = None

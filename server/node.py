@@ -204,7 +204,11 @@ async def open_node(
     """A running node without listeners, and the nursery its connections belong in."""
     metrics = Metrics()
     settings = config.settings()
-    async with open_store(config.database_url) as store:
+    async with open_store(
+        config.database_url,
+        pool_size=config.database_pool,
+        statement_timeout=config.statement_timeout,
+    ) as store:
         run = await store.begin_run()
         if run.rotated_rooms:
             log.warning(

@@ -14,8 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, has_request_context, request, websocket
 from quart_trio import QuartTrio
 
-from protocol.client import sole_exception
-from protocol.errors import ErrorCode
+from protocol.errors import ErrorCode, sole_exception
 from server.admin import admin_blueprint, error_body
 from server.node import Node
 

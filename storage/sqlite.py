@@ -16,14 +16,21 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
-import cbor2
 import trio
 
-from protocol.frames import KvEntry, Message, RoomKind, RoomState, Status
+from protocol.frames import Message, RoomKind, RoomState, Status
 from storage.migrations import migrations_for
+from storage.rows import (
+    KV_COLUMNS,
+    MESSAGE_COLUMNS,
+    kv_change_of,
+    kv_rows,
+    message_of,
+    message_row,
+)
 from storage.store import (
     BlockChanged,
     KvChange,
@@ -52,7 +59,6 @@ _INSERT_MESSAGE = (
     "INSERT INTO messages (room, seq, ts, sender, cid, text, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (room, seq) DO NOTHING"
 )
-_MESSAGE_COLUMNS = "seq, ts, sender, cid, text, data"
 _UPSERT_RECEIPT = (
     "INSERT INTO receipts (room, user, delivered, read) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (room, user) DO UPDATE SET"
@@ -98,32 +104,8 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     return conn
 
 
-def _message(room: str, row: tuple[Any, ...]) -> Message:
-    seq, ts, sender, cid, text, data = row
-    return Message(
-        room=room,
-        seq=seq,
-        ts=ts,
-        user=sender,
-        cid=cid,
-        text=text,
-        data=None if data is None else cbor2.loads(data),
-    )
-
-
-def _message_row(m: Message) -> tuple[Any, ...]:
-    data = None if m.data is None else cbor2.dumps(m.data)
-    return (m.room, m.seq, m.ts, m.user, m.cid, m.text, data)
-
-
 def _write_kv(conn: sqlite3.Connection, changes: Iterable[KvChange]) -> None:
-    heads: dict[str, int] = {}
-    rows = []
-    for c in changes:
-        e = c.entry
-        value = None if e.deleted else cbor2.dumps(e.value)
-        rows.append((c.user, e.key, e.rev, e.hlc, e.dev, value, int(e.deleted), c.ts))
-        heads[c.user] = max(heads.get(c.user, 0), e.rev)
+    rows, heads = kv_rows(changes)
     conn.executemany(_UPSERT_KV, rows)
     conn.executemany(_UPSERT_KV_HEAD, [(user, rev, 0) for user, rev in heads.items()])
 
@@ -250,10 +232,10 @@ class SqliteStore:
                 u for (u,) in conn.execute("SELECT user FROM members WHERE room = ?", (room,))
             )
             rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE room = ? ORDER BY seq DESC LIMIT ?",
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? ORDER BY seq DESC LIMIT ?",
                 (room, recent),
             ).fetchall()
-            msgs = tuple(_message(room, r) for r in reversed(rows))
+            msgs = tuple(message_of(room, r) for r in reversed(rows))
             if msgs:
                 seq = msgs[-1].seq
             else:
@@ -285,7 +267,7 @@ class SqliteStore:
             # so that an add and a remove of the same member land in the order made.
             for kind, run in itertools.groupby(records, key=type):
                 if kind is Message:
-                    conn.executemany(_INSERT_MESSAGE, [_message_row(cast(Message, m)) for m in run])
+                    conn.executemany(_INSERT_MESSAGE, [message_row(cast(Message, m)) for m in run])
                 elif kind is RoomCreated:
                     for r in run:
                         assert isinstance(r, RoomCreated)
@@ -360,22 +342,22 @@ class SqliteStore:
     async def fetch_messages(self, room: str, lo: int, hi: int) -> list[Message]:
         def fetch(reader: sqlite3.Connection) -> list[Message]:
             rows = reader.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                f"SELECT {MESSAGE_COLUMNS} FROM messages"
                 " WHERE room = ? AND seq BETWEEN ? AND ? ORDER BY seq",
                 (room, lo, hi),
             ).fetchall()
-            return [_message(room, r) for r in rows]
+            return [message_of(room, r) for r in rows]
 
         return await self._read(fetch)
 
     async def find_message(self, room: str, user: str | None, cid: str) -> Message | None:
         def find(reader: sqlite3.Connection) -> Message | None:
             row = reader.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                f"SELECT {MESSAGE_COLUMNS} FROM messages"
                 " WHERE room = ? AND sender IS ? AND cid = ? ORDER BY seq LIMIT 1",
                 (room, user, cid),
             ).fetchone()
-            return None if row is None else _message(room, row)
+            return None if row is None else message_of(room, row)
 
         return await self._read(find)
 
@@ -433,24 +415,9 @@ class SqliteStore:
             if head is None:
                 return KvSnapshot()
             rows = reader.execute(
-                "SELECT key, rev, hlc, dev, value, deleted, ts FROM kv WHERE user = ? ORDER BY rev",
-                (user,),
+                f"SELECT {KV_COLUMNS} FROM kv WHERE user = ? ORDER BY rev", (user,)
             )
-            entries = tuple(
-                KvChange(
-                    user=user,
-                    entry=KvEntry(
-                        key=k,
-                        rev=r,
-                        hlc=h,
-                        dev=d,
-                        value=None if v is None else cbor2.loads(v),
-                        deleted=bool(x),
-                    ),
-                    ts=t,
-                )
-                for k, r, h, d, v, x, t in rows
-            )
+            entries = tuple(kv_change_of(user, row) for row in rows)
             rev, floor, floor_hlc, floor_dev = head
             return KvSnapshot(
                 rev=rev, floor=floor, floor_hlc=floor_hlc, floor_dev=floor_dev, entries=entries

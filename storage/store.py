@@ -210,16 +210,26 @@ class Store(Protocol):
 
 
 @asynccontextmanager
-async def open_store(url: str) -> AsyncIterator[Store]:
-    """Open the backend named by ``url``, with its migrations applied."""
+async def open_store(
+    url: str, *, pool_size: int = 10, statement_timeout: float = 5.0
+) -> AsyncIterator[Store]:
+    """Open the backend named by ``url``, with its migrations applied. ``pool_size``
+    and ``statement_timeout`` (seconds) apply to PostgreSQL."""
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
         from storage.sqlite import open_sqlite_store
 
         async with open_sqlite_store(url) as store:
             yield store
+    elif scheme in ("postgresql", "postgres"):
+        from storage.postgres import open_postgres_store
+
+        async with open_postgres_store(
+            url, pool_size=pool_size, statement_timeout=statement_timeout
+        ) as pg:
+            yield pg
     else:
         raise StorageConfigError(
-            f"unsupported database URL {url!r}: this version stores in SQLite "
-            "(sqlite:///path/to/file.db)"
+            f"unsupported database URL {url!r}: use sqlite:///path/to/file.db or "
+            "postgresql://user:password@host:port/database"
         )

@@ -11,6 +11,7 @@ new epoch, so a resuming client is told to start over rather than trust its seqs
 import signal
 from pathlib import Path
 
+import pytest
 import trio
 
 from protocol.client import ParleyClient, open_client
@@ -33,8 +34,16 @@ async def all_history(client: ParleyClient, room: str) -> list[tuple[int, str | 
         after = page.items[-1].seq
 
 
-async def test_acked_messages_survive_sigkill(tmp_path: Path) -> None:
-    async with server_process(tmp_path) as server:
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, ...]:
+    """Extra ``serve`` flags: the default SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "postgres":
+        return ("--database-url", request.getfixturevalue("postgres_url"))
+    return ()
+
+
+async def test_acked_messages_survive_sigkill(tmp_path: Path, database: tuple[str, ...]) -> None:
+    async with server_process(tmp_path, *database) as server:
         await server.start()
         async with open_client(server.url, server.token("owner")) as owner:
             for room in ROOMS:

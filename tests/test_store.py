@@ -1,15 +1,21 @@
 """The store contract (storage/store.py), run against every backend."""
 
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from protocol.frames import Message, RoomKind, Status
+from protocol.frames import KvEntry, Message, RoomKind, Status
 from storage.migrations import migrations_for
+from storage.postgres import PostgresStore
 from storage.sqlite import sqlite_path
 from storage.store import (
     BlockChanged,
+    KvChange,
+    KvCompacted,
+    KvSnapshot,
     MemberChanged,
     ReceiptUpsert,
     Record,
@@ -23,10 +29,17 @@ from storage.store import (
 )
 
 
-@pytest.fixture(params=["sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    url = {"sqlite": f"sqlite:///{tmp_path / 'store.db'}"}[request.param]
-    async with open_store(url) as opened:
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    async with open_store(store_url) as opened:
         yield opened
 
 
@@ -279,3 +292,88 @@ async def test_user_state_and_blocks(store: Store) -> None:
         StoredPresence(user="bob", status=Status.ONLINE, last_seen=700, hidden=False),
     ]
     assert await store.stored_presence([], "bob") == []
+
+
+# --- kv ---------------------------------------------------------------------------------
+
+
+def kv(user: str, key: str, rev: int, value: object = None, *, deleted: bool = False) -> KvChange:
+    entry = KvEntry(key=key, rev=rev, hlc=1000 + rev, dev="d", value=value, deleted=deleted)
+    return KvChange(user=user, entry=entry, ts=5000 + rev)
+
+
+async def test_kv_round_trip_in_revision_order(store: Store) -> None:
+    assert await store.load_kv("alice") == KvSnapshot()
+    changes = [
+        kv("alice", "b", 1, {"x": [1, 2.5, b"\x00"]}),
+        kv("alice", "a", 2, None),  # a null value is a value
+        kv("bob", "a", 1, "bob's"),
+        kv("alice", "b", 3, deleted=True),
+    ]
+    await store.write_batch(changes)
+    snap = await store.load_kv("alice")
+    assert (snap.rev, snap.floor) == (3, 0)
+    assert snap.entries == (changes[1], changes[3])  # b's rev 1 was overwritten by rev 3
+    assert (await store.load_kv("bob")).entries == (changes[2],)
+
+
+async def test_a_late_kv_batch_never_overwrites_a_newer_entry(store: Store) -> None:
+    newer = kv("alice", "k", 7, "new")
+    await store.write_batch([newer])
+    await store.write_batch([kv("alice", "k", 4, "old"), kv("alice", "j", 5, "j")])  # replayed
+    snap = await store.load_kv("alice")
+    assert snap.rev == 7  # the head never goes back either
+    assert {c.entry.key: c.entry.value for c in snap.entries} == {"k": "new", "j": "j"}
+
+
+async def test_kv_compaction_forgets_deletions_up_to_the_floor(store: Store) -> None:
+    await store.write_batch(
+        [
+            kv("alice", "a", 1, deleted=True),
+            kv("alice", "b", 2, 2),
+            kv("alice", "c", 3, deleted=True),
+        ]
+    )
+    await store.write_batch([KvCompacted(user="alice", floor=1, floor_hlc=1001, floor_dev="d")])
+    snap = await store.load_kv("alice")
+    assert (snap.rev, snap.floor, snap.floor_hlc, snap.floor_dev) == (3, 1, 1001, "d")
+    assert [c.entry.key for c in snap.entries] == ["b", "c"]
+
+
+# --- PostgreSQL specifics ----------------------------------------------------------------
+
+
+async def test_postgres_serves_one_node_per_database(postgres_url: str) -> None:
+    async with open_store(postgres_url) as first, open_store(postgres_url) as second:
+        await first.begin_run()
+        with pytest.raises(StorageConfigError, match="another Parley node"):
+            await second.begin_run()
+    async with open_store(postgres_url) as third:  # the lock went with the first node
+        await third.begin_run()
+
+
+async def test_postgres_migrations_apply_once_when_nodes_start_together(
+    postgres_url: str,
+) -> None:
+    async def start() -> None:
+        async with open_store(postgres_url):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(start)
+    async with open_store(postgres_url) as store:
+        assert isinstance(store, PostgresStore)
+        rows = await store._read(
+            lambda conn: conn.fetch("SELECT version, name FROM schema_migrations ORDER BY 1")
+        )
+    assert [tuple(r) for r in rows] == [(m.version, m.name) for m in migrations_for("postgres")]
+
+
+async def test_postgres_unreachable_is_a_config_error_at_start() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens here
+    with pytest.raises(StorageConfigError, match="cannot use postgresql://parley:\\*\\*\\*@"):
+        async with open_store(f"postgresql://parley:hunter2@127.0.0.1:{port}/x"):
+            pass

@@ -1,0 +1,566 @@
+"""The PostgreSQL store: asyncpg, hosted in one trio-asyncio loop.
+
+asyncio stays in this module: every method crosses the bridge once
+(``loop.run_aio_coroutine``), with the whole operation on one pooled connection on the
+asyncio side, so a write-behind batch is one crossing and one transaction, whatever its
+size. Errors become the ``StorageError`` family here: a refused or lost connection, a
+statement timeout or a server shutting down is ``StorageUnavailable`` (the write-behind
+queue keeps the batch and retries); anything else is a ``StorageError``.
+
+The schema is the SQLite one in PostgreSQL types (``storage/migrations/postgres``).
+Migrations run under an advisory lock, so nodes (or ``parley migrate``) starting
+together apply each once. Until rooms are sequenced in Redis, one node serves a
+database: ``begin_run`` takes a second advisory lock for the node's lifetime, and a
+second node is refused, as the SQLite lock file does.
+"""
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar, cast
+
+import asyncpg  # type: ignore[import-untyped]
+import trio
+import trio_asyncio  # type: ignore[import-untyped]
+
+from protocol.errors import sole_exception
+from protocol.frames import Message, RoomKind, RoomState, Status
+from storage.migrations import migrations_for
+from storage.rows import KV_COLUMNS, MESSAGE_COLUMNS, kv_change_of, kv_rows, message_of, message_row
+from storage.store import (
+    BlockChanged,
+    KvChange,
+    KvCompacted,
+    KvSnapshot,
+    MemberChanged,
+    ReceiptUpsert,
+    Record,
+    RoomCreated,
+    RoomSnapshot,
+    RoomSummary,
+    RunInfo,
+    StorageConfigError,
+    StorageError,
+    StorageUnavailable,
+    StoredPresence,
+    UserSeen,
+    UserSnapshot,
+)
+
+T = TypeVar("T")
+Conn = Any  # asyncpg.Connection: untyped
+MIGRATION_LOCK = 7_261_701  # pg_advisory_lock key for migrations
+NODE_LOCK = 7_261_702  # held by the node that serves this database
+MIGRATION_TIMEOUT = 86_400.0
+# Connection-level trouble, the server going away, a statement timeout, no resources:
+# retrying later may work.
+_UNAVAILABLE_CLASSES = ("08", "53", "57")
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (room, seq, ts, sender, cid, text, data)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (room, seq) DO NOTHING"
+)
+_UPSERT_RECEIPT = (
+    'INSERT INTO receipts (room, "user", delivered, read) VALUES ($1, $2, $3, $4)'
+    ' ON CONFLICT (room, "user") DO UPDATE SET'
+    " delivered = greatest(receipts.delivered, excluded.delivered),"
+    " read = greatest(receipts.read, excluded.read)"
+)
+_UPSERT_USER = (
+    "INSERT INTO users (id, status, last_seen) VALUES ($1, $2, $3)"
+    " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+    " last_seen = coalesce(greatest(users.last_seen, excluded.last_seen), users.last_seen)"
+)
+# The revision order is the last-writer-wins order (the KV actor gives revisions to
+# winning writes only), so a late or replayed batch never overwrites a newer entry.
+_UPSERT_KV = (
+    'INSERT INTO kv ("user", key, rev, hlc, dev, value, deleted, ts)'
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    ' ON CONFLICT ("user", key) DO UPDATE SET rev = excluded.rev, hlc = excluded.hlc,'
+    " dev = excluded.dev, value = excluded.value, deleted = excluded.deleted,"
+    " ts = excluded.ts WHERE excluded.rev > kv.rev"
+)
+_UPSERT_KV_HEAD = (
+    'INSERT INTO kv_heads ("user", rev, floor) VALUES ($1, $2, $3) ON CONFLICT ("user")'
+    " DO UPDATE SET rev = greatest(kv_heads.rev, excluded.rev),"
+    " floor = greatest(kv_heads.floor, excluded.floor)"
+)
+
+
+def _translate(exc: Exception) -> StorageError:
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        if sqlstate[:2] in _UNAVAILABLE_CLASSES:
+            return StorageUnavailable(f"PostgreSQL: {exc}")
+        return StorageError(f"PostgreSQL: {type(exc).__name__}: {exc}")
+    if isinstance(exc, _ERRORS) or type(exc).__module__.startswith("asyncpg"):
+        # Refused or lost connections, timeouts, and the driver's own state errors
+        # (its connection is dropped from the pool): retrying later may work.
+        return StorageUnavailable(f"PostgreSQL unreachable: {type(exc).__name__}: {exc}")
+    return StorageError(f"PostgreSQL: {type(exc).__name__}: {exc}")  # a bug of ours
+
+
+_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+class PostgresStore:
+    def __init__(self, loop: Any, pool: Any, url: str, timeout: float) -> None:
+        self._loop = loop
+        self._pool = pool
+        self._url = url
+        self._timeout = timeout
+        self._holder: Any = None  # the connection holding NODE_LOCK, once serving
+
+    async def _on_conn(self, fn: Callable[[Conn], Awaitable[T]], *, transaction: bool) -> T:
+        """Run ``fn`` with a pooled connection on the asyncio side: one crossing."""
+
+        async def run() -> T:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                if not transaction:
+                    return await fn(conn)
+                async with conn.transaction():
+                    return await fn(conn)
+
+        # Shielded: a trio cancellation arriving mid-query would cancel the asyncio task
+        # under asyncpg at an arbitrary point and could leave a pooled connection busy.
+        # The asyncio side bounds the call instead (statement, acquire and overall
+        # timeouts), so a cancelled caller waits at most that long.
+        with trio.CancelScope(shield=True):
+            try:
+                bounded = asyncio.wait_for(run(), self._timeout * 3)
+                result: T = await self._loop.run_aio_coroutine(bounded)
+            except Exception as exc:  # the driver's, the socket's, or a timeout
+                raise _translate(exc) from exc
+        return result
+
+    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        return await self._on_conn(fn, transaction=False)
+
+    async def _write(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        return await self._on_conn(fn, transaction=True)
+
+    # --- runs -------------------------------------------------------------------------
+
+    async def begin_run(self) -> RunInfo:
+        await self._take_node_lock()
+
+        async def begin(conn: Conn) -> RunInfo:
+            run = await conn.fetchval(
+                "INSERT INTO runs (started_at) VALUES ($1) RETURNING id", _now_ms()
+            )
+            # One node per database (NODE_LOCK), so any dirty room is a crashed run's.
+            status = await conn.execute(
+                "UPDATE rooms SET epoch = substr(md5(random()::text || clock_timestamp()::text),"
+                " 1, 16), dirty_run = NULL WHERE dirty_run IS NOT NULL"
+            )
+            return RunInfo(run=run, rotated_rooms=int(status.split()[-1]))
+
+        return await self._write(begin)
+
+    async def _take_node_lock(self) -> None:
+        async def take() -> Any:
+            # On its own connection, outside the pool, held until the store closes.
+            holder = await asyncpg.connect(self._url, timeout=self._timeout)
+            if await holder.fetchval("SELECT pg_try_advisory_lock($1)", NODE_LOCK):
+                return holder
+            await holder.close()
+            return None
+
+        if self._holder is not None:
+            return
+        try:
+            self._holder = await self._loop.run_aio_coroutine(take())
+        except _ERRORS as exc:
+            raise _translate(exc) from exc
+        if self._holder is None:
+            raise StorageConfigError(
+                "another Parley node serves this database; PostgreSQL serves one node "
+                "until rooms are sequenced in Redis"
+            )
+
+    async def _close(self) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), 4)
+        except (TimeoutError, *_ERRORS):
+            self._pool.terminate()
+        if self._holder is not None:
+            self._holder.terminate()
+
+    async def end_run(self, run: int) -> None:
+        async def end(conn: Conn) -> None:
+            await conn.execute("UPDATE rooms SET dirty_run = NULL WHERE dirty_run = $1", run)
+            await conn.execute("UPDATE runs SET stopped_at = $1 WHERE id = $2", _now_ms(), run)
+
+        await self._write(end)
+
+    # --- rooms ------------------------------------------------------------------------
+
+    async def load_room(self, room: str, run: int, recent: int) -> RoomSnapshot | None:
+        async def load(conn: Conn) -> RoomSnapshot | None:
+            row = await conn.fetchrow(
+                "SELECT kind, owner, epoch, dirty_run FROM rooms WHERE id = $1", room
+            )
+            if row is None:
+                return None
+            kind, owner, epoch, dirty = row
+            if dirty != run:
+                await conn.execute("UPDATE rooms SET dirty_run = $1 WHERE id = $2", run, room)
+            members = frozenset(
+                r[0] for r in await conn.fetch('SELECT "user" FROM members WHERE room = $1', room)
+            )
+            rows = await conn.fetch(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = $1"
+                " ORDER BY seq DESC LIMIT $2",
+                room,
+                recent,
+            )
+            msgs = tuple(message_of(room, r) for r in reversed(rows))
+            if msgs:
+                seq = msgs[-1].seq
+            else:
+                seq = await conn.fetchval(
+                    "SELECT coalesce(max(seq), 0) FROM messages WHERE room = $1", room
+                )
+            cursors = await conn.fetch(
+                'SELECT r."user", r.delivered, r.read FROM receipts r JOIN members m'
+                ' ON m.room = r.room AND m."user" = r."user" WHERE r.room = $1',
+                room,
+            )
+            return RoomSnapshot(
+                room=room,
+                kind=RoomKind(kind),
+                owner=owner,
+                epoch=epoch,
+                members=members,
+                seq=seq,
+                recent=msgs,
+                cursors=tuple((u, d, r) for u, d, r in cursors),
+            )
+
+        return await self._write(load)
+
+    async def write_batch(self, records: Sequence[Record]) -> None:
+        async def write(conn: Conn) -> None:
+            # Runs of one record type go in one executemany (pipelined by asyncpg);
+            # order across runs is kept, so an add and a remove land in the order made.
+            for kind, run in itertools.groupby(records, key=type):
+                batch = list(run)
+                if kind is Message:
+                    rows = [message_row(cast(Message, m)) for m in batch]
+                    await conn.executemany(_INSERT_MESSAGE, rows)
+                elif kind is RoomCreated:
+                    await _rooms_created(conn, cast(list[RoomCreated], batch))
+                elif kind is MemberChanged:
+                    await _members_changed(conn, cast(list[MemberChanged], batch))
+                elif kind is ReceiptUpsert:
+                    receipts = cast(list[ReceiptUpsert], batch)
+                    rows = [(r.room, r.user, r.delivered, r.read) for r in receipts]
+                    await conn.executemany(_UPSERT_RECEIPT, rows)
+                elif kind is UserSeen:
+                    seen = cast(list[UserSeen], batch)
+                    rows = [(r.user, int(r.status), r.last_seen) for r in seen]
+                    await conn.executemany(_UPSERT_USER, rows)
+                elif kind is BlockChanged:
+                    await _blocks_changed(conn, cast(list[BlockChanged], batch))
+                elif kind is KvChange:
+                    rows, heads = kv_rows(cast(list[KvChange], batch))
+                    await conn.executemany(_UPSERT_KV, rows)
+                    await conn.executemany(_UPSERT_KV_HEAD, [(u, r, 0) for u, r in heads.items()])
+                elif kind is KvCompacted:
+                    await _kv_compacted(conn, cast(list[KvCompacted], batch))
+                else:
+                    raise TypeError(f"not a record: {kind!r}")
+
+        await self._write(write)
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def fetch_messages(self, room: str, lo: int, hi: int) -> list[Message]:
+        async def fetch(conn: Conn) -> list[Message]:
+            rows = await conn.fetch(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages"
+                " WHERE room = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq",
+                room,
+                lo,
+                hi,
+            )
+            return [message_of(room, r) for r in rows]
+
+        return await self._read(fetch)
+
+    async def find_message(self, room: str, user: str | None, cid: str) -> Message | None:
+        async def find(conn: Conn) -> Message | None:
+            row = await conn.fetchrow(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = $1"
+                " AND sender IS NOT DISTINCT FROM $2 AND cid = $3 ORDER BY seq LIMIT 1",
+                room,
+                user,
+                cid,
+            )
+            return None if row is None else message_of(room, row)
+
+        return await self._read(find)
+
+    async def list_rooms(self, after: str | None, limit: int) -> list[RoomSummary]:
+        async def rooms(conn: Conn) -> list[RoomSummary]:
+            rows = await conn.fetch(
+                "SELECT r.id, r.kind, r.owner,"
+                " (SELECT count(*) FROM members m WHERE m.room = r.id),"
+                " (SELECT coalesce(max(seq), 0) FROM messages g WHERE g.room = r.id)"
+                ' FROM rooms r WHERE r.id > $1 COLLATE "C" ORDER BY r.id COLLATE "C" LIMIT $2',
+                after or "",
+                limit,
+            )
+            return [
+                RoomSummary(room=i, kind=RoomKind(k), owner=o, members=n, seq=s)
+                for i, k, o, n, s in rows
+            ]
+
+        return await self._read(rooms)
+
+    async def rooms_of(self, user: str, after: str | None, limit: int) -> list[RoomState]:
+        async def rooms(conn: Conn) -> list[RoomState]:
+            rows = await conn.fetch(
+                "SELECT r.id, r.kind, r.owner, r.epoch,"
+                " (SELECT coalesce(max(seq), 0) FROM messages g WHERE g.room = r.id)"
+                " FROM members m JOIN rooms r ON r.id = m.room"
+                ' WHERE m."user" = $1 AND m.room > $2 COLLATE "C"'
+                ' ORDER BY m.room COLLATE "C" LIMIT $3',
+                user,
+                after or "",
+                limit,
+            )
+            return [
+                RoomState(room=i, kind=RoomKind(k), owner=o, epoch=e, seq=s)
+                for i, k, o, e, s in rows
+            ]
+
+        return await self._read(rooms)
+
+    async def load_user(self, user: str) -> UserSnapshot:
+        async def load(conn: Conn) -> UserSnapshot:
+            row = await conn.fetchrow("SELECT status, last_seen FROM users WHERE id = $1", user)
+            blocks = frozenset(
+                r[0] for r in await conn.fetch('SELECT other FROM blocks WHERE "user" = $1', user)
+            )
+            if row is None:
+                return UserSnapshot(blocks=blocks)
+            return UserSnapshot(status=Status(row[0]), last_seen=row[1], blocks=blocks)
+
+        return await self._read(load)
+
+    async def load_kv(self, user: str) -> KvSnapshot:
+        async def load(conn: Conn) -> KvSnapshot:
+            head = await conn.fetchrow(
+                'SELECT rev, floor, floor_hlc, floor_dev FROM kv_heads WHERE "user" = $1', user
+            )
+            if head is None:
+                return KvSnapshot()
+            rows = await conn.fetch(
+                f'SELECT {KV_COLUMNS} FROM kv WHERE "user" = $1 ORDER BY rev', user
+            )
+            rev, floor, floor_hlc, floor_dev = head
+            return KvSnapshot(
+                rev=rev,
+                floor=floor,
+                floor_hlc=floor_hlc,
+                floor_dev=floor_dev,
+                entries=tuple(kv_change_of(user, r) for r in rows),
+            )
+
+        return await self._on_conn(load, transaction=True)  # a consistent snapshot
+
+    async def blockers(self, a: str, b: str) -> frozenset[str]:
+        async def find(conn: Conn) -> frozenset[str]:
+            rows = await conn.fetch(
+                'SELECT "user" FROM blocks'
+                ' WHERE ("user" = $1 AND other = $2) OR ("user" = $2 AND other = $1)',
+                a,
+                b,
+            )
+            return frozenset(r[0] for r in rows)
+
+        return await self._read(find)
+
+    async def stored_presence(self, users: Sequence[str], viewer: str) -> list[StoredPresence]:
+        async def find(conn: Conn) -> list[StoredPresence]:
+            hiding = {
+                r[0]
+                for r in await conn.fetch(
+                    'SELECT "user" FROM blocks WHERE other = $1 AND "user" = ANY($2::text[])',
+                    viewer,
+                    list(users),
+                )
+            }
+            rows = await conn.fetch(
+                "SELECT id, status, last_seen FROM users WHERE id = ANY($1::text[])", list(users)
+            )
+            return [
+                StoredPresence(user=u, status=Status(s), last_seen=t, hidden=u in hiding)
+                for u, s, t in rows
+            ]
+
+        if not users:
+            return []
+        return await self._read(find)
+
+    async def ping(self) -> None:
+        async def one(conn: Conn) -> None:
+            await conn.fetchval("SELECT 1")
+
+        await self._read(one)
+
+
+async def _rooms_created(conn: Conn, records: list[RoomCreated]) -> None:
+    await conn.executemany(
+        "INSERT INTO rooms (id, kind, owner, epoch, created_at, dirty_run)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+        [(r.room, int(r.kind), r.owner, r.epoch, r.ts, r.run) for r in records],
+    )
+    await conn.executemany(
+        'INSERT INTO members (room, "user", added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING',
+        [(r.room, u, r.ts) for r in records for u in r.members],
+    )
+
+
+async def _members_changed(conn: Conn, records: list[MemberChanged]) -> None:
+    for r in records:  # in order: an add and a remove of one member must not swap
+        if r.added:
+            await conn.execute(
+                'INSERT INTO members (room, "user", added_at) VALUES ($1, $2, $3)'
+                " ON CONFLICT DO NOTHING",
+                r.room,
+                r.user,
+                r.ts,
+            )
+        else:
+            await conn.execute(
+                'DELETE FROM members WHERE room = $1 AND "user" = $2', r.room, r.user
+            )
+
+
+async def _blocks_changed(conn: Conn, records: list[BlockChanged]) -> None:
+    for r in records:
+        if r.blocked:
+            await conn.execute(
+                'INSERT INTO blocks ("user", other, created_at) VALUES ($1, $2, $3)'
+                " ON CONFLICT DO NOTHING",
+                r.user,
+                r.other,
+                r.ts,
+            )
+        else:
+            await conn.execute(
+                'DELETE FROM blocks WHERE "user" = $1 AND other = $2', r.user, r.other
+            )
+
+
+async def _kv_compacted(conn: Conn, records: list[KvCompacted]) -> None:
+    for r in records:
+        await conn.execute(
+            'DELETE FROM kv WHERE "user" = $1 AND deleted AND rev <= $2', r.user, r.floor
+        )
+        await conn.execute(_UPSERT_KV_HEAD, r.user, r.floor, r.floor)
+        await conn.execute(
+            'UPDATE kv_heads SET floor_hlc = $1, floor_dev = $2 WHERE "user" = $3',
+            r.floor_hlc,
+            r.floor_dev,
+            r.user,
+        )
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def _migrate(conn: Conn) -> list[str]:
+    """Apply pending migrations, one transaction each, under an advisory lock.
+
+    Without the statement timeout: a migration of a large table, or waiting for
+    another node's migrations, may take long; the operator runs it on purpose."""
+    await conn.execute("SET statement_timeout = 0")
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK, timeout=MIGRATION_TIMEOUT)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
+        )
+        done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        applied = []
+        for m in migrations_for("postgres"):
+            if m.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(m.sql, timeout=MIGRATION_TIMEOUT)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                    m.version,
+                    m.name,
+                    int(time.time()),
+                )
+            applied.append(f"{m.version:04d}_{m.name}")
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        await conn.execute("RESET statement_timeout")  # the pool's setting again
+
+
+@asynccontextmanager
+async def open_postgres_store(
+    url: str, *, pool_size: int = 10, statement_timeout: float = 5.0
+) -> AsyncIterator[PostgresStore]:
+    """Connect and migrate; the store is usable until the block ends."""
+    with sole_exception():  # the loop is a nursery: what leaves it comes as a group
+        async with trio_asyncio.open_loop() as loop:
+            async with _store_in(loop, url, pool_size, statement_timeout) as store:
+                yield store
+
+
+@asynccontextmanager
+async def _store_in(
+    loop: Any, url: str, pool_size: int, statement_timeout: float
+) -> AsyncIterator[PostgresStore]:
+    async def connect() -> Any:
+        settings = {
+            "statement_timeout": str(round(statement_timeout * 1000)),
+            "application_name": "parley",
+        }
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            command_timeout=statement_timeout,
+            server_settings=settings,
+            timeout=statement_timeout,
+        )
+        try:
+            async with pool.acquire() as conn:
+                await _migrate(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        return pool
+
+    try:
+        pool = await loop.run_aio_coroutine(connect())
+    except (*_ERRORS, ValueError) as exc:
+        raise StorageConfigError(f"cannot use {_redact(url)}: {exc}") from exc
+    store = PostgresStore(loop, pool, url, statement_timeout)
+    try:
+        yield store
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await loop.run_aio_coroutine(store._close())
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    head, at, tail = url.rpartition("@")
+    if not at or ":" not in head.split("//", 1)[-1]:
+        return url
+    scheme, _, creds = head.partition("//")
+    return f"{scheme}//{creds.split(':', 1)[0]}:***@{tail}"

@@ -1,0 +1,50 @@
+"""Records as table rows and back, the same for every SQL backend: what each column
+holds (CBOR for ``data`` and kv values) is decided once, here."""
+
+from collections.abc import Iterable
+from typing import Any
+
+import cbor2
+
+from protocol.frames import KvEntry, Message
+from storage.store import KvChange
+
+MESSAGE_COLUMNS = "seq, ts, sender, cid, text, data"
+KV_COLUMNS = "key, rev, hlc, dev, value, deleted, ts"
+
+
+def message_of(room: str, row: Any) -> Message:
+    seq, ts, sender, cid, text, data = row
+    return Message(
+        room=room,
+        seq=seq,
+        ts=ts,
+        user=sender,
+        cid=cid,
+        text=text,
+        data=None if data is None else cbor2.loads(data),
+    )
+
+
+def message_row(m: Message) -> tuple[Any, ...]:
+    data = None if m.data is None else cbor2.dumps(m.data)
+    return (m.room, m.seq, m.ts, m.user, m.cid, m.text, data)
+
+
+def kv_change_of(user: str, row: Any) -> KvChange:
+    key, rev, hlc, dev, value, deleted, ts = row
+    value = None if value is None else cbor2.loads(value)
+    entry = KvEntry(key=key, rev=rev, hlc=hlc, dev=dev, value=value, deleted=bool(deleted))
+    return KvChange(user=user, entry=entry, ts=ts)
+
+
+def kv_rows(changes: Iterable[KvChange]) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+    """Rows for the ``kv`` table, and the newest revision per user for ``kv_heads``."""
+    heads: dict[str, int] = {}
+    rows = []
+    for c in changes:
+        e = c.entry
+        value = None if e.deleted else cbor2.dumps(e.value)
+        rows.append((c.user, e.key, e.rev, e.hlc, e.dev, value, e.deleted, c.ts))
+        heads[c.user] = max(heads.get(c.user, 0), e.rev)
+    return rows, heads

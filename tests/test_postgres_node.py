@@ -1,0 +1,117 @@
+"""A node on PostgreSQL, end to end: chat, kv and a restart; and an outage of the
+database while clients chat (the private server is stopped and started again)."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from protocol.client import ServerError
+from protocol.errors import ErrorCode
+from protocol.frames import Joined, KvWrite, Message
+from protocol.hlc import pack
+from tests.helpers import RunningServer, run_server
+from tests.postgres import PrivatePostgres
+
+
+async def test_chat_kv_and_a_restart_on_postgres(tmp_path: Path, postgres_url: str) -> None:
+    async with run_server(tmp_path, database_url=postgres_url) as server:
+        async with server.client("alice") as alice, server.client("bob") as bob:
+            await alice.create("r")
+            await bob.join("r")
+            sent = [await alice.send("r", f"m{i}", cid=f"c{i}") for i in range(5)]
+            got = [await bob.next_event(Message) for _ in range(5)]
+            assert [m.seq for m in got] == [s.seq for s in sent] == [1, 2, 3, 4, 5]
+            await bob.receipt("r", read=5)
+            ack = await alice.kv_put("phone", KvWrite(key="theme", hlc=pack(1), value="dark"))
+            assert ack.items[0].code is None
+            positions = dict(bob.positions)
+    async with run_server(tmp_path, database_url=postgres_url) as server:
+        async with server.client("bob", resume=positions) as bob:
+            joined = await bob.next_event(Joined)
+            assert (joined.recovered, joined.seq, joined.read) == (True, 5, 5)
+            page = await bob.history("r", limit=10)
+            assert [m.text for m in page.items] == [f"m{i}" for i in range(5)]
+        async with server.client("alice") as alice:
+            changes = await alice.kv_sync()
+            assert [(e.key, e.value, e.rev) for e in changes.items] == [("theme", "dark", 1)]
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PrivatePostgres]:
+    """A private server of this test's own, to stop and start."""
+    server = PrivatePostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+async def readiness(server: RunningServer) -> dict[str, object]:
+    async with server.http(admin=False) as http:
+        body: dict[str, object] = (await http.get("/readyz")).json()
+    return body
+
+
+async def until_status(server: RunningServer, status: str) -> dict[str, object]:
+    with trio.fail_after(60):
+        while (body := await readiness(server))["status"] != status:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    return body
+
+
+async def test_a_database_outage_holds_acks_then_drains(
+    tmp_path: Path, own_postgres: PrivatePostgres
+) -> None:
+    url = own_postgres.new_database()
+    async with run_server(
+        tmp_path, database_url=url, write_queue_records=30, storage_probe_interval=0.1
+    ) as server:
+        async with server.client("alice") as alice, server.client("bob") as bob:
+            await alice.create("r")
+            await bob.join("r")
+            before = [await alice.send("r", f"before{i}", cid=f"b{i}") for i in range(3)]
+            assert [(await bob.next_event(Message)).seq for _ in before] == [1, 2, 3]
+            assert await until_status(server, "OK")
+
+            await trio.to_thread.run_sync(own_postgres.stop)
+            acked: dict[str, int] = {}
+            refused: list[str] = []
+
+            async def send(cid: str) -> None:
+                try:
+                    acked[cid] = (await alice.send("r", cid, cid=cid)).seq
+                except ServerError as exc:
+                    assert exc.code is ErrorCode.TRY_LATER
+                    refused.append(cid)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(send, f"d{i}")
+                body = await until_status(server, "Failed")  # the queue is full
+                reasons = body["reasons"]
+                assert isinstance(reasons, list)
+                assert any(str(r).startswith("storage:") for r in reasons), reasons
+                assert any("queue full" in str(r) for r in reasons), reasons
+                with trio.fail_after(30):
+                    while len(refused) < 10:  # noqa: ASYNC110 - counting refusals
+                        await trio.sleep(0.05)
+                assert acked == {}  # no ack while nothing can be stored
+                # Online members still get the messages the room sequenced.
+                live = [await bob.next_event(Message) for _ in range(40 - len(refused))]
+                assert [m.seq for m in live] == list(range(4, 4 + len(live)))
+
+                await trio.to_thread.run_sync(own_postgres.start)
+            assert await until_status(server, "OK")
+
+            assert len(acked) + len(refused) == 40
+            assert sorted(acked.values()) == list(range(4, 4 + len(acked)))
+            page = await alice.history("r", limit=100)
+            stored = [(m.seq, m.cid) for m in page.items]
+            assert [seq for seq, _ in stored] == list(range(1, 4 + len(acked)))  # no gap
+            assert len({cid for _, cid in stored}) == len(stored)  # nothing twice
+            assert {cid: seq for seq, cid in stored if cid.startswith("d")} == acked
+            assert not set(refused) & {cid for _, cid in stored}
+            assert [s.seq for s in before] == [1, 2, 3]
