@@ -64,6 +64,20 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     _target_options(kv)
     kv.set_defaults(func=cmd_kv)
 
+    store = kinds.add_parser(
+        "store",
+        help="rows/s and flush latency per record kind, straight into a store",
+        description="Store benchmark: batches of records of each kind (messages, receipts, "
+        "kv changes, last-seen) written with Store.write_batch one after another, timed. "
+        "Without --database-url, a SQLite file in a temporary directory. Use an empty "
+        "database: the benchmark writes rows it does not remove.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    store.add_argument("--database-url", help="sqlite:///... or postgresql://...")
+    store.add_argument("--rows", type=int, default=100_000, help="rows per kind")
+    store.add_argument("--batch", type=int, default=5000, help="records per write_batch")
+    store.set_defaults(func=cmd_store)
+
 
 def _target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="an existing server, ws://host:port/ws")
@@ -74,6 +88,10 @@ def _target_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--server-cpu", type=int, metavar="CORE", help="pin the started server to this CPU core"
+    )
+    parser.add_argument(
+        "--database-url",
+        help="the started server's database (default: SQLite in a temporary directory)",
     )
 
 
@@ -107,7 +125,7 @@ def _target(args: argparse.Namespace) -> Iterator[tuple[str, int, str, int | Non
         flags = f"--host 127.0.0.1 --port {port} --ops-port {free_port()} --log-level warning"
         flags += " --rate 1000000 --burst 1000000"  # the publisher is not rate-limited
         command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), "--secret", secret]
-        command += ["--database-url", f"sqlite:///{Path(tmp) / 'bench.db'}"]
+        command += ["--database-url", args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"]
         if args.server_cpu is not None:
             command = ["taskset", "-c", str(args.server_cpu), *command]
         server = subprocess.Popen(command)
@@ -166,6 +184,18 @@ def cmd_kv(args: argparse.Namespace) -> int:
             )
         )
     print(result.report())
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from loadtests.storebench import run_store_bench
+
+    with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
+        url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
+        results = trio.run(run_store_bench, url, args.rows, args.batch)
+    print(f"store: {url.split('@')[-1]}, batches of {args.batch}")
+    for result in results:
+        print(result.line())
     return 0
 
 

@@ -218,6 +218,8 @@ class FanoutResult:
     connect_s: float
     receipts_sent: int = 0
     receipt_events: int = 0
+    ack_p50_ms: float = float("nan")
+    ack_p99_ms: float = float("nan")
 
     @property
     def deliveries_per_s(self) -> float:
@@ -232,6 +234,7 @@ class FanoutResult:
             f"  latency        p50 {self.p50_ms:.1f} ms   p99 {self.p99_ms:.1f} ms"
             f"   max {self.max_ms:.1f} ms",
             f"  lost {self.lost}   duplicates {self.duplicates}   out of order {self.reordered}",
+            f"  sent-ack       p50 {self.ack_p50_ms:.1f} ms   p99 {self.ack_p99_ms:.1f} ms",
         ]
         if self.receipts_sent:
             lines.append(
@@ -304,7 +307,7 @@ async def run_fanout(
     cpu_before = process_cpu_seconds(server_pid) if server_pid else None
     started = time.monotonic_ns()
     progress(f"publishing {messages} messages from seq {base + 1}")
-    await _publish(publisher, room, messages, size, rate, window)
+    acks = sorted(await _publish(publisher, room, messages, size, rate, window))
     progress("all published and acknowledged; waiting for the receivers")
     tally = Tally()
     for pipe in pipes:
@@ -331,7 +334,13 @@ async def run_fanout(
         connect_s=connect_s,
         receipts_sent=tally.receipts_sent,
         receipt_events=tally.receipt_events,
+        ack_p50_ms=quantile(acks, 0.50) * 1000,
+        ack_p99_ms=quantile(acks, 0.99) * 1000,
     )
+
+
+def quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
 
 
 async def _enter(client: RawClient, room: str) -> int:
@@ -350,18 +359,24 @@ async def _enter(client: RawClient, room: str) -> int:
 
 async def _publish(
     client: RawClient, room: str, messages: int, size: int, rate: float, window: int
-) -> None:
-    """Send ``messages`` with at most ``window`` awaiting their sent-ack."""
+) -> list[float]:
+    """Send ``messages`` with at most ``window`` awaiting their sent-ack; the ack
+    latencies in seconds."""
     acked = trio.Semaphore(window)
     done = trio.Event()
     text = "x" * max(0, size - 40)  # the rest of the 100 bytes is the frame around it
+    sent_at: dict[int, int] = {}
+    latencies: list[float] = []
 
     async def count_acks() -> None:
         received = 0
         while received < messages:
             for payload in await client.receive():
-                t = cbor2.loads(payload).get(TYPE_KEY)
+                frame = cbor2.loads(payload)
+                t = frame.get(TYPE_KEY)
                 if t == SENT:
+                    now = time.monotonic_ns()
+                    latencies.append((now - sent_at.pop(frame[FIELD_KEYS["id"]])) / 1e9)
                     acked.release()
                     received += 1
                 elif t == PING:
@@ -379,8 +394,9 @@ async def _publish(
             if interval:
                 next_at += interval
                 await trio.sleep_until(next_at)
-            send = Send(
-                id=i + 2, room=room, cid=f"b{i}", text=text, data={"t": time.monotonic_ns()}
-            )
+            now = time.monotonic_ns()
+            send = Send(id=i + 2, room=room, cid=f"b{i}", text=text, data={"t": now})
+            sent_at[i + 2] = now
             await client.send(send)
         await done.wait()
+    return latencies

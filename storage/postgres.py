@@ -58,13 +58,19 @@ MIGRATION_TIMEOUT = 86_400.0
 # retrying later may work.
 _UNAVAILABLE_CLASSES = ("08", "53", "57")
 
-_INSERT_MESSAGE = (
-    "INSERT INTO messages (room, seq, ts, sender, cid, text, data)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (room, seq) DO NOTHING"
+# Batches of the big kinds are COPYed into a temporary staging table (one per
+# connection, emptied at commit), then moved with one INSERT ... SELECT that keeps the
+# upsert rules. Within a batch, a key may come more than once (a receipt cursor moving
+# twice, a kv key written twice): the SELECT keeps the one that wins.
+_MESSAGE_ROW = ("room", "seq", "ts", "sender", "cid", "text", "data")
+_MESSAGES_FROM_STAGING = (
+    "INSERT INTO messages SELECT * FROM staging_messages ON CONFLICT (room, seq) DO NOTHING"
 )
-_UPSERT_RECEIPT = (
-    'INSERT INTO receipts (room, "user", delivered, read) VALUES ($1, $2, $3, $4)'
-    ' ON CONFLICT (room, "user") DO UPDATE SET'
+_RECEIPT_ROW = ("room", "user", "delivered", "read")
+_RECEIPTS_FROM_STAGING = (
+    'INSERT INTO receipts (room, "user", delivered, read)'
+    ' SELECT room, "user", max(delivered), max(read) FROM staging_receipts'
+    ' GROUP BY room, "user" ON CONFLICT (room, "user") DO UPDATE SET'
     " delivered = greatest(receipts.delivered, excluded.delivered),"
     " read = greatest(receipts.read, excluded.read)"
 )
@@ -75,9 +81,11 @@ _UPSERT_USER = (
 )
 # The revision order is the last-writer-wins order (the KV actor gives revisions to
 # winning writes only), so a late or replayed batch never overwrites a newer entry.
-_UPSERT_KV = (
+_KV_ROW = ("user", "key", "rev", "hlc", "dev", "value", "deleted", "ts")
+_KV_FROM_STAGING = (
     'INSERT INTO kv ("user", key, rev, hlc, dev, value, deleted, ts)'
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    ' SELECT DISTINCT ON ("user", key) "user", key, rev, hlc, dev, value, deleted, ts'
+    ' FROM staging_kv ORDER BY "user", key, rev DESC'
     ' ON CONFLICT ("user", key) DO UPDATE SET rev = excluded.rev, hlc = excluded.hlc,'
     " dev = excluded.dev, value = excluded.value, deleted = excluded.deleted,"
     " ts = excluded.ts WHERE excluded.rev > kv.rev"
@@ -245,13 +253,14 @@ class PostgresStore:
 
     async def write_batch(self, records: Sequence[Record]) -> None:
         async def write(conn: Conn) -> None:
-            # Runs of one record type go in one executemany (pipelined by asyncpg);
-            # order across runs is kept, so an add and a remove land in the order made.
+            # Runs of one record type go in together: the big kinds through COPY into a
+            # staging table, the rest in one executemany (pipelined by asyncpg). Order
+            # across runs is kept, so an add and a remove land in the order made.
             for kind, run in itertools.groupby(records, key=type):
                 batch = list(run)
                 if kind is Message:
                     rows = [message_row(cast(Message, m)) for m in batch]
-                    await conn.executemany(_INSERT_MESSAGE, rows)
+                    await _copy_in(conn, "messages", _MESSAGE_ROW, rows, _MESSAGES_FROM_STAGING)
                 elif kind is RoomCreated:
                     await _rooms_created(conn, cast(list[RoomCreated], batch))
                 elif kind is MemberChanged:
@@ -259,7 +268,7 @@ class PostgresStore:
                 elif kind is ReceiptUpsert:
                     receipts = cast(list[ReceiptUpsert], batch)
                     rows = [(r.room, r.user, r.delivered, r.read) for r in receipts]
-                    await conn.executemany(_UPSERT_RECEIPT, rows)
+                    await _copy_in(conn, "receipts", _RECEIPT_ROW, rows, _RECEIPTS_FROM_STAGING)
                 elif kind is UserSeen:
                     seen = cast(list[UserSeen], batch)
                     rows = [(r.user, int(r.status), r.last_seen) for r in seen]
@@ -268,7 +277,7 @@ class PostgresStore:
                     await _blocks_changed(conn, cast(list[BlockChanged], batch))
                 elif kind is KvChange:
                     rows, heads = kv_rows(cast(list[KvChange], batch))
-                    await conn.executemany(_UPSERT_KV, rows)
+                    await _copy_in(conn, "kv", _KV_ROW, rows, _KV_FROM_STAGING)
                     await conn.executemany(_UPSERT_KV_HEAD, [(u, r, 0) for u, r in heads.items()])
                 elif kind is KvCompacted:
                     await _kv_compacted(conn, cast(list[KvCompacted], batch))
@@ -413,6 +422,18 @@ class PostgresStore:
             await conn.fetchval("SELECT 1")
 
         await self._read(one)
+
+
+async def _copy_in(
+    conn: Conn, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]], move: str
+) -> None:
+    staging = f"staging_{table}"
+    await conn.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS {staging}"
+        f" (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    await conn.copy_records_to_table(staging, records=rows, columns=list(columns))
+    await conn.execute(move)
 
 
 async def _rooms_created(conn: Conn, records: list[RoomCreated]) -> None:

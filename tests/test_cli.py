@@ -249,3 +249,11 @@ async def test_two_chat_terminals_talk(tmp_path: Path) -> None:
             await bob.stdin.aclose()  # Ctrl-D
             with trio.fail_after(30):
                 assert await bob.wait() == 0
+
+
+def test_migrate_a_postgres_database(postgres_url: str) -> None:
+    result = run_cli("migrate", "--database-url", postgres_url)
+    assert result.returncode == 0, result.stderr
+    assert "schema is up to date" in result.stdout
+    again = run_cli("migrate", "--database-url", postgres_url)  # nothing left to apply
+    assert again.returncode == 0, again.stderr
