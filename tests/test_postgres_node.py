@@ -77,6 +77,8 @@ async def test_a_database_outage_holds_acks_then_drains(
             assert await until_status(server, "OK")
 
             await trio.to_thread.run_sync(own_postgres.stop)
+            body = await until_status(server, "Degraded")  # the probe notices, idle
+            assert any("storage:" in str(r) for r in body["reasons"]), body  # type: ignore[attr-defined]
             acked: dict[str, int] = {}
             refused: list[str] = []
 
