@@ -360,6 +360,10 @@ def validate(frame: Frame, limits: Limits) -> None:
         _check_room(frame.room)
         if not 0 < len(frame.cid) <= MAX_CID_CHARS:
             raise _invalid(f"cid must be 1-{MAX_CID_CHARS} characters")
+        # PostgreSQL text cannot hold NUL, and a record storage refuses would hold up
+        # every write after it.
+        if "\x00" in frame.cid or (frame.text is not None and "\x00" in frame.text):
+            raise _invalid("cid and text may not contain NUL (U+0000)")
         if frame.text is None and frame.data is None:
             raise _invalid("send needs text, data or both")
         if frame.text is not None and len(frame.text) > limits.max_text_chars:

@@ -16,6 +16,7 @@ second node is refused, as the SQLite lock file does.
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -50,6 +51,7 @@ from storage.store import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Conn = Any  # asyncpg.Connection: untyped
 MIGRATION_LOCK = 7_261_701  # pg_advisory_lock key for migrations
 NODE_LOCK = 7_261_702  # held by the node that serves this database
@@ -123,8 +125,11 @@ class PostgresStore:
         self._timeout = timeout
         self._holder: Any = None  # the connection holding NODE_LOCK, once serving
 
-    async def _on_conn(self, fn: Callable[[Conn], Awaitable[T]], *, transaction: bool) -> T:
-        """Run ``fn`` with a pooled connection on the asyncio side: one crossing."""
+    async def _on_conn(
+        self, fn: Callable[[Conn], Awaitable[T]], *, transaction: bool, bound: float | None = None
+    ) -> T:
+        """Run ``fn`` with a pooled connection on the asyncio side: one crossing, given
+        ``bound`` seconds in all (default: three statement timeouts)."""
 
         async def run() -> T:
             async with self._pool.acquire(timeout=self._timeout) as conn:
@@ -139,7 +144,7 @@ class PostgresStore:
         # timeouts), so a cancelled caller waits at most that long.
         with trio.CancelScope(shield=True):
             try:
-                bounded = asyncio.wait_for(run(), self._timeout * 3)
+                bounded = asyncio.wait_for(run(), bound or self._timeout * 3)
                 result: T = await self._loop.run_aio_coroutine(bounded)
             except Exception as exc:  # the driver's, the socket's, or a timeout
                 raise _translate(exc) from exc
@@ -170,25 +175,44 @@ class PostgresStore:
         return await self._write(begin)
 
     async def _take_node_lock(self) -> None:
-        async def take() -> Any:
-            # On its own connection, outside the pool, held until the store closes.
-            holder = await asyncpg.connect(self._url, timeout=self._timeout)
-            if await holder.fetchval("SELECT pg_try_advisory_lock($1)", NODE_LOCK):
-                return holder
-            await holder.close()
-            return None
-
         if self._holder is not None:
             return
         try:
-            self._holder = await self._loop.run_aio_coroutine(take())
-        except _ERRORS as exc:
+            with trio.CancelScope(shield=True):  # a connection must not leak
+                self._holder = await self._loop.run_aio_coroutine(_lock_holder(self._url))
+        except Exception as exc:
             raise _translate(exc) from exc
         if self._holder is None:
             raise StorageConfigError(
                 "another Parley node serves this database; PostgreSQL serves one node "
                 "until rooms are sequenced in Redis"
             )
+
+    async def _check_node_lock(self) -> None:
+        """The lock lives in one session: a database restart ends it. Take it again,
+        or say loudly that another node has it."""
+
+        async def check() -> Any:
+            holder = self._holder
+            if not holder.is_closed():
+                try:
+                    if await holder.fetchval(_HOLDS_NODE_LOCK, NODE_LOCK, timeout=self._timeout):
+                        return holder
+                except Exception:
+                    pass  # a dead session: replaced below
+            holder.terminate()
+            return await _lock_holder(self._url)
+
+        try:
+            with trio.CancelScope(shield=True):
+                self._holder = await self._loop.run_aio_coroutine(check())
+        except Exception as exc:
+            self._holder = _Lost()
+            raise _translate(exc) from exc
+        if self._holder is None:
+            self._holder = _Lost()
+            log.error("the node lock of this database is held by another node")
+            raise StorageUnavailable("another Parley node took this database's node lock")
 
     async def _close(self) -> None:
         try:
@@ -252,27 +276,36 @@ class PostgresStore:
         return await self._write(load)
 
     async def write_batch(self, records: Sequence[Record]) -> None:
+        # Messages, receipts and last-seen rows touch nothing the other kinds do, so
+        # each goes in once per batch, whatever it is interleaved with: messages and
+        # receipts by COPY into a staging table, last-seen rows in one executemany (in
+        # order: the last status wins). The other kinds go in runs, in the order made,
+        # so that an add and a remove (or a kv change and a compaction) do not swap.
+        loose: dict[type, list[Any]] = {Message: [], ReceiptUpsert: [], UserSeen: []}
+        ordered: list[Record] = []
+        for record in records:
+            bucket = loose.get(type(record))
+            if bucket is None:
+                ordered.append(record)
+            else:
+                bucket.append(record)
+
         async def write(conn: Conn) -> None:
-            # Runs of one record type go in together: the big kinds through COPY into a
-            # staging table, the rest in one executemany (pipelined by asyncpg). Order
-            # across runs is kept, so an add and a remove land in the order made.
-            for kind, run in itertools.groupby(records, key=type):
+            if loose[Message]:
+                rows = [message_row(m) for m in loose[Message]]
+                await _copy_in(conn, "messages", _MESSAGE_ROW, rows, _MESSAGES_FROM_STAGING)
+            if loose[ReceiptUpsert]:
+                rows = [(r.room, r.user, r.delivered, r.read) for r in loose[ReceiptUpsert]]
+                await _copy_in(conn, "receipts", _RECEIPT_ROW, rows, _RECEIPTS_FROM_STAGING)
+            if loose[UserSeen]:
+                rows = [(r.user, int(r.status), r.last_seen) for r in loose[UserSeen]]
+                await conn.executemany(_UPSERT_USER, rows)
+            for kind, run in itertools.groupby(ordered, key=type):
                 batch = list(run)
-                if kind is Message:
-                    rows = [message_row(cast(Message, m)) for m in batch]
-                    await _copy_in(conn, "messages", _MESSAGE_ROW, rows, _MESSAGES_FROM_STAGING)
-                elif kind is RoomCreated:
+                if kind is RoomCreated:
                     await _rooms_created(conn, cast(list[RoomCreated], batch))
                 elif kind is MemberChanged:
                     await _members_changed(conn, cast(list[MemberChanged], batch))
-                elif kind is ReceiptUpsert:
-                    receipts = cast(list[ReceiptUpsert], batch)
-                    rows = [(r.room, r.user, r.delivered, r.read) for r in receipts]
-                    await _copy_in(conn, "receipts", _RECEIPT_ROW, rows, _RECEIPTS_FROM_STAGING)
-                elif kind is UserSeen:
-                    seen = cast(list[UserSeen], batch)
-                    rows = [(r.user, int(r.status), r.last_seen) for r in seen]
-                    await conn.executemany(_UPSERT_USER, rows)
                 elif kind is BlockChanged:
                     await _blocks_changed(conn, cast(list[BlockChanged], batch))
                 elif kind is KvChange:
@@ -284,7 +317,9 @@ class PostgresStore:
                 else:
                     raise TypeError(f"not a record: {kind!r}")
 
-        await self._write(write)
+        # A large batch (a backlog after an outage) may take longer than a statement.
+        bound = self._timeout * (3 + len(records) / 1000)
+        await self._on_conn(write, transaction=True, bound=bound)
 
     # --- reads ------------------------------------------------------------------------
 
@@ -381,7 +416,13 @@ class PostgresStore:
                 entries=tuple(kv_change_of(user, r) for r in rows),
             )
 
-        return await self._on_conn(load, transaction=True)  # a consistent snapshot
+        async def snapshot(conn: Conn) -> KvSnapshot:
+            # One snapshot for both reads: a head older than the entries would give a
+            # revision out twice.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await load(conn)
+
+        return await self._read(snapshot)
 
     async def blockers(self, a: str, b: str) -> frozenset[str]:
         async def find(conn: Conn) -> frozenset[str]:
@@ -422,6 +463,8 @@ class PostgresStore:
             await conn.fetchval("SELECT 1")
 
         await self._read(one)
+        if self._holder is not None:
+            await self._check_node_lock()
 
 
 async def _copy_in(
@@ -434,6 +477,9 @@ async def _copy_in(
     )
     await conn.copy_records_to_table(staging, records=rows, columns=list(columns))
     await conn.execute(move)
+    # Emptied now, not only at commit: a later run of the same kind in this batch
+    # must not move these rows again (after a compaction, say).
+    await conn.execute(f"TRUNCATE {staging}")
 
 
 async def _rooms_created(conn: Conn, records: list[RoomCreated]) -> None:
@@ -492,6 +538,44 @@ async def _kv_compacted(conn: Conn, records: list[KvCompacted]) -> None:
             r.floor_dev,
             r.user,
         )
+
+
+_HOLDS_NODE_LOCK = (
+    "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0"
+    " AND objid = $1 AND objsubid = 1 AND pid = pg_backend_pid() AND granted"
+)
+# The database notices a node that vanished without closing its connection (a dead
+# host) within about a minute, and frees its lock.
+_KEEPALIVES = {
+    "tcp_keepalives_idle": "30",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "3",
+    "application_name": "parley-node-lock",
+}
+
+
+async def _lock_holder(url: str) -> Any:
+    """A connection holding NODE_LOCK, or None if another session has it."""
+    holder = await asyncpg.connect(url, server_settings=_KEEPALIVES, timeout=10)
+    try:
+        if await holder.fetchval("SELECT pg_try_advisory_lock($1)", NODE_LOCK):
+            return holder
+    except BaseException:
+        holder.terminate()
+        raise
+    await holder.close()
+    return None
+
+
+class _Lost:
+    """Stands for a node lock that could not be checked or taken back: the next probe
+    tries again."""
+
+    def is_closed(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        pass
 
 
 def _now_ms() -> int:

@@ -409,6 +409,15 @@ class SqliteStore:
 
     async def load_kv(self, user: str) -> KvSnapshot:
         def load(reader: sqlite3.Connection) -> KvSnapshot:
+            # One read transaction for both reads: a head older than the entries would
+            # give a revision out twice.
+            reader.execute("BEGIN")
+            try:
+                return read(reader)
+            finally:
+                reader.execute("COMMIT")
+
+        def read(reader: sqlite3.Connection) -> KvSnapshot:
             head = reader.execute(
                 "SELECT rev, floor, floor_hlc, floor_dev FROM kv_heads WHERE user = ?", (user,)
             ).fetchone()

@@ -1,19 +1,18 @@
 """A private, throwaway PostgreSQL server for the tests, from the installed binaries.
 
-It runs on a free port with its socket in its own directory, never touching the
-machine's shared server on 5432. As root (CI), the server runs as the ``postgres``
-user, as PostgreSQL refuses to run as root. A missing binary is a test failure that
-says what to install.
+It listens only on a Unix socket in its own directory (no TCP port, so no port to race
+for and nothing to collide with the machine's shared server on 5432). As root (CI), the
+server runs as the ``postgres`` user, as PostgreSQL refuses to run as root. A missing
+binary is a test failure that says what to install. A server left behind by a test
+run that was killed is stopped by the next one.
 """
 
 import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -34,27 +33,61 @@ def _binary(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class PrivatePostgres:
     def __init__(self) -> None:
         self.initdb = _binary("initdb")
         self.pg_ctl = _binary("pg_ctl")
+        self._as: list[str] = []
+        owner = None
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.fail(
+                    "running as root, the tests run PostgreSQL as the 'postgres' user, which "
+                    "does not exist: " + INSTALL_HINT,
+                    pytrace=False,
+                )
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._stop_leftovers()
         self.dir = Path(tempfile.mkdtemp(prefix="parley-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
-        self._as: list[str] = []
-        if os.geteuid() == 0:
-            user = pwd.getpwnam("postgres")
-            os.chown(self.dir, user.pw_uid, user.pw_gid)
-            self._as = ["runuser", "-u", "postgres", "--"]
-        self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", "parley", "--no-sync")
+        (self.dir / "owner.pid").write_text(str(os.getpid()))
+        if owner is not None:
+            os.chown(self.dir, owner.pw_uid, owner.pw_gid)
+        try:
+            self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", "parley", "--no-sync")
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self._databases = 0
+
+    def _stop_leftovers(self) -> None:
+        for pidfile in Path(tempfile.gettempdir()).glob("parley-pg-*/owner.pid"):
+            try:
+                if _alive(int(pidfile.read_text())):
+                    continue
+            except (OSError, ValueError):
+                pass
+            data = pidfile.parent / "data"
+            if (data / "postmaster.pid").exists():
+                subprocess.run(
+                    [*self._as, self.pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+                    capture_output=True,
+                    timeout=60,
+                    check=False,
+                )
+            shutil.rmtree(pidfile.parent, ignore_errors=True)
 
     def _run(self, *command: str) -> None:
         done = subprocess.run(
@@ -64,8 +97,7 @@ class PrivatePostgres:
             raise RuntimeError(f"{' '.join(command)} failed: {done.stdout}{done.stderr}")
 
     def start(self) -> None:
-        options = f"-F -p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-        options += " -c max_connections=200"
+        options = f"-F -k {self.dir} -c listen_addresses= -c max_connections=200"
         log = str(self.dir / "server.log")
         self._run(self.pg_ctl, "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
 
@@ -73,12 +105,12 @@ class PrivatePostgres:
         self._run(self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://parley@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://parley@/{database}?host={self.dir}"
 
     def new_database(self) -> str:
         """The URL of a fresh, empty database."""
         self._databases += 1
-        name = f"t{os.getpid()}_{self._databases}_{int(time.time() * 1000) % 100000}"
+        name = f"t{os.getpid()}_{self._databases}"
         psql = shutil.which("psql") or _binary("psql")
         subprocess.run(
             [psql, self.url(), "-q", "-c", f"CREATE DATABASE {name}"],

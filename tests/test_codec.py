@@ -387,6 +387,8 @@ def refused(payload: bytes, limits: Limits = LIMITS) -> RemoteProtocolError:
         (cbor2.dumps({0: 15, 1: 1, 2: "bad room!", 6: "c", 7: "x"}), ErrorCode.INVALID),
         (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c" * 65, 7: "x"}), ErrorCode.INVALID),
         (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 7: "x" * 4097}), ErrorCode.TOO_LARGE),
+        (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 7: "a\x00b"}), ErrorCode.INVALID),  # NUL
+        (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c\x00", 7: "x"}), ErrorCode.INVALID),
         (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 8: {1: 2}}), ErrorCode.INVALID),
         (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 8: {"x": "y" * 9000}}), ErrorCode.TOO_LARGE),
         (cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 8: {"f": float("nan")}}), ErrorCode.INVALID),

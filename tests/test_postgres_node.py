@@ -11,6 +11,7 @@ from protocol.client import ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import Joined, KvWrite, Message
 from protocol.hlc import pack
+from storage.store import StorageConfigError, open_store
 from tests.helpers import RunningServer, run_server
 from tests.postgres import PrivatePostgres
 
@@ -107,6 +108,10 @@ async def test_a_database_outage_holds_acks_then_drains(
 
                 await trio.to_thread.run_sync(own_postgres.start)
             assert await until_status(server, "OK")
+            # The node lock went with the old server's sessions; the probe took it back.
+            async with open_store(url) as other:
+                with pytest.raises(StorageConfigError, match="another Parley node"):
+                    await other.begin_run()
 
             assert len(acked) + len(refused) == 40
             assert sorted(acked.values()) == list(range(4, 4 + len(acked)))

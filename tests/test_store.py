@@ -340,6 +340,26 @@ async def test_kv_compaction_forgets_deletions_up_to_the_floor(store: Store) -> 
     assert [c.entry.key for c in snap.entries] == ["b", "c"]
 
 
+async def test_a_batch_keeps_the_order_of_kv_changes_and_compactions(store: Store) -> None:
+    """A compaction between two runs of kv changes in one batch: what it forgot stays
+    forgotten, and messages and receipts interleaved with them are all stored."""
+    tomb = kv("alice", "k", 5, deleted=True)
+    await store.write_batch(
+        [
+            tomb,
+            msg("r", 1),
+            KvCompacted(user="alice", floor=5, floor_hlc=1005, floor_dev="d"),
+            ReceiptUpsert(room="r", user="bob", delivered=1, read=0),
+            kv("alice", "j", 6, "j"),
+            msg("r", 2),
+            ReceiptUpsert(room="r", user="bob", delivered=2, read=1),
+        ]
+    )
+    snap = await store.load_kv("alice")
+    assert (snap.rev, snap.floor, [c.entry.key for c in snap.entries]) == (6, 5, ["j"])
+    assert [m.seq for m in await store.fetch_messages("r", 1, 10)] == [1, 2]
+
+
 # --- PostgreSQL specifics ----------------------------------------------------------------
 
 
