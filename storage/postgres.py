@@ -479,7 +479,7 @@ async def _copy_in(
     await conn.execute(move)
     # Emptied now, not only at commit: a later run of the same kind in this batch
     # must not move these rows again (after a compaction, say).
-    await conn.execute(f"TRUNCATE {staging}")
+    await conn.execute(f"DELETE FROM {staging}")
 
 
 async def _rooms_created(conn: Conn, records: list[RoomCreated]) -> None:
