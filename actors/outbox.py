@@ -1,20 +1,37 @@
-"""A session's outbox: framed bytes waiting for the session's one writer task.
+"""A session's outbox: framed bytes waiting to be written to the session's socket.
 
 How this works: producers (rooms fanning out, the write-behind releasing acks, the
 session itself) call ``append`` with finished WebSocket frame bytes; it never awaits and
-never copies. The writer task takes everything pending with ``next_batch`` and sends it
-in one ``send_all``. The outbox is bounded in bytes: the append that overflows it drops
-what is pending, marks the session a slow consumer and calls ``on_overflow`` at once:
-the writer may be stuck in a send to a client that stopped reading, so the connection
-must not wait for it to notice. The client resumes from history when it reconnects.
+never copies. Who writes them depends on the socket:
+
+- While the socket takes everything at once (the usual case), the node's write pump
+  (``actors.pump``) does: the first append to an empty outbox marks it dirty, and the
+  pump, woken once for all the outboxes a fan-out touched, writes each one's pending
+  bytes with one non-blocking system call, in one task, with no task switch per
+  recipient.
+- When a write would block (a slow client, a big backlog), or the connection is
+  closing, or there is no socket (a memory stream in tests), the outbox belongs to its
+  connection's writer task, which waits with ``next_batch`` and sends with ``send_all``
+  until nothing is pending, then hands the outbox back to the pump (``written``).
+
+The outbox is bounded in bytes: the append that overflows it drops what is pending,
+marks the session a slow consumer and calls ``on_overflow`` at once: the writer may be
+stuck in a send to a client that stopped reading, so the connection must not wait for it
+to notice. The client resumes from history when it reconnects.
 
 ``hold``/``release`` park appends from other producers while the session writes a
 room's replay (``append_direct``), so replayed messages come before live ones.
 """
 
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
+
+
+class Pump(Protocol):
+    def mark(self, outbox: "Outbox") -> None:
+        """Write ``outbox``'s pending bytes soon."""
 
 
 class Outbox:
@@ -24,14 +41,23 @@ class Outbox:
         "_holds",
         "_on_overflow",
         "_pending",
+        "_pump",
         "_wakeup",
         "closed",
+        "fd",
         "limit",
         "nbytes",
         "overflowed",
     )
 
-    def __init__(self, limit: int, on_overflow: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        on_overflow: Callable[[], None] | None = None,
+        *,
+        pump: Pump | None = None,
+        fd: int | None = None,
+    ) -> None:
         self.limit = limit
         self._on_overflow = on_overflow
         self.nbytes = 0
@@ -42,6 +68,9 @@ class Outbox:
         self._holds = 0
         self._final: bytes | None = None
         self._wakeup: trio.Event | None = None
+        # The pump writes while this is set: a socket that took everything so far.
+        self._pump = pump if fd is not None else None
+        self.fd = fd
 
     def append(self, data: bytes) -> None:
         """Queue ``data``; dropped if the outbox is closed. Never blocks."""
@@ -49,25 +78,29 @@ class Outbox:
             return
         if self._holds:
             self._held.append(data)
-        else:
-            self._pending.append(data)
+            self.nbytes += len(data)
+            if self.nbytes > self.limit:
+                self._overflow()
+            return
+        was_empty = not self._pending
+        self._pending.append(data)
         self.nbytes += len(data)
         if self.nbytes > self.limit:
             self._overflow()
-        elif self._wakeup is not None and not self._holds:
-            self._wakeup.set()
-            self._wakeup = None
+        elif was_empty:
+            self._notify()
 
     def append_direct(self, data: bytes) -> None:
         """Queue ``data`` ahead of anything held."""
         if self.closed:
             return
+        was_empty = not self._pending
         self._pending.append(data)
         self.nbytes += len(data)
         if self.nbytes > self.limit:
             self._overflow()
-        else:
-            self._wake()
+        elif was_empty:
+            self._notify()
 
     def hold(self) -> None:
         self._holds += 1
@@ -75,15 +108,18 @@ class Outbox:
     def release(self) -> None:
         self._holds -= 1
         if self._holds == 0 and self._held:
+            was_empty = not self._pending
             self._pending.extend(self._held)
             self._held = []
-            self._wake()
+            if was_empty:
+                self._notify()
 
     def close(self, final: bytes | None = None) -> None:
         """Accept nothing more; the writer sends what is pending, then ``final``."""
         if self.closed:
             return
         self.closed = True
+        self._pump = None  # from now on only the writer writes
         if self._held:
             self._pending.extend(self._held)
             self._held = []
@@ -96,19 +132,54 @@ class Outbox:
         self.nbytes = 0
         self.overflowed = True
         self.closed = True
+        self._pump = None
         self._wake()
         if self._on_overflow is not None:
             self._on_overflow()
+
+    def _notify(self) -> None:
+        if self._pump is not None:
+            self._pump.mark(self)
+        else:
+            self._wake()
 
     def _wake(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
 
+    # --- the pump's side ------------------------------------------------------------
+
+    def take(self) -> bytes | None:
+        """Everything pending, for the pump to write; None if the pump may not."""
+        if self._pump is None or not self._pending:
+            return None
+        pending, self._pending = self._pending, []
+        self.nbytes = 0
+        return pending[0] if len(pending) == 1 else b"".join(pending)
+
+    def blocked(self, rest: bytes) -> None:
+        """The socket took only part of what the pump took: the writer task sends
+        ``rest`` (ahead of anything appended since) once the socket can take it."""
+        self._pump = None
+        self._pending.insert(0, rest)
+        self.nbytes += len(rest)
+        self._wake()
+
+    def broken(self) -> None:
+        """The socket failed: the writer task finds out and ends the connection."""
+        self._pump = None
+        self._wake()
+
+    # --- the writer's side ----------------------------------------------------------
+
     async def next_batch(self) -> list[bytes]:
-        """Wait for frames to send. An empty list means: closed, nothing more will come."""
-        while not self._pending:
+        """Wait for frames the writer must send. An empty list means: closed, nothing
+        more will come."""
+        while not self._pending or self._pump is not None:
             if self.closed:
+                if self._pending:
+                    break
                 if self._final is not None:
                     final, self._final = self._final, None
                     return [final]
@@ -118,3 +189,11 @@ class Outbox:
         batch, self._pending = self._pending, []
         self.nbytes -= sum(map(len, batch))
         return batch
+
+    def written(self, pump: Pump | None) -> None:
+        """The writer sent everything it had: back to the pump, unless closing."""
+        if self.closed or self.fd is None or pump is None:
+            return
+        self._pump = pump
+        if self._pending:
+            pump.mark(self)

@@ -11,6 +11,7 @@ import trio
 from actors.directory import Directory
 from actors.kvmap import KvQuota
 from actors.metrics import Metrics
+from actors.outbox import Pump
 from actors.presence import PresenceBook
 from protocol.hlc import Clock
 from protocol.limits import Limits
@@ -82,3 +83,4 @@ class Services:
     now_ms: Callable[[], int] = wall_ms
     presence: PresenceBook = attrs.field(factory=PresenceBook)
     hlc: Clock = attrs.field(factory=Clock)  # the node's hybrid logical clock, for kv
+    pump: Pump | None = None  # writes outboxes to sockets (actors.pump); None: writers do

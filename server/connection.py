@@ -2,8 +2,9 @@
 
 How this works: after the handshake, three tasks share the connection. The reader
 feeds bytes to wsproto and hands each complete binary message to the Session, one at
-a time. The writer is the only task that sends: it drains the outbox with one
-``send_all`` per batch. The session's own task runs timers and actor events. Data
+a time. Sending is the node's write pump's job while the socket takes everything
+(``actors.pump``); the writer task takes over with ``send_all`` when it does not, and
+for the closing frames. The session's own task runs timers and actor events. Data
 frames are built by ``protocol.wsframe`` (once per fan-out, shared by every recipient);
 wsproto builds only the control frames (pong, close), so its state still tracks the
 closing handshake.
@@ -100,7 +101,13 @@ class Connection:
         self._ws = ws
         self._services = services
         self._max_message = services.settings.limits.max_frame_bytes
-        self.outbox = Outbox(services.settings.outbox_bytes, on_overflow=self._slow_consumer)
+        socket = getattr(stream, "socket", None)  # a trio SocketStream; tests use memory
+        self.outbox = Outbox(
+            services.settings.outbox_bytes,
+            on_overflow=self._slow_consumer,
+            pump=services.pump,
+            fd=socket.fileno() if socket is not None else None,
+        )
         self.session = Session(services, self.outbox, self._close, peer)
         self._close_frame: bytes | None = None
         self._written = trio.Event()
@@ -121,10 +128,12 @@ class Connection:
             self._nursery = None
         except Exception:
             log.exception("connection of %s crashed; closing it", self.session.peer)
+            self.outbox.close()  # the pump must not write into our close frame
             self._services.metrics.closes_by[CloseCode.INTERNAL_ERROR].inc()
             with trio.move_on_after(1, shield=True):
                 await self._send_close_now(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            self.outbox.close()  # out of the pump's hands before the socket closes
             with trio.move_on_after(DETACH_TIMEOUT, shield=True):
                 await self.session.detach()
             await trio.aclose_forcefully(self._stream)
@@ -161,9 +170,11 @@ class Connection:
     async def _write(self) -> None:
         outbox = self.outbox
         stream = self._stream
+        pump = self._services.pump
         try:
             while batch := await outbox.next_batch():
                 await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+                outbox.written(pump)
             if outbox.overflowed:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._send_close_now(CloseCode.SLOW_CONSUMER, "slow consumer")

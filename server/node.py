@@ -32,6 +32,7 @@ from actors.directory import ActorKind, Directory
 from actors.kv import Kv
 from actors.messages import FlushState, Reply, RequestFailed, deliver
 from actors.metrics import Metrics
+from actors.pump import WritePump
 from actors.room import Room
 from actors.services import Services
 from actors.user import User
@@ -226,6 +227,8 @@ async def open_node(
                 flush_seconds=metrics.flush_seconds,
             )
             await nursery.start(write_behind.run)
+            pump = WritePump()
+            await nursery.start(pump.run)
             directory = Directory(nursery, metrics, mailbox_size=settings.mailbox_size)
             services = Services(
                 settings=settings,
@@ -236,6 +239,7 @@ async def open_node(
                 metrics=metrics,
                 run=run.run,
                 verify_token=verify_token,
+                pump=pump,
             )
             directory.register(ActorKind.ROOM, lambda key, old: Room(key, services, old))
             directory.register(ActorKind.USER, lambda key, old: User(key, services, old))

@@ -1,0 +1,75 @@
+"""actors/pump.py with actors/outbox.py over a real socket pair: the pump writes while
+the socket takes everything, hands a full socket to the writer task, and takes it back;
+bytes arrive complete and in order whoever wrote them."""
+
+import trio
+import trio.testing
+
+from actors.outbox import Outbox
+from actors.pump import WritePump
+
+
+async def test_pump_writer_handover_keeps_every_byte_in_order() -> None:
+    left, right = trio.socket.socketpair()
+    sender, receiver = trio.SocketStream(left), trio.SocketStream(right)
+    pump = WritePump()
+    outbox = Outbox(2**30, pump=pump, fd=left.fileno())
+    writer_sends = 0
+    received = bytearray()
+
+    async def writer() -> None:  # as Connection._write does
+        nonlocal writer_sends
+        while batch := await outbox.next_batch():
+            await sender.send_all(b"".join(batch))
+            writer_sends += 1
+            outbox.written(pump)
+
+    async def read(n: int) -> None:
+        while len(received) < n:
+            received.extend(await receiver.receive_some(65536))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump.run)
+        nursery.start_soon(writer)
+        expected = bytearray()
+
+        def append(chunk: bytes) -> None:
+            outbox.append(chunk)
+            expected.extend(chunk)
+
+        append(b"small")
+        await read(len(expected))
+        assert (pump.writes, writer_sends) == (1, 0)  # the pump wrote it
+
+        for i in range(300):  # 3 MB: more than the socket buffers hold
+            append(bytes([i % 256]) * 10_000)
+        await trio.testing.wait_all_tasks_blocked()
+        assert writer_sends == 0 or outbox.nbytes > 0  # the writer has it, blocked
+        for i in range(50):  # appended while the writer owns the outbox
+            append(f"late{i}".encode())
+        await read(len(expected))
+        assert writer_sends >= 1
+
+        writes = pump.writes
+        append(b"after")  # the socket is empty again: back to the pump
+        await read(len(expected))
+        assert pump.writes == writes + 1
+        assert received == expected
+        outbox.close()
+        nursery.cancel_scope.cancel()  # the pump runs until cancelled
+    await sender.aclose()
+    await receiver.aclose()
+
+
+async def test_a_closed_outbox_is_never_written_by_the_pump() -> None:
+    left, right = trio.socket.socketpair()
+    pump = WritePump()
+    outbox = Outbox(1024, pump=pump, fd=left.fileno())
+    outbox.append(b"queued")
+    outbox.close()  # the connection closes before the pump runs
+    pump.write([outbox])
+    assert pump.writes == 0
+    assert await outbox.next_batch() == [b"queued"]  # the writer sends what was queued
+    assert await outbox.next_batch() == []
+    left.close()
+    right.close()
