@@ -167,8 +167,13 @@ class Outbox:
         self._wake()
 
     def broken(self) -> None:
-        """The socket failed: the writer task finds out and ends the connection."""
+        """The socket failed (the client reset it): nothing more can be written. The
+        reader finds the connection gone and ends it."""
+        self.closed = True
         self._pump = None
+        self._pending = []
+        self._held = []
+        self.nbytes = 0
         self._wake()
 
     # --- the writer's side ----------------------------------------------------------

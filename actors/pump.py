@@ -51,7 +51,7 @@ class WritePump:
             except BlockingIOError:
                 n = 0
             except OSError:
-                outbox.broken()  # the writer task's send finds out what and closes
+                outbox.broken()
                 continue
             self.writes += 1
             if n < len(data):

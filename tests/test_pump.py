@@ -73,3 +73,16 @@ async def test_a_closed_outbox_is_never_written_by_the_pump() -> None:
     assert await outbox.next_batch() == []
     left.close()
     right.close()
+
+
+async def test_a_reset_socket_closes_the_outbox() -> None:
+    left, right = trio.socket.socketpair()
+    right.close()  # the peer is gone: writing fails with EPIPE or ECONNRESET
+    pump = WritePump()
+    outbox = Outbox(1024, pump=pump, fd=left.fileno())
+    outbox.append(b"lost")
+    pump.write([outbox])
+    assert outbox.closed and outbox.nbytes == 0
+    outbox.append(b"dropped")  # a closed outbox takes nothing more
+    assert await outbox.next_batch() == []
+    left.close()
