@@ -39,7 +39,9 @@ class Outbox:
         "_final",
         "_held",
         "_holds",
+        "_on_broken",
         "_on_overflow",
+        "_partial",
         "_pending",
         "_pump",
         "_wakeup",
@@ -57,9 +59,14 @@ class Outbox:
         *,
         pump: Pump | None = None,
         fd: int | None = None,
+        on_broken: Callable[[], None] | None = None,
     ) -> None:
         self.limit = limit
         self._on_overflow = on_overflow
+        self._on_broken = on_broken
+        # The unsent tail of a frame the client has begun to receive: whatever else is
+        # dropped (overflow), this goes out first, or the stream would be torn.
+        self._partial: bytes | None = None
         self.nbytes = 0
         self.closed = False
         self.overflowed = False
@@ -129,7 +136,7 @@ class Outbox:
     def _overflow(self) -> None:
         self._pending = []
         self._held = []
-        self.nbytes = 0
+        self.nbytes = 0 if self._partial is None else len(self._partial)
         self.overflowed = True
         self.closed = True
         self._pump = None
@@ -155,16 +162,22 @@ class Outbox:
         if self._pump is None or not self._pending:
             return None
         pending, self._pending = self._pending, []
-        self.nbytes = 0
-        return pending[0] if len(pending) == 1 else b"".join(pending)
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self.nbytes -= len(data)  # held frames stay counted
+        return data
 
     def blocked(self, rest: bytes) -> None:
         """The socket took only part of what the pump took: the writer task sends
         ``rest`` (ahead of anything appended since) once the socket can take it."""
         self._pump = None
-        self._pending.insert(0, rest)
+        self._partial = rest
         self.nbytes += len(rest)
         self._wake()
+
+    @property
+    def torn(self) -> bool:
+        """Part of a frame is still to be sent: nothing else may be written first."""
+        return self._partial is not None
 
     def broken(self) -> None:
         """The socket failed (the client reset it): nothing more can be written. The
@@ -173,25 +186,33 @@ class Outbox:
         self._pump = None
         self._pending = []
         self._held = []
+        self._partial = None
         self.nbytes = 0
         self._wake()
+        if self._on_broken is not None:
+            self._on_broken()
 
     # --- the writer's side ----------------------------------------------------------
 
     async def next_batch(self) -> list[bytes]:
         """Wait for frames the writer must send. An empty list means: closed, nothing
         more will come."""
-        while not self._pending or self._pump is not None:
-            if self.closed:
-                if self._pending:
+        while True:
+            if self._pump is None:
+                if self._partial is not None:
+                    batch = [self._partial, *self._pending]
+                    self._partial, self._pending = None, []
                     break
-                if self._final is not None:
-                    final, self._final = self._final, None
-                    return [final]
-                return []
+                if self._pending:
+                    batch, self._pending = self._pending, []
+                    break
+                if self.closed:
+                    if self._final is not None:
+                        final, self._final = self._final, None
+                        return [final]
+                    return []
             self._wakeup = trio.Event()
             await self._wakeup.wait()
-        batch, self._pending = self._pending, []
         self.nbytes -= sum(map(len, batch))
         return batch
 

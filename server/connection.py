@@ -107,6 +107,7 @@ class Connection:
             on_overflow=self._slow_consumer,
             pump=services.pump,
             fd=socket.fileno() if socket is not None else None,
+            on_broken=self._broken,
         )
         self.session = Session(services, self.outbox, self._close, peer)
         self._close_frame: bytes | None = None
@@ -130,8 +131,9 @@ class Connection:
             log.exception("connection of %s crashed; closing it", self.session.peer)
             self.outbox.close()  # the pump must not write into our close frame
             self._services.metrics.closes_by[CloseCode.INTERNAL_ERROR].inc()
-            with trio.move_on_after(1, shield=True):
-                await self._send_close_now(CloseCode.INTERNAL_ERROR, "internal error")
+            if not self.outbox.torn:  # else a close frame would land inside a frame
+                with trio.move_on_after(1, shield=True):
+                    await self._send_close_now(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self.outbox.close()  # out of the pump's hands before the socket closes
             with trio.move_on_after(DETACH_TIMEOUT, shield=True):
@@ -147,6 +149,12 @@ class Connection:
         # writer sends the close frame if its current send completes; the deadline cuts
         # the connection if it never does.
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+
+    def _broken(self) -> None:
+        # The pump could not write: the client reset the connection. Nothing more can
+        # reach it, so there is nothing to wait for.
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     def _close(self, code: CloseCode, reason: str) -> None:
         if self._close_frame is not None or self._ws.state is not ConnectionState.OPEN:

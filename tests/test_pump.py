@@ -2,6 +2,8 @@
 the socket takes everything, hands a full socket to the writer task, and takes it back;
 bytes arrive complete and in order whoever wrote them."""
 
+import socket
+
 import trio
 import trio.testing
 
@@ -86,3 +88,47 @@ async def test_a_reset_socket_closes_the_outbox() -> None:
     outbox.append(b"dropped")  # a closed outbox takes nothing more
     assert await outbox.next_batch() == []
     left.close()
+
+
+async def test_an_overflow_never_tears_a_frame_the_client_has_begun() -> None:
+    left, right = trio.socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    pump = WritePump()
+    overflowed: list[bool] = []
+    outbox = Outbox(300_000, lambda: overflowed.append(True), pump=pump, fd=left.fileno())
+    first = b"A" * 200_000
+    outbox.append(first)
+    pump.write([outbox])  # the socket takes a few kB of it
+    assert outbox.torn
+    outbox.append(b"B" * 150_000)  # over the limit: pending frames are dropped...
+    assert overflowed == [True]
+    sender, receiver = trio.SocketStream(left), trio.SocketStream(right)
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+
+        async def read() -> None:
+            while chunk := await receiver.receive_some(65536):
+                received.extend(chunk)
+
+        nursery.start_soon(read)
+        while batch := await outbox.next_batch():  # ...but the begun frame is finished
+            await sender.send_all(b"".join(batch))
+        await sender.aclose()
+    await receiver.aclose()
+    assert received == first
+    assert outbox.nbytes == 0
+
+
+async def test_held_frames_stay_counted_while_the_pump_writes() -> None:
+    left, right = trio.socket.socketpair()
+    pump = WritePump()
+    outbox = Outbox(1000, pump=pump, fd=left.fileno())
+    outbox.hold()
+    outbox.append(b"h" * 600)  # a live message, held behind a replay
+    outbox.append_direct(b"r" * 100)  # the replay
+    pump.write([outbox])
+    assert outbox.nbytes == 600
+    outbox.append(b"h" * 500)  # held too: over the limit in all
+    assert outbox.overflowed
+    left.close()
+    right.close()
