@@ -64,6 +64,22 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     _target_options(kv)
     kv.set_defaults(func=cmd_kv)
 
+    idle = kinds.add_parser(
+        "idle",
+        help="memory per idle session, and the connect rate",
+        description="Idle benchmark: --sessions authenticated sessions connect (a connect "
+        "storm) and stay silent; reports sessions/s and the server's RSS per session. "
+        "It starts its own server (SQLite in a temporary directory). Mind the open-file "
+        "limit: both sides hold one descriptor per session.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    idle.add_argument("--sessions", type=int, default=5000, help="sessions to open")
+    idle.add_argument("--window", type=int, default=200, help="handshakes in flight")
+    idle.add_argument(
+        "--server-cpu", type=int, metavar="CORE", help="pin the started server to this CPU core"
+    )
+    idle.set_defaults(func=cmd_idle, url=None, secret=None, database_url=None)
+
     store = kinds.add_parser(
         "store",
         help="rows/s and flush latency per record kind, straight into a store",
@@ -126,6 +142,7 @@ def _target(args: argparse.Namespace) -> Iterator[tuple[str, int, str, int | Non
         flags += " --rate 1000000 --burst 1000000"  # the publisher is not rate-limited
         command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), "--secret", secret]
         command += ["--database-url", args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"]
+        command += getattr(args, "extra_flags", [])
         if args.server_cpu is not None:
             command = ["taskset", "-c", str(args.server_cpu), *command]
         server = subprocess.Popen(command)
@@ -180,6 +197,26 @@ def cmd_kv(args: argparse.Namespace) -> int:
                 size=args.size,
                 window=args.window,
                 catchup_keys=args.catchup_keys,
+                server_pid=pid,
+            )
+        )
+    print(result.report())
+    return 0
+
+
+def cmd_idle(args: argparse.Namespace) -> int:
+    from loadtests.idle import run_idle
+
+    args.extra_flags = ["--ping-interval", "3600"]  # no ping during the measurement
+    with _target(args) as (host, port, secret, pid):
+        assert pid is not None
+        result = trio.run(
+            lambda: run_idle(
+                host,
+                port,
+                lambda user: issue_token(secret, user, 3600),
+                sessions=args.sessions,
+                window=args.window,
                 server_pid=pid,
             )
         )
