@@ -13,7 +13,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from loadtests.fanout import progress
+from loadtests.fanout import process_cpu_seconds, progress
 from loadtests.rawclient import RawClient
 
 
@@ -31,13 +31,16 @@ class IdleResult:
     seconds: float
     rss_before_kib: int
     rss_after_kib: int
+    server_cpu_s: float
 
     def report(self) -> str:
         per = (self.rss_after_kib - self.rss_before_kib) / self.sessions
         return "\n".join(
             [
                 f"idle: {self.sessions} sessions connected and authenticated in "
-                f"{self.seconds:.2f} s = {self.sessions / self.seconds:,.0f} sessions/s",
+                f"{self.seconds:.2f} s = {self.sessions / self.seconds:,.0f} sessions/s "
+                f"(server CPU {self.server_cpu_s:.2f} s = "
+                f"{self.server_cpu_s / self.sessions * 1e6:.0f} µs per session)",
                 f"  server RSS {self.rss_before_kib / 1024:.1f} MiB -> "
                 f"{self.rss_after_kib / 1024:.1f} MiB = {per:.1f} KiB per idle session",
             ]
@@ -67,12 +70,14 @@ async def run_idle(
 
     progress(f"connecting {sessions} sessions, {window} at a time")
     started = time.monotonic()
+    cpu = process_cpu_seconds(server_pid)
     async with trio.open_nursery() as nursery:
         for token in tokens:
             nursery.start_soon(one, token)
     seconds = time.monotonic() - started
+    cpu = process_cpu_seconds(server_pid) - cpu
     await trio.sleep(1.0)  # let the user actors settle
     after = rss_kib(server_pid)
     for client in clients:
         await client.aclose()
-    return IdleResult(sessions, seconds, before, after)
+    return IdleResult(sessions, seconds, before, after, cpu)
