@@ -29,7 +29,15 @@ import trio_asyncio  # type: ignore[import-untyped]
 from protocol.errors import sole_exception
 from protocol.frames import Message, RoomKind, RoomState, Status
 from storage.migrations import migrations_for
-from storage.rows import KV_COLUMNS, MESSAGE_COLUMNS, kv_change_of, kv_rows, message_of, message_row
+from storage.rows import (
+    KV_COLUMNS,
+    MESSAGE_COLUMNS,
+    kv_change_of,
+    kv_rows,
+    message_of,
+    message_row,
+    toggle_runs,
+)
 from storage.store import (
     BlockChanged,
     KvChange,
@@ -76,6 +84,17 @@ _RECEIPTS_FROM_STAGING = (
     " delivered = greatest(receipts.delivered, excluded.delivered),"
     " read = greatest(receipts.read, excluded.read)"
 )
+# (add, remove) of the pair tables, written as toggle_runs gives them.
+_TOGGLES: dict[type, tuple[str, str]] = {
+    MemberChanged: (
+        'INSERT INTO members (room, "user", added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING',
+        'DELETE FROM members WHERE room = $1 AND "user" = $2',
+    ),
+    BlockChanged: (
+        'INSERT INTO blocks ("user", other, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING',
+        'DELETE FROM blocks WHERE "user" = $1 AND other = $2',
+    ),
+}
 _UPSERT_USER = (
     "INSERT INTO users (id, status, last_seen) VALUES ($1, $2, $3)"
     " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
@@ -304,10 +323,11 @@ class PostgresStore:
                 batch = list(run)
                 if kind is RoomCreated:
                     await _rooms_created(conn, cast(list[RoomCreated], batch))
-                elif kind is MemberChanged:
-                    await _members_changed(conn, cast(list[MemberChanged], batch))
-                elif kind is BlockChanged:
-                    await _blocks_changed(conn, cast(list[BlockChanged], batch))
+                elif kind is MemberChanged or kind is BlockChanged:
+                    add, remove = _TOGGLES[kind]
+                    pairs = cast(list[MemberChanged] | list[BlockChanged], batch)
+                    for added, rows in toggle_runs(pairs):
+                        await conn.executemany(add if added else remove, rows)
                 elif kind is KvChange:
                     rows, heads = kv_rows(cast(list[KvChange], batch))
                     await _copy_in(conn, "kv", _KV_ROW, rows, _KV_FROM_STAGING)
@@ -489,41 +509,8 @@ async def _rooms_created(conn: Conn, records: list[RoomCreated]) -> None:
         [(r.room, int(r.kind), r.owner, r.epoch, r.ts, r.run) for r in records],
     )
     await conn.executemany(
-        'INSERT INTO members (room, "user", added_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING',
-        [(r.room, u, r.ts) for r in records for u in r.members],
+        _TOGGLES[MemberChanged][0], [(r.room, u, r.ts) for r in records for u in r.members]
     )
-
-
-async def _members_changed(conn: Conn, records: list[MemberChanged]) -> None:
-    for r in records:  # in order: an add and a remove of one member must not swap
-        if r.added:
-            await conn.execute(
-                'INSERT INTO members (room, "user", added_at) VALUES ($1, $2, $3)'
-                " ON CONFLICT DO NOTHING",
-                r.room,
-                r.user,
-                r.ts,
-            )
-        else:
-            await conn.execute(
-                'DELETE FROM members WHERE room = $1 AND "user" = $2', r.room, r.user
-            )
-
-
-async def _blocks_changed(conn: Conn, records: list[BlockChanged]) -> None:
-    for r in records:
-        if r.blocked:
-            await conn.execute(
-                'INSERT INTO blocks ("user", other, created_at) VALUES ($1, $2, $3)'
-                " ON CONFLICT DO NOTHING",
-                r.user,
-                r.other,
-                r.ts,
-            )
-        else:
-            await conn.execute(
-                'DELETE FROM blocks WHERE "user" = $1 AND other = $2', r.user, r.other
-            )
 
 
 async def _kv_compacted(conn: Conn, records: list[KvCompacted]) -> None:

@@ -1,13 +1,14 @@
 """Records as table rows and back, the same for every SQL backend: what each column
 holds (CBOR for ``data`` and kv values) is decided once, here."""
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import cbor2
 
 from protocol.frames import KvEntry, Message
-from storage.store import KvChange
+from storage.store import BlockChanged, KvChange, MemberChanged
 
 MESSAGE_COLUMNS = "seq, ts, sender, cid, text, data"
 KV_COLUMNS = "key, rev, hlc, dev, value, deleted, ts"
@@ -48,3 +49,19 @@ def kv_rows(changes: Iterable[KvChange]) -> tuple[list[tuple[Any, ...]], dict[st
         rows.append((c.user, e.key, e.rev, e.hlc, e.dev, value, e.deleted, c.ts))
         heads[c.user] = max(heads.get(c.user, 0), e.rev)
     return rows, heads
+
+
+def toggle_runs(
+    records: Iterable[MemberChanged] | Iterable[BlockChanged],
+) -> Iterator[tuple[bool, list[tuple[Any, ...]]]]:
+    """Members added or removed, or blocks set or lifted, as runs of the same way in
+    the order made (an add and a remove of one pair must not swap): ``(added, rows)``,
+    where an added row ends with its time and a removed row is the pair alone."""
+    changes = (
+        (r.added, (r.room, r.user), r.ts)
+        if isinstance(r, MemberChanged)
+        else (r.blocked, (r.user, r.other), r.ts)
+        for r in records
+    )
+    for added, run in itertools.groupby(changes, key=lambda c: c[0]):
+        yield added, [(*pair, ts) if added else pair for _, pair, ts in run]

@@ -30,6 +30,7 @@ from storage.rows import (
     kv_rows,
     message_of,
     message_row,
+    toggle_runs,
 )
 from storage.store import (
     BlockChanged,
@@ -64,6 +65,10 @@ _UPSERT_RECEIPT = (
     " ON CONFLICT (room, user) DO UPDATE SET"
     " delivered = max(delivered, excluded.delivered), read = max(read, excluded.read)"
 )
+_ADD_MEMBER = "INSERT OR IGNORE INTO members (room, user, added_at) VALUES (?, ?, ?)"
+_REMOVE_MEMBER = "DELETE FROM members WHERE room = ? AND user = ?"
+_ADD_BLOCK = "INSERT OR IGNORE INTO blocks (user, other, created_at) VALUES (?, ?, ?)"
+_REMOVE_BLOCK = "DELETE FROM blocks WHERE user = ? AND other = ?"
 _UPSERT_KV = (
     "INSERT INTO kv (user, key, rev, hlc, dev, value, deleted, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (user, key) DO UPDATE SET rev = excluded.rev, hlc = excluded.hlc,"
@@ -276,24 +281,10 @@ class SqliteStore:
                             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                             (r.room, int(r.kind), r.owner, r.epoch, r.ts, r.run),
                         )
-                        conn.executemany(
-                            "INSERT OR IGNORE INTO members (room, user, added_at) VALUES (?, ?, ?)",
-                            [(r.room, u, r.ts) for u in r.members],
-                        )
+                        conn.executemany(_ADD_MEMBER, [(r.room, u, r.ts) for u in r.members])
                 elif kind is MemberChanged:
-                    for r in run:
-                        assert isinstance(r, MemberChanged)
-                        if r.added:
-                            conn.execute(
-                                "INSERT OR IGNORE INTO members (room, user, added_at)"
-                                " VALUES (?, ?, ?)",
-                                (r.room, r.user, r.ts),
-                            )
-                        else:
-                            conn.execute(
-                                "DELETE FROM members WHERE room = ? AND user = ?",
-                                (r.room, r.user),
-                            )
+                    for added, rows in toggle_runs(cast(Iterable[MemberChanged], run)):
+                        conn.executemany(_ADD_MEMBER if added else _REMOVE_MEMBER, rows)
                 elif kind is ReceiptUpsert:
                     receipts = cast(Iterable[ReceiptUpsert], run)
                     conn.executemany(
@@ -305,19 +296,8 @@ class SqliteStore:
                         _UPSERT_USER, [(r.user, int(r.status), r.last_seen) for r in seen]
                     )
                 elif kind is BlockChanged:
-                    for r in run:
-                        assert isinstance(r, BlockChanged)
-                        if r.blocked:
-                            conn.execute(
-                                "INSERT OR IGNORE INTO blocks (user, other, created_at)"
-                                " VALUES (?, ?, ?)",
-                                (r.user, r.other, r.ts),
-                            )
-                        else:
-                            conn.execute(
-                                "DELETE FROM blocks WHERE user = ? AND other = ?",
-                                (r.user, r.other),
-                            )
+                    for added, rows in toggle_runs(cast(Iterable[BlockChanged], run)):
+                        conn.executemany(_ADD_BLOCK if added else _REMOVE_BLOCK, rows)
                 elif kind is KvChange:
                     _write_kv(conn, cast(Iterable[KvChange], run))
                 elif kind is KvCompacted:
