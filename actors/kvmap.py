@@ -51,10 +51,6 @@ class KvMap:
     def keys(self) -> int:
         return len(self._entries) - self.tombstones
 
-    def get(self, key: str) -> KvEntry | None:
-        change = self._entries.get(key)
-        return None if change is None else change.entry
-
     def write(self, dev: str, w: KvWrite, now_ms: int) -> tuple[KvResult, KvChange | None]:
         """Apply ``w`` from device ``dev`` if it wins; the result, and what to store."""
         old = self._entries.get(w.key)

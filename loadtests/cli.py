@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     idle.add_argument(
         "--server-cpu", type=int, metavar="CORE", help="pin the started server to this CPU core"
     )
-    idle.set_defaults(func=cmd_idle, url=None, secret=None, database_url=None)
+    idle.set_defaults(func=cmd_idle)
 
     store = kinds.add_parser(
         "store",
@@ -120,9 +120,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def _target(args: argparse.Namespace) -> Iterator[tuple[str, int, str, int | None]]:
-    """(host, port, secret, server pid): the server at --url, or one started here."""
-    if args.url:
+def _target(
+    args: argparse.Namespace, extra_flags: Sequence[str] = ()
+) -> Iterator[tuple[str, int, str, int | None]]:
+    """(host, port, secret, server pid): the server at --url, or one started here with
+    ``extra_flags``."""
+    if getattr(args, "url", None):
         from server.cli import resolve_secrets
         from server.config import Config
 
@@ -141,8 +144,11 @@ def _target(args: argparse.Namespace) -> Iterator[tuple[str, int, str, int | Non
         flags = f"--host 127.0.0.1 --port {port} --ops-port {free_port()} --log-level warning"
         flags += " --rate 1000000 --burst 1000000"  # the publisher is not rate-limited
         command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), "--secret", secret]
-        command += ["--database-url", args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"]
-        command += getattr(args, "extra_flags", [])
+        command += [
+            "--database-url",
+            getattr(args, "database_url", None) or f"sqlite:///{Path(tmp) / 'bench.db'}",
+        ]
+        command += extra_flags
         if args.server_cpu is not None:
             command = ["taskset", "-c", str(args.server_cpu), *command]
         server = subprocess.Popen(command)
@@ -207,8 +213,8 @@ def cmd_kv(args: argparse.Namespace) -> int:
 def cmd_idle(args: argparse.Namespace) -> int:
     from loadtests.idle import run_idle
 
-    args.extra_flags = ["--ping-interval", "3600"]  # no ping during the measurement
-    with _target(args) as (host, port, secret, pid):
+    no_pings = ("--ping-interval", "3600")  # none during the measurement
+    with _target(args, no_pings) as (host, port, secret, pid):
         assert pid is not None
         result = trio.run(
             lambda: run_idle(

@@ -26,7 +26,7 @@ def wall_ms() -> int:
 
 
 @attrs.frozen
-class KvResult:
+class KvBenchResult:
     users: int
     batch: int
     writes: int
@@ -101,7 +101,7 @@ async def run_kv(
     window: int,
     catchup_keys: int,
     server_pid: int | None,
-) -> KvResult:
+) -> KvBenchResult:
     latencies: list[float] = []
     progress(f"writes: {users} users, {batches} kvputs of {batch} each")
     async with trio.open_nursery() as nursery:
@@ -154,7 +154,7 @@ async def run_kv(
                 break
         catchup_s = time.monotonic() - started
     assert len(late.synced()) == catchup_keys, len(late.synced())
-    return KvResult(
+    return KvBenchResult(
         users=users,
         batch=batch,
         writes=users * batches * batch,

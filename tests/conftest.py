@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import RunningServer, run_server
-from tests.postgres import PrivatePostgres
+from tests.postgres import PrivatePostgres, private_postgres
 
 
 @pytest.fixture
@@ -17,12 +17,8 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PrivatePostgres]:
     """One private PostgreSQL server for the whole run (each test takes a database)."""
-    server = PrivatePostgres()
-    try:
-        server.start()
+    with private_postgres() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,14 @@ class PrivatePostgres:
         except RuntimeError:
             pass  # not running
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A started private server, destroyed when the block ends."""
+    server = PrivatePostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()

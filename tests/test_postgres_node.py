@@ -13,7 +13,7 @@ from protocol.frames import Joined, KvWrite, Message
 from protocol.hlc import pack
 from storage.store import StorageConfigError, open_store
 from tests.helpers import RunningServer, run_server
-from tests.postgres import PrivatePostgres
+from tests.postgres import PrivatePostgres, private_postgres
 
 
 async def test_chat_kv_and_a_restart_on_postgres(tmp_path: Path, postgres_url: str) -> None:
@@ -42,12 +42,8 @@ async def test_chat_kv_and_a_restart_on_postgres(tmp_path: Path, postgres_url: s
 @pytest.fixture
 def own_postgres() -> Iterator[PrivatePostgres]:
     """A private server of this test's own, to stop and start."""
-    server = PrivatePostgres()
-    try:
-        server.start()
+    with private_postgres() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 async def readiness(server: RunningServer) -> dict[str, object]:
