@@ -9,11 +9,13 @@ import trio
 import trio.testing
 
 from actors.directory import ActorKind
+from actors.kvmap import KvMap, KvQuota
 from protocol.client import ParleyClient, ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import KvChanged, KvEntry, KvWrite
 from protocol.hlc import pack
 from protocol.kv import KvReplica
+from storage.store import KvSnapshot
 from tests.helpers import RunningServer, memory_node, pending_events, run_server
 
 
@@ -369,3 +371,25 @@ async def test_puts_are_refused_while_the_node_goes_away(tmp_path: Path) -> None
         with pytest.raises(ServerError) as info:
             await c.kv_put("d", KvWrite(key="k", hlc=pack(ms()), value=1))
         assert info.value.code == ErrorCode.TRY_LATER
+
+
+async def test_an_ack_shows_current_values_up_to_its_budget(server: RunningServer) -> None:
+    async with server.client("alice") as c:
+        t = pack(ms())
+        for i in range(20):  # 20 values of 15 kB: 300 kB, over the 256 KiB an ack shows
+            await c.kv_put("new", KvWrite(key=f"k{i}", hlc=t + 100, value="v" * 15_000))
+        ack = await c.kv_put("old", *(KvWrite(key=f"k{i}", hlc=t, value=i) for i in range(20)))
+        assert all(r.code == ErrorCode.KV_STALE for r in ack.items)
+        assert [r.rev for r in ack.items] == list(range(1, 21))  # the revision always
+        shown = [r.value is not None for r in ack.items]
+        assert shown == [True] * 17 + [False] * 3  # kvsync has the rest
+
+
+def test_pages_are_bounded_in_bytes_but_never_empty() -> None:
+    store = KvMap("alice", KvSnapshot(), KvQuota())
+    for i in range(10):
+        store.write("d", KvWrite(key=f"k{i}", hlc=i + 1, value="v" * 1000), 0)
+    page, more = store.changes(0, 100, max_bytes=2500, deletions=True)
+    assert ([e.rev for e in page], more) == ([1, 2], True)
+    page, more = store.changes(9, 100, max_bytes=10, deletions=True)
+    assert ([e.rev for e in page], more) == ([10], False)  # one too big still goes
