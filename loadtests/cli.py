@@ -80,6 +80,42 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     )
     idle.set_defaults(func=cmd_idle)
 
+    compare = kinds.add_parser(
+        "compare",
+        help="the issue-6 scenarios against Parley and its peers, side by side",
+        description="Runs each scenario against each target in turn, a fresh server per "
+        "run pinned to --server-cpu, the load generator's processes on the other cores. "
+        "Installs the peers (Node Socket.IO, python-socketio on uvicorn, websockets) under "
+        "$PARLEY_BENCH_CACHE (default ~/.cache/parley-bench) the first time. Scenarios: "
+        "a fan-out 1000 receivers; b 100 receivers x 20000 messages; c 1000 receivers at "
+        "each --rates msg/s for 10 s; d 1:1 chat (2000 users, acks and receipts) at full "
+        "speed; d-rate the same at --chat-rate; e/f idle sessions and the connect storm. "
+        "Mind the open-file limit (ulimit -n) for e/f.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    compare.add_argument(
+        "--targets",
+        default="parley,websockets,socketio-node,python-socketio",
+        help="comma-separated: parley and peers",
+    )
+    compare.add_argument("--scenarios", default="a,b,c,d,d-rate,e/f", help="comma-separated")
+    compare.add_argument("--rates", default="200", help="scenario c: messages/s, comma-separated")
+    compare.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
+    compare.add_argument("--sessions", type=int, default=10_000, help="scenario e/f sessions")
+    compare.add_argument("--chat-rate", type=float, default=10_000, help="d-rate: total msg/s")
+    compare.add_argument("--chat-window", type=int, default=4, help="d: sends awaiting ack")
+    compare.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="load generator processes (default: one per CPU this command may use)",
+    )
+    compare.add_argument("--timeout", type=float, default=120, help="seconds per run at most")
+    compare.add_argument("--server-cpu", type=int, metavar="CORE", default=None)
+    compare.add_argument("--json", type=Path, help="append every row to this JSON-lines file")
+    compare.add_argument("--plot", type=Path, help="draw latency against offered load (PNG)")
+    compare.set_defaults(func=cmd_compare)
+
     store = kinds.add_parser(
         "store",
         help="rows/s and flush latency per record kind, straight into a store",
@@ -141,23 +177,30 @@ def _target(
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
         port = free_port()
         secret = secrets.token_urlsafe(32)
-        flags = f"--host 127.0.0.1 --port {port} --ops-port {free_port()} --log-level warning"
-        flags += " --rate 1000000 --burst 1000000"  # the publisher is not rate-limited
-        command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), "--secret", secret]
-        command += [
-            "--database-url",
-            getattr(args, "database_url", None) or f"sqlite:///{Path(tmp) / 'bench.db'}",
-        ]
-        command += extra_flags
-        if args.server_cpu is not None:
-            command = ["taskset", "-c", str(args.server_cpu), *command]
-        server = subprocess.Popen(command)
-        try:
-            _wait_for_port(port, server)
-            yield "127.0.0.1", port, secret, server.pid
-        finally:
-            server.terminate()
-            server.wait(30)
+        url = getattr(args, "database_url", None) or f"sqlite:///{Path(tmp) / 'bench.db'}"
+        with start_server(port, secret, url, args.server_cpu, extra_flags) as pid:
+            yield "127.0.0.1", port, secret, pid
+
+
+@contextmanager
+def start_server(
+    port: int, secret: str, database_url: str, cpu: int | None, extra_flags: Sequence[str] = ()
+) -> Iterator[int]:
+    """A Parley server on 127.0.0.1:``port``, pinned to ``cpu``; yields its pid once it
+    listens, and stops it at exit."""
+    flags = f"--host 127.0.0.1 --port {port} --ops-port {free_port()} --log-level warning"
+    flags += " --rate 1000000 --burst 1000000"  # the publisher is not rate-limited
+    command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), "--secret", secret]
+    command += ["--database-url", database_url, *extra_flags]
+    if cpu is not None:
+        command = ["taskset", "-c", str(cpu), *command]
+    server = subprocess.Popen(command)
+    try:
+        _wait_for_port(port, server)
+        yield server.pid
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def cmd_fanout(args: argparse.Namespace) -> int:
@@ -228,6 +271,12 @@ def cmd_idle(args: argparse.Namespace) -> int:
         )
     print(result.report())
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from loadtests.compare import compare
+
+    return compare(args)
 
 
 def cmd_store(args: argparse.Namespace) -> int:
