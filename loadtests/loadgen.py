@@ -132,6 +132,7 @@ class Conn:
         "next_at",
         "opening",
         "out",
+        "publishing",
         "seen",
         "sent",
         "sent_at",
@@ -157,6 +158,7 @@ class Conn:
         self.sent_at: dict[int, int] = {}
         self.fifo: deque[int] = deque()
         self.next_at = 0
+        self.publishing = False
 
 
 class Worker:
@@ -169,8 +171,9 @@ class Worker:
         self.tally = Tally()
         self.latencies = array("q")
         self.ack_latencies = array("q")
-        self.done = 0  # connections that got their last expected message
+        self.receiving = 0  # connections still waiting for their last expected message
         self.unacked = 0  # publishes not yet acked, over all connections
+        self.running = False
 
     # --- sending ------------------------------------------------------------------------
 
@@ -208,6 +211,11 @@ class Worker:
             self.tally.errors.append(f"{c.ident.user}: {why}")
         if c.state != 3:
             self.tally.failed += 1
+        elif self.running:  # stop waiting for what this connection will never see
+            if self.plan.expect and c.expected <= self.plan.expect and not c.seen[-1]:
+                self.receiving -= 1
+            if c.publishing:
+                self.unacked -= len(c.sent_at) + max(0, self.plan.publish - c.sent)
         c.state = -1
         self.by_fd.pop(c.fd, None)
         try:
@@ -346,10 +354,13 @@ class Worker:
         plan, wire, tally = self.plan, self.wire, self.tally
         ready = [c for c in self.conns if c.state == 3]
         publishers = ready[: plan.publishers]
+        for c in publishers:
+            c.publishing = True
         self.unacked = plan.publish * len(publishers)
         tally.published = 0
         expect = plan.expect
-        receivers = len(ready) if expect else 0
+        self.receiving = len(ready) if expect else 0
+        self.running = True
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         started = time.monotonic_ns()
         deadline = time.monotonic() + plan.timeout
@@ -366,7 +377,7 @@ class Worker:
         lat_append = self.latencies.append
         send = self.send
         receipts = plan.receipts
-        while (self.done < receivers or self.unacked > 0) and time.monotonic() < deadline:
+        while (self.receiving > 0 or self.unacked > 0) and time.monotonic() < deadline:
             timeout = 0.1
             if timers:
                 now = time.monotonic_ns()
@@ -452,7 +463,7 @@ class Worker:
                     else:
                         tally.reordered += 1
                     if seq == expect:
-                        self.done += 1
+                        self.receiving -= 1
                     if receipts:
                         receipt = wire.receipt(c.ident, data[pos_frame + head : stop])
                         if receipt is not None:

@@ -34,10 +34,16 @@ def progress(text: str) -> None:
     print(f"  .. {text}", file=sys.stderr, flush=True)
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all its threads."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 def status_kib(pid: int, key: str) -> int:
@@ -75,6 +81,7 @@ class Row:
     expected: int = 0  # deliveries that should have arrived
     offered: float = 0.0  # messages/s offered, for fixed-rate runs
     idle_kib: float = float("nan")
+    server_system_s: float = 0.0  # of server_cpu_s, in the kernel
 
     @property
     def deliveries_per_s(self) -> float:
@@ -115,6 +122,7 @@ class Row:
             "receipts_sent": t.receipts_sent,
             "receipt_events": t.receipt_events,
             "server_cpu_s": round(self.server_cpu_s, 3),
+            "server_system_s": round(self.server_system_s, 3),
             "server_us_per_delivery": round(self.cpu_per_delivery_us, 3),
             "peak_rss_mib": round(self.peak_rss_kib / 1024, 1),
             "loadgen_cpu_s": round(t.cpu_s, 3),
@@ -268,11 +276,12 @@ def _measure(
     if connected.failed:
         progress(f"{connected.failed} failed to connect: {connected.errors[:3]}")
     time.sleep(0.3)
-    cpu = cpu_seconds(target.pid)
+    user, system = cpu_times(target.pid)
     started = time.monotonic_ns()
     w.tell("go")
     tally = w.gather("done")
-    cpu = cpu_seconds(target.pid) - cpu
+    user_after, system_after = cpu_times(target.pid)
+    cpu = user_after - user + system_after - system
     tally.connected, tally.failed = connected.connected, connected.failed
     tally.connect_s = connected.connect_s
     seconds = (tally.last_ns - started) / 1e9 if tally.last_ns else 0.0
@@ -285,6 +294,7 @@ def _measure(
         peak_rss_kib=status_kib(target.pid, "VmHWM"),
         expected=expected,
         offered=offered,
+        server_system_s=system_after - system,
     )
     progress(summary(row))
     return row
@@ -341,7 +351,8 @@ def summary(row: Row) -> str:
         f"p50/p90/p99/max {d['p50_ms']:.1f}/{d['p90_ms']:.1f}/{d['p99_ms']:.1f}/"
         f"{d['max_ms']:.1f} ms; ack p50/p99 {d['ack_p50_ms']:.1f}/{d['ack_p99_ms']:.1f} ms; "
         f"lost {d['lost']} gaps {d['gaps']} reordered {d['reordered']} dup {d['duplicates']}; "
-        f"server {d['server_cpu_s']:.2f} s = {d['server_us_per_delivery']:.2f} µs/delivery, "
+        f"server {d['server_cpu_s']:.2f} s ({d['server_system_s']:.2f} s system) = "
+        f"{d['server_us_per_delivery']:.2f} µs/delivery, "
         f"peak RSS {d['peak_rss_mib']} MiB; load generator {d['loadgen_cpu_s']:.2f} s CPU"
         + (f"; errors {d['errors']}" if d["errors"] else "")
     )
