@@ -10,7 +10,8 @@ sets or cyclic structures inside our process); so are duplicate keys and trailin
 
 import io
 import math
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -129,11 +130,39 @@ class _Items:
     fields: tuple[_Field, ...]
     names: dict[int, str]
     shared: str | None
+    to_map: Callable[[Any], dict[int, Any]]
+
+
+def _compile_to_map(
+    fields: tuple[_Field, ...], type_id: int | None
+) -> Callable[[Any], dict[int, Any]]:
+    """The map-building loop unrolled for one class, as attrs and cattrs generate their
+    methods: the generic loop (``getattr`` and a default test per field) was a third of
+    ``encode``'s time in the 1:1 chat benchmark (BENCHMARKS.md). Same keys, same order."""
+    lines = [
+        "def to_map(obj):",
+        "    out = {}" if type_id is None else f"    out = {{{TYPE_KEY}: {type_id}}}",
+    ]
+    namespace: dict[str, Any] = {}
+    for i, f in enumerate(fields):
+        if f.optional:
+            namespace[f"default{i}"] = f.default
+            lines.append(f"    value = obj.{f.name}")
+            lines.append(f"    if value is not default{i}:")
+            lines.append(f"        out[{f.key}] = value")
+        else:
+            lines.append(f"    out[{f.key}] = obj.{f.name}")
+    lines.append("    return out")
+    exec("\n".join(lines), namespace)
+    compiled: Callable[[Any], dict[int, Any]] = namespace["to_map"]
+    return compiled
 
 
 def _items(cls: type, shared: str | None) -> _Items:
     fields = tuple(f for f in _fields_of(cls) if f.name != shared)
-    return _Items(cls, fields, {f.key: f.name for f in fields}, shared)
+    return _Items(
+        cls, fields, {f.key: f.name for f in fields}, shared, _compile_to_map(fields, None)
+    )
 
 
 _ITEMS = {
@@ -149,23 +178,16 @@ _ITEMS = {
 }
 
 
-def _to_map(frame: object, fields: Iterable[_Field]) -> dict[int, Any]:
-    out: dict[int, Any] = {}
-    for f in fields:
-        value = getattr(frame, f.name)
-        if f.optional and value is f.default:
-            continue
-        out[f.key] = value
-    return out
+_TO_MAP = {cls: _compile_to_map(fields, cls.TYPE) for cls, fields in _FIELDS.items()}
+_ITEMS_KEY = FIELD_KEYS["items"]
 
 
 def to_map(frame: Frame) -> dict[int, Any]:
     """The CBOR map of ``frame``, before serialization."""
-    out: dict[int, Any] = {TYPE_KEY: frame.TYPE}
-    out.update(_to_map(frame, _FIELDS[type(frame)]))
+    out = _TO_MAP[type(frame)](frame)
     items = _ITEMS.get(type(frame))
     if items is not None:
-        out[FIELD_KEYS["items"]] = [_to_map(i, items.fields) for i in frame.items]  # type: ignore[attr-defined]
+        out[_ITEMS_KEY] = [items.to_map(i) for i in frame.items]  # type: ignore[attr-defined]
     return out
 
 
@@ -213,18 +235,32 @@ _converter = _make_converter()
 _CLIENT_TYPES = {cls.TYPE: cls for cls in CLIENT_FRAMES}
 _SERVER_TYPES = {cls.TYPE: cls for cls in SERVER_FRAMES}
 _NAMES_BY_CLASS = {cls: {f.key: f.name for f in fields} for cls, fields in _FIELDS.items()}
+# The converter's generated function per class, looked up once rather than per frame.
+_STRUCTURE = {cls: _converter.get_structure_hook(cls) for cls in _FIELDS}
 
 
-def _loads(payload: bytes) -> Any:
-    fp = io.BytesIO(payload)
-    try:
-        obj = cbor2.CBORDecoder(
-            fp,
+class _Decoder(threading.local):
+    """One strict decoder per thread, pointed at each payload in turn: constructing a
+    ``CBORDecoder`` (and its tag table) per frame cost as much as decoding the frame."""
+
+    def __init__(self) -> None:
+        self.decoder = cbor2.CBORDecoder(
+            io.BytesIO(),
             semantic_decoders=_REFUSE_TAGS,
             tag_hook=_refuse_tag,
             max_depth=MAX_DATA_DEPTH + 4,
             allow_duplicate_keys=False,
-        ).decode()
+        )
+
+
+_decoders = _Decoder()
+
+
+def _loads(payload: bytes) -> Any:
+    decoder = _decoders.decoder
+    decoder.fp = fp = io.BytesIO(payload)
+    try:
+        obj = decoder.decode()
     except Exception as exc:  # cbor2 raises several types on hostile input
         raise RemoteProtocolError(ErrorCode.BAD_FRAME, f"not a CBOR item: {exc}") from exc
     if fp.tell() != len(payload):
@@ -247,7 +283,7 @@ def _structure(obj: Any, types: dict[int, type[Frame]]) -> Frame:
     if items is not None and isinstance(fields.get("items"), list):
         fields["items"] = [_item(item, items, fields) for item in fields["items"]]
     try:
-        frame: Frame = _converter.structure(fields, cls)
+        frame: Frame = _STRUCTURE[cls](fields, cls)
     except Exception as exc:  # cattrs groups every field's error
         raise _invalid_fields(cls, exc) from exc
     return frame
