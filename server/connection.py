@@ -119,7 +119,6 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._write)
-                nursery.start_soon(self.session.run)
                 await self._read()
                 if self._close_frame is None:
                     self.outbox.close()  # the client left: flush what we can, then stop
