@@ -108,24 +108,27 @@ class Connection:
             pump=services.pump,
             fd=socket.fileno() if socket is not None else None,
             on_broken=self._broken,
+            start_writer=self._start_writer,
         )
         self.session = Session(services, self.outbox, self._close, peer)
         self._close_frame: bytes | None = None
-        self._written = trio.Event()
+        self._written = trio.Event()  # the writer sent everything, the final frame too
+        self._writing = False  # a writer task runs
         self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._write)
-                await self._read()
-                if self._close_frame is None:
-                    self.outbox.close()  # the client left: flush what we can, then stop
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await self._written.wait()
-                nursery.cancel_scope.cancel()
-            self._nursery = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await self._read()
+                    if self._close_frame is None:
+                        self.outbox.close()  # the client left: flush what we can, then stop
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._written.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._nursery = None  # closed to new tasks: no writer starts from now on
         except Exception:
             log.exception("connection of %s crashed; closing it", self.session.peer)
             self.outbox.close()  # the pump must not write into our close frame
@@ -174,6 +177,12 @@ class Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
+    def _start_writer(self) -> None:
+        """The outbox has work for a writer (actors.outbox): start one unless one runs."""
+        if not self._writing and self._nursery is not None:
+            self._writing = True
+            self._nursery.start_soon(self._write)
+
     async def _write(self) -> None:
         outbox = self.outbox
         stream = self._stream
@@ -181,7 +190,9 @@ class Connection:
         try:
             while batch := await outbox.next_batch():
                 await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
-                outbox.written(pump)
+                if outbox.written(pump):
+                    self._writing = False  # the pump has it again; started anew if need be
+                    return
             if outbox.overflowed:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._send_close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
@@ -190,8 +201,7 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
-        finally:
-            self._written.set()
+        self._written.set()
 
     async def _read(self) -> None:
         """Read until the closing handshake ends or the client goes away."""
