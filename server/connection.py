@@ -1,13 +1,14 @@
-"""One client connection: the WebSocket handshake and framing (wsproto) over a trio Stream.
+"""One client connection: the WebSocket handshake and framing over a trio Stream.
 
-How this works: after the handshake, three tasks share the connection. The reader
-feeds bytes to wsproto and hands each complete binary message to the Session, one at
-a time. Sending is the node's write pump's job while the socket takes everything
-(``actors.pump``); the writer task takes over with ``send_all`` when it does not, and
-for the closing frames. The session's own task runs timers and actor events. Data
-frames are built by ``protocol.wsframe`` (once per fan-out, shared by every recipient);
-wsproto builds only the control frames (pong, close), so its state still tracks the
-closing handshake.
+How this works: the handshake is wsproto's; after it, one task reads: it parses the
+client's frames (``protocol.wsserver``) and hands each complete binary message to the
+Session, one at a time. Sending is the node's write pump's job while the socket takes
+everything (``actors.pump``); a writer task is started only when it does not (a full
+socket) and for the closing frames, and ends when the pump can take over again. The
+session's timers run on the node's timer task, and actors' events reach it by direct
+call (``Session.notify``): an idle connection is one task. Data frames are built by
+``protocol.wsframe`` (once per fan-out, shared by every recipient), pong and close
+frames by ``protocol.wsserver``.
 
 Closing: whoever decides (session, reader) calls ``close``; the close frame goes out
 after what is already queued, then the reader waits a bounded time for the client's
@@ -21,16 +22,11 @@ from urllib.parse import urlsplit
 
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
     RejectConnection,
     RejectData,
     Request,
-    TextMessage,
 )
 from wsproto.utilities import RemoteProtocolError as WsProtocolError
 
@@ -38,6 +34,16 @@ from actors.outbox import Outbox
 from actors.services import Services
 from actors.session import Session
 from protocol.errors import CloseCode
+from protocol.wsserver import (
+    ClientFrames,
+    Close,
+    Failed,
+    Message,
+    Ping,
+    TooBig,
+    close_frame,
+    pong_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +63,10 @@ def _http_error(status: str, body: str) -> bytes:
     ).encode() + data
 
 
-async def _handshake(stream: trio.abc.Stream, ws: WSConnection) -> bool:
-    """Accept a WebSocket upgrade on /ws; answer anything else with an HTTP error."""
+async def _handshake(stream: trio.abc.Stream) -> bool:
+    """Accept a WebSocket upgrade on /ws; answer anything else with an HTTP error. The
+    handshake's state is dropped when it returns: frames are protocol.wsserver's."""
+    ws = WSConnection(ConnectionType.SERVER)
     with trio.move_on_after(HANDSHAKE_TIMEOUT):
         while True:
             data = await stream.receive_some(RECEIVE_BYTES)
@@ -94,11 +102,8 @@ async def _handshake(stream: trio.abc.Stream, ws: WSConnection) -> bool:
 
 
 class Connection:
-    def __init__(
-        self, stream: trio.abc.Stream, ws: WSConnection, services: Services, peer: str
-    ) -> None:
+    def __init__(self, stream: trio.abc.Stream, services: Services, peer: str) -> None:
         self._stream = stream
-        self._ws = ws
         self._services = services
         self._max_message = services.settings.limits.max_frame_bytes
         socket = getattr(stream, "socket", None)  # a trio SocketStream; tests use memory
@@ -159,9 +164,9 @@ class Connection:
             self._nursery.cancel_scope.cancel()
 
     def _close(self, code: CloseCode, reason: str) -> None:
-        if self._close_frame is not None or self._ws.state is not ConnectionState.OPEN:
-            return
-        self._close_frame = self._ws.send(CloseConnection(code=code, reason=reason))
+        if self._close_frame is not None:
+            return  # a close frame is out already, ours or the answer to the client's
+        self._close_frame = close_frame(code, reason)
         self.outbox.close(self._close_frame)
         # The client gets CLOSE_TIMEOUT to take our close frame and answer it.
         if self._nursery is not None:
@@ -169,8 +174,8 @@ class Connection:
             scope.deadline = min(scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
 
     async def _send_close_now(self, code: CloseCode, reason: str) -> None:
-        if self._ws.state is ConnectionState.OPEN:
-            self._close_frame = self._ws.send(CloseConnection(code=code, reason=reason))
+        if self._close_frame is None:
+            self._close_frame = close_frame(code, reason)
         if self._close_frame is not None:
             try:
                 await self._stream.send_all(self._close_frame)
@@ -205,70 +210,52 @@ class Connection:
 
     async def _read(self) -> None:
         """Read until the closing handshake ends or the client goes away."""
-        ws = self._ws
+        frames = ClientFrames(self._max_message)
         session = self.session
-        parts: list[bytes] = []
-        size = 0
+        receive_some = self._stream.receive_some
         while True:
             try:
-                data = await self._stream.receive_some(RECEIVE_BYTES)
+                data = await receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if not data:
                 return
             session.on_activity()
-            ws.receive_data(bytes(data))
-            for event in ws.events():
-                if isinstance(event, BytesMessage | TextMessage):
+            for event in frames.feed(bytes(data)):  # free for bytes, which sockets return
+                kind = type(event)
+                if kind is Message:
                     if self._close_frame is not None:
                         continue  # we are closing: the rest is ignored
-                    size += len(event.data)
-                    if size > self._max_message:
-                        self.close(CloseCode.MESSAGE_TOO_BIG, f"over {self._max_message} bytes")
-                        parts, size = [], 0
-                        continue
-                    if not event.message_finished:
-                        parts.append(
-                            bytes(event.data)
-                            if isinstance(event, BytesMessage)
-                            else event.data.encode()
-                        )
-                        continue
-                    if isinstance(event, TextMessage):
+                    assert isinstance(event, Message)
+                    if event.text:
                         session.on_text()
                     else:
-                        payload = bytes(event.data)
-                        if parts:
-                            parts.append(payload)
-                            payload = b"".join(parts)
-                        await session.on_message(payload)
-                    parts, size = [], 0
-                elif isinstance(event, Ping):
-                    if ws.state is ConnectionState.OPEN:
-                        self.outbox.append(ws.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    if ws.state is ConnectionState.REMOTE_CLOSING:
-                        # The client closes: answer, and stop once the answer is out.
-                        self._close_frame = ws.send(event.response())
-                        self.outbox.close(self._close_frame)
-                        return
-                    if ws.state is ConnectionState.CLOSED:
+                        await session.on_message(event.data)
+                elif kind is Ping:
+                    if self._close_frame is None:
+                        assert isinstance(event, Ping)
+                        self.outbox.append(pong_frame(event.payload))
+                elif kind is Close:
+                    if self._close_frame is not None:
                         return  # the client answered our close frame
-                    # wsproto reports a frame it could not parse as a close event.
-                    try:
-                        code = CloseCode(event.code)
-                    except ValueError:
-                        code = CloseCode.PROTOCOL_ERROR
-                    self.close(code, event.reason or "protocol error")
+                    # The client closes: answer, and stop once the answer is out.
+                    assert isinstance(event, Close)
+                    self._close_frame = close_frame(event.code, event.reason)
+                    self.outbox.close(self._close_frame)
+                    return
+                elif kind is TooBig:
+                    self.close(CloseCode.MESSAGE_TOO_BIG, f"over {self._max_message} bytes")
+                elif kind is Failed:
+                    assert isinstance(event, Failed)
+                    self.close(event.code, event.reason)
 
 
 async def serve_connection(
     stream: trio.abc.Stream, services: Services, connections: set[Connection], peer: str
 ) -> None:
     """Run one client connection to its end. Nothing here may reach the listener."""
-    ws = WSConnection(ConnectionType.SERVER)
     try:
-        accepted = await _handshake(stream, ws)
+        accepted = await _handshake(stream)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         accepted = False
     except Exception:
@@ -277,7 +264,7 @@ async def serve_connection(
     if not accepted:
         await trio.aclose_forcefully(stream)
         return
-    conn = Connection(stream, ws, services, peer)
+    conn = Connection(stream, services, peer)
     connections.add(conn)
     services.metrics.connections.inc()
     try:

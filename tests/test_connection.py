@@ -194,3 +194,46 @@ async def test_a_slow_consumer_is_closed_and_does_not_slow_the_room(tmp_path: Pa
                 while True:
                     await slow.receive()
         assert len(server.node.connections) <= 2
+
+
+async def raw_upgrade(server: RunningServer) -> tuple[trio.SocketStream, WSConnection]:
+    host, port = server.addresses.client
+    stream = await trio.open_tcp_stream(host, port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="x", target="/ws")))
+    ws.receive_data(await stream.receive_some(65536))
+    list(ws.events())
+    return stream, ws
+
+
+async def server_close(stream: trio.SocketStream, ws: WSConnection) -> CloseConnection:
+    """The server's close frame; then it ends the connection."""
+    with trio.fail_after(10):
+        while True:
+            data = await stream.receive_some(65536)
+            assert data, "ended without a close frame"
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, CloseConnection):
+                    return event
+
+
+async def test_a_client_close_is_answered_with_its_code(server: RunningServer) -> None:
+    stream, ws = await raw_upgrade(server)
+    await stream.send_all(ws.send(CloseConnection(code=4000, reason="bye")))
+    answer = await server_close(stream, ws)
+    assert (answer.code, answer.reason) == (4000, "bye")
+    with trio.fail_after(10):
+        assert await stream.receive_some(65536) == b""  # and the server hangs up
+    await stream.aclose()
+
+
+async def test_a_protocol_violation_closes_1002(server: RunningServer) -> None:
+    stream, ws = await raw_upgrade(server)
+    await stream.send_all(b"\x82\x02hi")  # an unmasked client frame
+    answer = await server_close(stream, ws)
+    assert answer.code == CloseCode.PROTOCOL_ERROR
+    await stream.send_all(ws.send(CloseConnection(code=1000)))
+    with trio.fail_after(10):
+        assert await stream.receive_some(65536) == b""
+    await stream.aclose()
