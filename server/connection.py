@@ -1,14 +1,14 @@
 """One client connection: the WebSocket handshake and framing over a trio Stream.
 
-How this works: the handshake is wsproto's; after it, one task reads: it parses the
-client's frames (``protocol.wsserver``) and hands each complete binary message to the
-Session, one at a time. Sending is the node's write pump's job while the socket takes
-everything (``actors.pump``); a writer task is started only when it does not (a full
-socket) and for the closing frames, and ends when the pump can take over again. The
-session's timers run on the node's timer task, and actors' events reach it by direct
-call (``Session.notify``): an idle connection is one task. Data frames are built by
-``protocol.wsframe`` (once per fan-out, shared by every recipient), pong and close
-frames by ``protocol.wsserver``.
+How this works: after the handshake (``protocol.wsserver.parse_upgrade``), one task
+reads: it parses the client's frames (``protocol.wsserver.ClientFrames``) and hands
+each complete binary message to the Session, one at a time. Sending is the node's
+write pump's job while the socket takes everything (``actors.pump``); a writer task is
+started only when it does not (a full socket) and for the closing frames, and ends when
+the pump can take over again. The session's timers run on the node's timer task, and
+actors' events reach it by direct call (``Session.notify``): an idle connection is one
+task. Data frames are built by ``protocol.wsframe`` (once per fan-out, shared by every
+recipient), pong and close frames by ``protocol.wsserver``.
 
 Closing: whoever decides (session, reader) calls ``close``; the close frame goes out
 after what is already queued, then the reader waits a bounded time for the client's
@@ -21,14 +21,6 @@ import logging
 from urllib.parse import urlsplit
 
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    RejectConnection,
-    RejectData,
-    Request,
-)
-from wsproto.utilities import RemoteProtocolError as WsProtocolError
 
 from actors.outbox import Outbox
 from actors.services import Services
@@ -38,10 +30,13 @@ from protocol.wsserver import (
     ClientFrames,
     Close,
     Failed,
+    HandshakeError,
     Message,
     Ping,
     TooBig,
+    accept_response,
     close_frame,
+    parse_upgrade,
     pong_frame,
 )
 
@@ -63,47 +58,44 @@ def _http_error(status: str, body: str) -> bytes:
     ).encode() + data
 
 
-async def _handshake(stream: trio.abc.Stream) -> bool:
-    """Accept a WebSocket upgrade on /ws; answer anything else with an HTTP error. The
-    handshake's state is dropped when it returns: frames are protocol.wsserver's."""
-    ws = WSConnection(ConnectionType.SERVER)
+async def _handshake(stream: trio.abc.Stream) -> bytes | None:
+    """Accept a WebSocket upgrade on /ws, answer anything else with an HTTP error. The
+    bytes the client sent after its request (frames already), or None if refused."""
+    data = b""
     with trio.move_on_after(HANDSHAKE_TIMEOUT):
         while True:
-            data = await stream.receive_some(RECEIVE_BYTES)
-            if not data:
-                return False
+            chunk = await stream.receive_some(RECEIVE_BYTES)
+            if not chunk:
+                return None
+            data += chunk
             try:
-                ws.receive_data(bytes(data))  # free for bytes, which sockets return
-                events = list(ws.events())
-            except WsProtocolError as exc:
+                upgrade = parse_upgrade(data)
+            except HandshakeError as exc:
                 await stream.send_all(_http_error("400 Bad Request", f"{exc}\n"))
-                return False
-            for event in events:
-                if not isinstance(event, Request):
-                    continue
-                try:
-                    path = urlsplit(event.target).path
-                except ValueError:
-                    await stream.send_all(_http_error("400 Bad Request", "bad request target\n"))
-                    return False
-                if path != WS_PATH:
-                    reject = RejectConnection(
-                        status_code=404,
-                        headers=[(b"content-type", b"text/plain")],
-                        has_body=True,
-                    )
-                    body = RejectData(data=f"not found: connect to {WS_PATH}\n".encode())
-                    await stream.send_all(ws.send(reject) + ws.send(body))
-                    return False
-                chosen = SUBPROTOCOL if SUBPROTOCOL in event.subprotocols else None
-                await stream.send_all(ws.send(AcceptConnection(subprotocol=chosen)))
-                return True
-    return False
+                return None
+            if upgrade is None:
+                continue
+            try:
+                path = urlsplit(upgrade.target).path
+            except ValueError:
+                await stream.send_all(_http_error("400 Bad Request", "bad request target\n"))
+                return None
+            if path != WS_PATH:
+                body = f"not found: connect to {WS_PATH}\n"
+                await stream.send_all(_http_error("404 Not Found", body))
+                return None
+            chosen = SUBPROTOCOL if SUBPROTOCOL in upgrade.subprotocols else None
+            await stream.send_all(accept_response(upgrade.key, chosen))
+            return upgrade.rest
+    return None
 
 
 class Connection:
-    def __init__(self, stream: trio.abc.Stream, services: Services, peer: str) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, services: Services, peer: str, early: bytes = b""
+    ) -> None:
         self._stream = stream
+        self._early = early  # frames that came with the handshake
         self._services = services
         self._max_message = services.settings.limits.max_frame_bytes
         socket = getattr(stream, "socket", None)  # a trio SocketStream; tests use memory
@@ -213,13 +205,16 @@ class Connection:
         frames = ClientFrames(self._max_message)
         session = self.session
         receive_some = self._stream.receive_some
+        data: bytes | bytearray = self._early
+        self._early = b""
         while True:
-            try:
-                data = await receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
             if not data:
-                return
+                try:
+                    data = await receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
             session.on_activity()
             for event in frames.feed(bytes(data)):  # free for bytes, which sockets return
                 kind = type(event)
@@ -248,6 +243,7 @@ class Connection:
                 elif kind is Failed:
                     assert isinstance(event, Failed)
                     self.close(event.code, event.reason)
+            data = b""
 
 
 async def serve_connection(
@@ -255,16 +251,16 @@ async def serve_connection(
 ) -> None:
     """Run one client connection to its end. Nothing here may reach the listener."""
     try:
-        accepted = await _handshake(stream)
+        early = await _handshake(stream)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        accepted = False
+        early = None
     except Exception:
         log.exception("handshake with %s failed; closing it", peer)
-        accepted = False
-    if not accepted:
+        early = None
+    if early is None:
         await trio.aclose_forcefully(stream)
         return
-    conn = Connection(stream, services, peer)
+    conn = Connection(stream, services, peer, early)
     connections.add(conn)
     services.metrics.connections.inc()
     try:

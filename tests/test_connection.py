@@ -16,6 +16,7 @@ from loadtests.rawclient import RawClient
 from protocol.codec import encode
 from protocol.errors import CloseCode, ErrorCode
 from protocol.frames import Error, Hello, Join, Message, Ping, Pong, Send, Welcome
+from protocol.wsframe import client_frame, parse_server_frames
 from tests.helpers import RunningServer, next_frame, run_server
 
 
@@ -236,4 +237,23 @@ async def test_a_protocol_violation_closes_1002(server: RunningServer) -> None:
     await stream.send_all(ws.send(CloseConnection(code=1000)))
     with trio.fail_after(10):
         assert await stream.receive_some(65536) == b""
+    await stream.aclose()
+
+
+async def test_a_hello_sent_with_the_upgrade_request_is_answered(server: RunningServer) -> None:
+    """Bytes right behind the request are frames already (wsproto used to drop them)."""
+    host, port = server.addresses.client
+    stream = await trio.open_tcp_stream(host, port)
+    hello = client_frame(encode(Hello(v=1, token=server.token("alice"))))
+    await stream.send_all(UPGRADE % b"/ws" + hello)
+    received = b""
+    with trio.fail_after(10):
+        while True:
+            received += await stream.receive_some(65536)
+            head, _, rest = received.partition(b"\r\n\r\n")
+            frames, _used = parse_server_frames(rest)
+            if frames:
+                break
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert cbor2.loads(frames[0][1])[0] == Welcome.TYPE
     await stream.aclose()

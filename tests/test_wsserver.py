@@ -3,7 +3,9 @@ byte stream, however it is split into reads."""
 
 import itertools
 import struct
+from collections.abc import Sequence
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -190,3 +192,96 @@ def test_close_frames_we_send_parse_in_wsproto() -> None:
         (event,) = list(client.events())
         assert isinstance(event, CloseConnection)
         assert (event.code, event.reason) == expected
+
+
+# --- the handshake ----------------------------------------------------------------------
+
+UPGRADE_HEADERS = [
+    b"Host: x",
+    b"Upgrade: websocket",
+    b"Connection: Upgrade",
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    b"Sec-WebSocket-Version: 13",
+]
+
+
+def request(
+    *, line: bytes = b"GET /ws HTTP/1.1", drop: str = "", add: Sequence[bytes] = ()
+) -> bytes:
+    headers = [h for h in UPGRADE_HEADERS if not (drop and h.lower().startswith(drop.encode()))]
+    return b"\r\n".join([line, *headers, *add]) + b"\r\n\r\n"
+
+
+def wsproto_verdict(data: bytes) -> tuple[object, ...]:
+    from wsproto import WSConnection
+    from wsproto.events import Request
+    from wsproto.utilities import RemoteProtocolError
+
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        ws.receive_data(data)
+        events = list(ws.events())
+    except RemoteProtocolError as exc:
+        return ("refused", str(exc))
+    for event in events:
+        if isinstance(event, Request):
+            return ("upgrade", event.target, tuple(event.subprotocols))
+    return ("incomplete",)
+
+
+def our_verdict(data: bytes) -> tuple[object, ...]:
+    try:
+        upgrade = wsserver.parse_upgrade(data)
+    except wsserver.HandshakeError as exc:
+        return ("refused", str(exc))
+    if upgrade is None:
+        return ("incomplete",)
+    return ("upgrade", upgrade.target, upgrade.subprotocols)
+
+
+def test_the_handshake_verdicts_match_wsproto() -> None:
+    cases = [
+        request(),
+        request(line=b"GET /ws?client=ios HTTP/1.1"),
+        request(add=[b"Sec-WebSocket-Protocol: parley.v1, other", b"Sec-WebSocket-Protocol: x"]),
+        request(add=[b"X-Anything:   spaced   "]),
+        request(drop="connection"),
+        request(drop="connection", add=[b"Connection: keep-alive, Upgrade"]),
+        request(drop="connection", add=[b"Connection: keep-alive"]),
+        request(drop="sec-websocket-version"),
+        request(drop="sec-websocket-version", add=[b"Sec-WebSocket-Version: 12"]),
+        request(drop="sec-websocket-key"),
+        request(drop="upgrade", add=[b"Upgrade: h2c"]),
+        request(drop="host"),
+        request(line=b"POST /ws HTTP/1.1"),
+        request(line=b"GET /ws"),
+        request(add=[b"no colon here"]),
+        request(add=[b"Bad Name: x"]),
+        b"GET /ws HTTP/1.1\r\nHost: x\r\n",  # incomplete
+        b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n",  # plain HTTP
+    ]
+    for data in cases:
+        assert our_verdict(data) == wsproto_verdict(data), data
+
+
+def test_bytes_after_the_request_are_kept_and_an_overlong_head_refused() -> None:
+    frame = raw(OP_BINARY, b"hello")
+    upgrade = wsserver.parse_upgrade(request() + frame)
+    assert upgrade is not None and upgrade.rest == frame
+    with pytest.raises(wsserver.HandshakeError):
+        wsserver.parse_upgrade(b"GET /ws HTTP/1.1\r\n" + b"X: y\r\n" * 5000)
+
+
+def test_the_accept_response_satisfies_a_wsproto_client() -> None:
+    from wsproto import WSConnection
+    from wsproto.events import AcceptConnection
+    from wsproto.events import Request as WsRequest
+
+    for offered, chosen in ((["parley.v1"], "parley.v1"), ([], None)):
+        client = WSConnection(ConnectionType.CLIENT)
+        data = client.send(WsRequest(host="x", target="/ws", subprotocols=offered))
+        upgrade = wsserver.parse_upgrade(data)
+        assert upgrade is not None and upgrade.subprotocols == tuple(offered)
+        client.receive_data(wsserver.accept_response(upgrade.key, chosen))
+        (event,) = list(client.events())
+        assert isinstance(event, AcceptConnection) and event.subprotocol == chosen
