@@ -1,6 +1,7 @@
 """server/connection.py over real sockets: handshake, bad input, limits, slow consumers."""
 
 import socket
+import struct
 from pathlib import Path
 
 import cbor2
@@ -257,3 +258,17 @@ async def test_a_hello_sent_with_the_upgrade_request_is_answered(server: Running
     assert head.startswith(b"HTTP/1.1 101 ")
     assert cbor2.loads(frames[0][1])[0] == Welcome.TYPE
     await stream.aclose()
+
+
+async def test_a_client_reset_ends_its_connection(server: RunningServer) -> None:
+    host, port = server.addresses.client
+    sock = trio.socket.socket()
+    await sock.connect((host, port))
+    client = await RawClient.start(trio.SocketStream(sock), "x", server.token("alice"))
+    assert len(server.node.connections) == 1
+    # SO_LINGER 0: close() sends a reset, which the server's read gets as ECONNRESET.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await client.aclose()
+    with trio.fail_after(10):
+        while server.node.connections:  # noqa: ASYNC110 - the reset is a network event
+            await trio.sleep(0.01)
