@@ -151,11 +151,11 @@ class Session:
             now + self._settings.hello_timeout, self._on_timer
         )
         self.blocks: frozenset[str] | None = None  # whom the user blocks; None: not known yet
-        self._blocks_known = trio.Event()
+        self._blocks_known: trio.Event | None = None  # made when a request waits for it
         self._following: dict[str, int] = {}  # user -> reasons (rooms, a watch) to follow
         self._unfollow_fns: dict[str, Callable[[], None]] = {}
         self._rosters: dict[str, frozenset[str]] = {}  # small room -> members followed
-        self._watched: set[str] = set()
+        self._watched: frozenset[str] = frozenset()  # replaced, not mutated: most stay empty
         self._kv = False  # has spoken to the user's kv actor, which may follow it
 
     # --- driven by the connection -----------------------------------------------------
@@ -231,7 +231,8 @@ class Session:
                 self._send_presence(added)
         elif type(event) is BlocksChanged:
             self.blocks = event.blocks
-            self._blocks_known.set()
+            if self._blocks_known is not None:
+                self._blocks_known.set()
 
     async def detach(self) -> None:
         """Leave every room and the user actor; called once the connection is over, under
@@ -456,7 +457,7 @@ class Session:
             return await self._watch(frame)
         if type(frame) is Unwatch:
             gone = self._watched.intersection(frame.users)
-            self._watched -= gone
+            self._watched = self._watched - gone
             self._unfollow(gone)
             return self._send(Ok(id=frame.id))
         if type(frame) is SetStatus:
@@ -465,7 +466,10 @@ class Session:
             return await self._block(frame)
         if type(frame) is Blocks:
             with answer_within(self._settings.request_timeout):
-                await self._blocks_known.wait()  # the user actor may still be loading
+                while self.blocks is None:  # the user actor may still be loading
+                    if self._blocks_known is None:
+                        self._blocks_known = trio.Event()
+                    await self._blocks_known.wait()
             return self._send(BlockList(id=frame.id, users=tuple(sorted(self.blocks or ()))))
         raise AssertionError(f"no handler for {frame!r}")
 
@@ -716,7 +720,7 @@ class Session:
         limit = self._settings.max_watches
         if len(self._watched) + len(new) > limit:
             raise RequestFailed(ErrorCode.TOO_MANY_WATCHES, f"at most {limit} watched users")
-        self._watched |= new
+        self._watched = self._watched | new
         self._follow(new)  # first, so no change falls between the answer and the events
         items = await self._presence_of(frame.users)
         self._send(PresenceList(id=frame.id, items=items))

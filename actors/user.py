@@ -51,7 +51,7 @@ class User:
         self.grace_until: float | None = None  # offline is announced then, if still alone
         self.last_seen: int | None = None
         self._last_ticket: Ticket = COMMITTED
-        self._loaded = trio.Event()
+        self._loaded: trio.Event | None = None  # made if a command must wait for the load
         self._unsubscribe: Callable[[], None] | None = None  # kept while hibernating
         self._hibernating = False
         self._waiting: trio.CancelScope | None = None  # the serving loop's wait
@@ -61,7 +61,6 @@ class User:
             self.sessions = predecessor.sessions
             if predecessor.loaded:
                 self.loaded = True
-                self._loaded.set()
                 self.status = predecessor.status
                 self.blocks = predecessor.blocks
                 self.online = predecessor.online
@@ -90,7 +89,8 @@ class User:
 
     async def _load_then_announce(self) -> None:
         await self._load()
-        self._loaded.set()
+        if self._loaded is not None:
+            self._loaded.set()
         if self.sessions:
             self.online = True
             self._publish()
@@ -113,6 +113,8 @@ class User:
             if not waiting.cancelled_caught:
                 quiet_since = trio.current_time()
                 if not self.loaded and type(command) in (ChangeStatus, ChangeBlock):
+                    if self._loaded is None:
+                        self._loaded = trio.Event()
                     await self._loaded.wait()
                 self._handle(command)
                 if self._may_hibernate(inbox) and self._s.directory.try_hibernate(

@@ -110,7 +110,8 @@ class Connection:
         )
         self.session = Session(services, self.outbox, self._close, peer)
         self._close_frame: bytes | None = None
-        self._written = trio.Event()  # the writer sent everything, the final frame too
+        self._flushed = False  # the writer sent everything, the final frame too
+        self._written: trio.Event | None = None  # made when run() waits for that
         self._writing = False  # a writer task runs
         self._nursery: trio.Nursery | None = None
 
@@ -122,8 +123,10 @@ class Connection:
                     await self._read()
                     if self._close_frame is None:
                         self.outbox.close()  # the client left: flush what we can, then stop
-                    with trio.move_on_after(CLOSE_TIMEOUT):
-                        await self._written.wait()
+                    if not self._flushed:
+                        self._written = trio.Event()
+                        with trio.move_on_after(CLOSE_TIMEOUT):
+                            await self._written.wait()
                     nursery.cancel_scope.cancel()
             finally:
                 self._nursery = None  # closed to new tasks: no writer starts from now on
@@ -199,7 +202,9 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
-        self._written.set()
+        self._flushed = True
+        if self._written is not None:
+            self._written.set()
 
     async def _read(self) -> None:
         """Read until the closing handshake ends or the client goes away."""
