@@ -30,6 +30,7 @@ from protocol.errors import CloseCode
 from protocol.wsserver import (
     ClientFrames,
     Close,
+    Event,
     Failed,
     HandshakeError,
     Message,
@@ -209,7 +210,6 @@ class Connection:
     async def _read(self) -> None:
         """Read until the closing handshake ends or the client goes away."""
         frames = ClientFrames(self._max_message)
-        session = self.session
         receive_some = self._stream.receive_some
         fd = self.outbox.fd
         data: bytes | bytearray = self._early
@@ -218,25 +218,28 @@ class Connection:
             if not data and fd is not None:
                 # A socket: read its non-blocking fd directly and wait for it with
                 # wait_readable, as trio's receive_some does under four more layers of
-                # coroutines that stayed alive under every idle reader (2 KiB each).
+                # coroutines that stayed alive under every idle reader (2 KiB). No await
+                # inside an except block: the caught exception and its traceback would
+                # live as long as the wait, that is as long as an idle connection.
                 try:
                     data = os.read(fd, RECEIVE_BYTES)
                 except BlockingIOError:
-                    while True:
+                    pass
+                except OSError:
+                    return  # reset by the client
+                if data:
+                    await trio.lowlevel.checkpoint()  # a schedule point per read, as trio's
+                else:
+                    while not data:
                         await trio.lowlevel.wait_readable(fd)
                         try:
                             data = os.read(fd, RECEIVE_BYTES)
-                            break
                         except BlockingIOError:
                             continue
                         except OSError:
-                            return  # reset by the client
-                except OSError:
-                    return
-                else:
-                    await trio.lowlevel.checkpoint()  # a schedule point per read, as trio's
-                if not data:
-                    return
+                            return
+                        if not data:
+                            return  # the end of the stream
             elif not data:
                 try:
                     data = await receive_some(RECEIVE_BYTES)
@@ -244,35 +247,44 @@ class Connection:
                     return
                 if not data:
                     return
-            session.on_activity()
-            for event in frames.feed(bytes(data)):  # free for bytes, which sockets return
-                kind = type(event)
-                if kind is Message:
-                    if self._close_frame is not None:
-                        continue  # we are closing: the rest is ignored
-                    assert isinstance(event, Message)
-                    if event.text:
-                        session.on_text()
-                    else:
-                        await session.on_message(event.data)
-                elif kind is Ping:
-                    if self._close_frame is None:
-                        assert isinstance(event, Ping)
-                        self.outbox.append(pong_frame(event.payload))
-                elif kind is Close:
-                    if self._close_frame is not None:
-                        return  # the client answered our close frame
-                    # The client closes: answer, and stop once the answer is out.
-                    assert isinstance(event, Close)
-                    self._close_frame = close_frame(event.code, event.reason)
-                    self.outbox.close(self._close_frame)
-                    return
-                elif kind is TooBig:
-                    self.close(CloseCode.MESSAGE_TOO_BIG, f"over {self._max_message} bytes")
-                elif kind is Failed:
-                    assert isinstance(event, Failed)
-                    self.close(event.code, event.reason)
+            self.session.on_activity()
+            # In a function of its own, so the last event (a message) does not stay
+            # referenced from this frame while the connection idles.
+            if await self._handle(frames.feed(bytes(data))):  # free for bytes
+                return
             data = b""
+
+    async def _handle(self, events: list[Event]) -> bool:
+        """Act on the client's frames; True once the closing handshake is over."""
+        session = self.session
+        for event in events:
+            kind = type(event)
+            if kind is Message:
+                if self._close_frame is not None:
+                    continue  # we are closing: the rest is ignored
+                assert isinstance(event, Message)
+                if event.text:
+                    session.on_text()
+                else:
+                    await session.on_message(event.data)
+            elif kind is Ping:
+                if self._close_frame is None:
+                    assert isinstance(event, Ping)
+                    self.outbox.append(pong_frame(event.payload))
+            elif kind is Close:
+                if self._close_frame is not None:
+                    return True  # the client answered our close frame
+                # The client closes: answer, and stop once the answer is out.
+                assert isinstance(event, Close)
+                self._close_frame = close_frame(event.code, event.reason)
+                self.outbox.close(self._close_frame)
+                return True
+            elif kind is TooBig:
+                self.close(CloseCode.MESSAGE_TOO_BIG, f"over {self._max_message} bytes")
+            elif kind is Failed:
+                assert isinstance(event, Failed)
+                self.close(event.code, event.reason)
+        return False
 
 
 async def serve_connection(
