@@ -290,22 +290,29 @@ class Connection:
 async def serve_connection(
     stream: trio.abc.Stream, services: Services, connections: set[Connection], peer: str
 ) -> None:
-    """Run one client connection to its end. Nothing here may reach the listener."""
+    """Run one client connection to its end, and close its stream. Nothing here may
+    reach the listener."""
     try:
-        early = await _handshake(stream)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        early = None
-    except Exception:
-        log.exception("handshake with %s failed; closing it", peer)
-        early = None
-    if early is None:
-        await trio.aclose_forcefully(stream)
-        return
-    conn = Connection(stream, services, peer, early)
-    connections.add(conn)
-    services.metrics.connections.inc()
-    try:
-        await conn.run()
+        try:
+            early = await _handshake(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:
+            log.exception("handshake with %s failed; closing it", peer)
+            return
+        if early is None:
+            return
+        try:
+            conn = Connection(stream, services, peer, early)
+        except Exception:
+            log.exception("connection of %s could not start; closing it", peer)
+            return
+        connections.add(conn)
+        services.metrics.connections.inc()
+        try:
+            await conn.run()
+        finally:
+            connections.discard(conn)
+            services.metrics.connections.dec()
     finally:
-        connections.discard(conn)
-        services.metrics.connections.dec()
+        await trio.aclose_forcefully(stream)
