@@ -113,36 +113,57 @@ class Connection:
         self._close_frame: bytes | None = None
         self._flushed = False  # the writer sent everything, the final frame too
         self._written: trio.Event | None = None  # made when run() waits for that
+        # The connection's lifetime: the close deadline, and what a reset or a failing
+        # writer cancels. A scope, not a nursery of our own (1.3 KiB per connection):
+        # the writer, when there is one, runs in the nursery this connection runs in
+        # (the node's connections nursery), bound to us by its own scope, stopped and
+        # waited for before the stream closes, and behind its own crash barrier.
+        self._scope = trio.CancelScope()
+        self._writers = trio.lowlevel.current_task().parent_nursery
         self._writing = False  # a writer task runs
-        self._nursery: trio.Nursery | None = None
+        self._writer_scope: trio.CancelScope | None = None
+        self._writer_exited: trio.Event | None = None
+        self._stopped = False  # no writer starts any more
+        self._crashed = False  # the writer failed
 
     async def run(self) -> None:
         try:
-            try:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    await self._read()
-                    if self._close_frame is None:
-                        self.outbox.close()  # the client left: flush what we can, then stop
-                    if not self._flushed:
-                        self._written = trio.Event()
-                        with trio.move_on_after(CLOSE_TIMEOUT):
-                            await self._written.wait()
-                    nursery.cancel_scope.cancel()
-            finally:
-                self._nursery = None  # closed to new tasks: no writer starts from now on
+            with self._scope:
+                await self._read()
+                if self._close_frame is None:
+                    self.outbox.close()  # the client left: flush what we can, then stop
+                if not self._flushed:
+                    self._written = trio.Event()
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._written.wait()
+            if self._crashed:
+                await self._internal_error()
         except Exception:
             log.exception("connection of %s crashed; closing it", self.session.peer)
-            self.outbox.close()  # the pump must not write into our close frame
-            self._services.metrics.closes_by[CloseCode.INTERNAL_ERROR].inc()
-            if not self.outbox.torn:  # else a close frame would land inside a frame
-                with trio.move_on_after(1, shield=True):
-                    await self._send_close_now(CloseCode.INTERNAL_ERROR, "internal error")
+            await self._internal_error()
         finally:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await self._stop_writer()
             self.outbox.close()  # out of the pump's hands before the socket closes
             with trio.move_on_after(DETACH_TIMEOUT, shield=True):
                 await self.session.detach()
             await trio.aclose_forcefully(self._stream)
+
+    async def _internal_error(self) -> None:
+        """Close with 1011 after a bug here, in the session or in the writer."""
+        with trio.move_on_after(1, shield=True):
+            await self._stop_writer()  # one writer per stream: we send the close frame
+            self.outbox.close()  # the pump must not write into our close frame
+            self._services.metrics.closes_by[CloseCode.INTERNAL_ERROR].inc()
+            if not self.outbox.torn:  # else a close frame would land inside a frame
+                await self._send_close_now(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def _stop_writer(self) -> None:
+        self._stopped = True
+        if self._writing:
+            assert self._writer_scope is not None and self._writer_exited is not None
+            self._writer_scope.cancel()
+            await self._writer_exited.wait()
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Close with ``code`` (through the session, which counts it)."""
@@ -157,8 +178,7 @@ class Connection:
     def _broken(self) -> None:
         # The pump could not write: the client reset the connection. Nothing more can
         # reach it, so there is nothing to wait for.
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        self._scope.cancel()
 
     def _close(self, code: CloseCode, reason: str) -> None:
         if self._close_frame is not None:
@@ -166,9 +186,8 @@ class Connection:
         self._close_frame = close_frame(code, reason)
         self.outbox.close(self._close_frame)
         # The client gets CLOSE_TIMEOUT to take our close frame and answer it.
-        if self._nursery is not None:
-            scope = self._nursery.cancel_scope
-            scope.deadline = min(scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
+        scope = self._scope
+        scope.deadline = min(scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
 
     async def _send_close_now(self, code: CloseCode, reason: str) -> None:
         if self._close_frame is None:
@@ -181,31 +200,42 @@ class Connection:
 
     def _start_writer(self) -> None:
         """The outbox has work for a writer (actors.outbox): start one unless one runs."""
-        if not self._writing and self._nursery is not None:
+        if not self._writing and not self._stopped and self._writers is not None:
             self._writing = True
-            self._nursery.start_soon(self._write)
+            self._writer_scope = scope = trio.CancelScope()
+            self._writer_exited = exited = trio.Event()
+            self._writers.start_soon(self._write, scope, exited)
 
-    async def _write(self) -> None:
+    async def _write(self, scope: trio.CancelScope, exited: trio.Event) -> None:
+        """Runs in the connections nursery: nothing may escape from here."""
         outbox = self.outbox
         stream = self._stream
         pump = self._services.pump
         try:
-            while batch := await outbox.next_batch():
-                await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
-                if outbox.written(pump):
-                    self._writing = False  # the pump has it again; started anew if need be
-                    return
-            if outbox.overflowed:
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await self._send_close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
-                assert self._nursery is not None
-                self._nursery.cancel_scope.cancel()
+            with scope:
+                while batch := await outbox.next_batch():
+                    await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+                    if outbox.written(pump):
+                        return  # the pump has it again; started anew if need be
+                if outbox.overflowed:
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._send_close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
+                    self._scope.cancel()
+                self._flushed = True
+                if self._written is not None:
+                    self._written.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
-        self._flushed = True
-        if self._written is not None:
-            self._written.set()
+            self._scope.cancel()
+            self._flushed = True
+            if self._written is not None:
+                self._written.set()
+        except Exception:
+            log.exception("writer of %s crashed; closing the connection", self.session.peer)
+            self._crashed = True
+            self._scope.cancel()
+        finally:
+            self._writing = False
+            exited.set()
 
     async def _read(self) -> None:
         """Read until the closing handshake ends or the client goes away."""

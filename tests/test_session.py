@@ -15,6 +15,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors.messages import RoomDropped
+from actors.outbox import Outbox
 from protocol.codec import encode
 from protocol.errors import CloseCode, ErrorCode
 from protocol.frames import Error, Goaway, Hello, Ping, Pong, Send, Welcome
@@ -202,3 +203,28 @@ async def test_a_bug_handling_an_event_closes_only_that_session(
             conn.session._on_event = broken  # type: ignore[method-assign]
             conn.session.notify(RoomDropped("r"))  # returns: the sender goes on
             assert await closed_with(ws) == CloseCode.INTERNAL_ERROR
+
+
+async def test_a_bug_in_the_writer_closes_only_its_connection(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer runs in the node's connections nursery, not one of its own: a bug in
+    it must close its connection with 1011 and leave the others alone."""
+    async with memory_node(tmp_path) as mem:
+        async with mem.connect() as other, mem.connect() as ws:
+            await hello(other, "bob")
+            await hello(ws)
+            conn = next(c for c in mem.node.connections if c.session.user == "alice")
+
+            written = Outbox.written
+
+            def broken(outbox: Outbox, pump: Any) -> bool:
+                if outbox is conn.outbox:
+                    raise RuntimeError("bug")
+                return written(outbox, pump)
+
+            monkeypatch.setattr(Outbox, "written", broken)
+            await ws.send_message(encode(Ping(id=1)))  # the pong goes through the writer
+            assert await closed_with(ws) == CloseCode.INTERNAL_ERROR
+            await other.send_message(encode(Ping(id=2)))
+            assert await next_frame(other) == Pong(id=2)
