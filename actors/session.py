@@ -115,6 +115,9 @@ log = logging.getLogger(__name__)
 REPLAY_CHUNK = 200  # messages read from storage at a time while replaying
 BUSY_RECHECK = 1.0  # seconds between keep-alive checks while a request is running
 
+# One empty set for every session that watches nobody: frozenset() makes a new one.
+_NOBODY: frozenset[str] = frozenset()
+
 # Keep-alive states (Session._on_timer).
 _HELLO, _QUIET, _BUSY, _PINGED = range(4)
 
@@ -155,7 +158,7 @@ class Session:
         self._following: dict[str, int] = {}  # user -> reasons (rooms, a watch) to follow
         self._unfollow_fns: dict[str, Callable[[], None]] = {}
         self._rosters: dict[str, frozenset[str]] = {}  # small room -> members followed
-        self._watched: frozenset[str] = frozenset()  # replaced, not mutated: most stay empty
+        self._watched = _NOBODY  # replaced, not mutated: most sessions watch nobody
         self._kv = False  # has spoken to the user's kv actor, which may follow it
 
     # --- driven by the connection -----------------------------------------------------
