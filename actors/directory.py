@@ -7,6 +7,13 @@ nobody is blocked sending to it. That check and the removal are one synchronous 
 so a message can never slip into a mailbox that is about to be abandoned. Callers look
 the actor up for each send and never keep a ref across an await.
 
+An actor with state but nothing to do (a User actor whose sessions are all connected
+and idle) may ask ``try_hibernate`` instead: same check, but the directory keeps the
+actor object and drops only its task and mailbox; the next ``ref`` or ``get`` gives it a
+new mailbox and runs the same object again. A task, its mailbox and its wait cost about
+7 KiB per online user, which was most of an idle session's memory (BENCHMARKS.md, "Idle
+sessions").
+
 When ``run`` raises, the supervisor logs it, counts it, and starts a fresh actor on
 the same mailbox, passing it the crashed one so it can reload from storage and take
 over what must survive (a room's subscribers). Messages already queued are kept. A
@@ -48,8 +55,8 @@ Factory = Callable[[str, Any], Actor]
 
 @attrs.define
 class _Entry:
-    send: trio.MemorySendChannel[Any]
-    receive: trio.MemoryReceiveChannel[Any]
+    send: trio.MemorySendChannel[Any] | None  # None while the actor hibernates
+    receive: trio.MemoryReceiveChannel[Any] | None
     actor: Actor | None = None
 
 
@@ -65,18 +72,29 @@ class Directory:
         self._factories[kind] = factory
 
     def ref(self, kind: ActorKind, key: str) -> trio.MemorySendChannel[Any]:
-        """The mailbox of actor ``(kind, key)``, started if needed."""
+        """The mailbox of actor ``(kind, key)``, started (or woken) if needed."""
         entry = self._entries.get((kind, key))
         if entry is None:
-            send, receive = trio.open_memory_channel[Any](self._mailbox_size)
-            entry = self._entries[kind, key] = _Entry(send, receive)
-            self._nursery.start_soon(self._supervise, kind, key, entry, name=f"{kind}:{key}")
+            entry = self._entries[kind, key] = _Entry(None, None)
+        if entry.send is None:
+            return self._start(kind, key, entry)
         return entry.send
 
     def get(self, kind: ActorKind, key: str) -> trio.MemorySendChannel[Any] | None:
-        """The mailbox of actor ``(kind, key)`` if it runs; never starts one."""
+        """The mailbox of actor ``(kind, key)`` if it exists (woken if it hibernates);
+        never starts a new one."""
         entry = self._entries.get((kind, key))
-        return None if entry is None else entry.send
+        if entry is None:
+            return None
+        if entry.send is None:
+            return self._start(kind, key, entry)
+        return entry.send
+
+    def _start(self, kind: ActorKind, key: str, entry: _Entry) -> trio.MemorySendChannel[Any]:
+        send, receive = trio.open_memory_channel[Any](self._mailbox_size)
+        entry.send, entry.receive = send, receive
+        self._nursery.start_soon(self._supervise, kind, key, entry, receive, name=f"{kind}:{key}")
+        return send
 
     def actor(self, kind: ActorKind, key: str) -> Any:
         """The running actor object, for read-only statistics (or None)."""
@@ -96,33 +114,62 @@ class Directory:
         entry = self._entries.get((kind, key))
         if entry is None:
             return True
-        stats = entry.send.statistics()
-        if stats.current_buffer_used or stats.tasks_waiting_send:
+        if not self._idle(entry):
             return False
         del self._entries[kind, key]
+        assert entry.send is not None
         entry.send.close()
         return True
 
-    async def _supervise(self, kind: ActorKind, key: str, entry: _Entry) -> None:
-        crashes: deque[float] = deque(maxlen=CRASHES_BEFORE_PAUSE)
-        predecessor: Actor | None = None
+    def try_hibernate(self, kind: ActorKind, key: str) -> bool:
+        """Keep an idle actor's object but not its task and mailbox, if nothing waits for
+        it; the actor then returns from ``run``, and runs again on the next message."""
+        entry = self._entries.get((kind, key))
+        if entry is None or not self._idle(entry):
+            return False
+        assert entry.send is not None
+        entry.send.close()
+        entry.send = entry.receive = None
+        return True
+
+    @staticmethod
+    def _idle(entry: _Entry) -> bool:
+        assert entry.send is not None
+        stats = entry.send.statistics()
+        return not (stats.current_buffer_used or stats.tasks_waiting_send)
+
+    async def _supervise(
+        self,
+        kind: ActorKind,
+        key: str,
+        entry: _Entry,
+        receive: trio.MemoryReceiveChannel[Any],
+    ) -> None:
+        # Created lazily: most actors never crash, and a deque costs 760 bytes.
+        crashes: deque[float] | None = None
         pause = 0.5
         try:
-            async with entry.receive:
+            async with receive:
+                if entry.actor is None:
+                    entry.actor = self._factories[kind](key, None)
+                # else: a hibernating actor, woken
                 while True:
-                    entry.actor = self._factories[kind](key, predecessor)
                     try:
-                        await entry.actor.run(entry.receive)
+                        await entry.actor.run(receive)
                         return
                     except Exception:
                         log.exception("%s actor %r crashed; restarting it", kind, key)
                         self._metrics.actor_crashes.labels(kind=str(kind)).inc()
-                    predecessor = entry.actor
+                    if crashes is None:
+                        crashes = deque(maxlen=CRASHES_BEFORE_PAUSE)
                     crashes.append(trio.current_time())
                     if len(crashes) == crashes.maxlen and crashes[-1] - crashes[0] < CRASH_WINDOW:
                         log.error("%s actor %r keeps crashing; pausing %.1fs", kind, key, pause)
                         await trio.sleep(pause)
                         pause = min(MAX_PAUSE, pause * 2)
+                    entry.actor = self._factories[kind](key, entry.actor)
         finally:
-            if self._entries.get((kind, key)) is entry:
+            # Unless it retired (gone), hibernates (no mailbox) or was woken again
+            # meanwhile (another mailbox, another supervisor).
+            if self._entries.get((kind, key)) is entry and entry.receive is receive:
                 del self._entries[kind, key]

@@ -13,6 +13,10 @@ never copies. Who writes them depends on the socket:
   closing, or there is no socket (a memory stream in tests), the outbox belongs to its
   connection's writer task, which waits with ``next_batch`` and sends with ``send_all``
   until nothing is pending, then hands the outbox back to the pump (``written``).
+  The writer task runs only while it has such work: ``start_writer`` is called whenever
+  there is some and no writer waits for it, and the writer ends once ``written`` says the
+  pump has the outbox again. An idle connection has no writer task (it cost 2.3 KiB and
+  a task spawn per connection, BENCHMARKS.md "Idle sessions").
 
 The outbox is bounded in bytes: the append that overflows it drops what is pending,
 marks the session a slow consumer and calls ``on_overflow`` at once: the writer may be
@@ -44,6 +48,7 @@ class Outbox:
         "_partial",
         "_pending",
         "_pump",
+        "_start_writer",
         "_wakeup",
         "closed",
         "fd",
@@ -60,10 +65,14 @@ class Outbox:
         pump: Pump | None = None,
         fd: int | None = None,
         on_broken: Callable[[], None] | None = None,
+        start_writer: Callable[[], None] | None = None,
     ) -> None:
         self.limit = limit
         self._on_overflow = on_overflow
         self._on_broken = on_broken
+        # Called when the writer has work and none waits for it (None: a writer always
+        # waits in next_batch, as in tests that run their own).
+        self._start_writer = start_writer
         # The unsent tail of a frame the client has begun to receive: whatever else is
         # dropped (overflow), this goes out first, or the stream would be torn.
         self._partial: bytes | None = None
@@ -151,9 +160,12 @@ class Outbox:
             self._wake()
 
     def _wake(self) -> None:
+        """The writer has work: wake it, or have it started."""
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
+        elif self._start_writer is not None:
+            self._start_writer()  # idempotent: a writer that runs but does not wait is busy
 
     # --- the pump's side ------------------------------------------------------------
 
@@ -216,10 +228,14 @@ class Outbox:
         self.nbytes -= sum(map(len, batch))
         return batch
 
-    def written(self, pump: Pump | None) -> None:
-        """The writer sent everything it had: back to the pump, unless closing."""
-        if self.closed or self.fd is None or pump is None:
-            return
+    def written(self, pump: Pump | None) -> bool:
+        """The writer sent everything it had: back to the pump, unless closing. True if
+        the writer has nothing more to do until it is started again (``start_writer``)."""
+        if self.closed:
+            return False  # the rest and the final frame are the writer's
+        if self.fd is None or pump is None:
+            return not self._pending and self._partial is None
         self._pump = pump
         if self._pending:
             pump.mark(self)
+        return True

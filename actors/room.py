@@ -675,12 +675,14 @@ class Room:
     def _add_member(self, user: str, by: str | None) -> Ticket:
         was_small = self._small()
         self.members.add(user)
-        self._roster_changed(was_small)
         record = MemberChanged(room=self.key, user=user, added=True, ts=self._s.now_ms())
         self._last_ticket = self._s.write_behind.enqueue(record)
         event = Member(room=self.key, user=user, op=MemberOp.ADDED, kind=self.kind, by=by)
         if self._small():
             self._fan_out(server_frame(encode(event)), Member)
+        # After the fan-out: sessions handle the roster at once (tell_session), and their
+        # clients should read of the new member before of the member's presence.
+        self._roster_changed(was_small)
         if by != user:
             self._notify(user, event)
         return self._last_ticket

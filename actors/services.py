@@ -13,6 +13,7 @@ from actors.kvmap import KvQuota
 from actors.metrics import Metrics
 from actors.outbox import Pump
 from actors.presence import PresenceBook
+from actors.timers import Timers
 from protocol.hlc import Clock
 from protocol.limits import Limits
 from storage.bus import Bus
@@ -84,3 +85,4 @@ class Services:
     presence: PresenceBook = attrs.field(factory=PresenceBook)
     hlc: Clock = attrs.field(factory=Clock)  # the node's hybrid logical clock, for kv
     pump: Pump | None = None  # writes outboxes to sockets (actors.pump); None: writers do
+    timers: Timers = attrs.field(factory=Timers)  # sessions' keep-alive; the node runs it

@@ -59,6 +59,7 @@ from actors.metrics import Metrics
 from actors.outbox import Outbox
 from actors.presence import PresenceNote
 from actors.services import Services
+from actors.timers import Timer
 from actors.token_bucket import TokenBucket
 from protocol.codec import decode_client, encode
 from protocol.errors import CloseCode, ErrorCode, RemoteProtocolError
@@ -114,6 +115,12 @@ log = logging.getLogger(__name__)
 REPLAY_CHUNK = 200  # messages read from storage at a time while replaying
 BUSY_RECHECK = 1.0  # seconds between keep-alive checks while a request is running
 
+# One empty set for every session that watches nobody: frozenset() makes a new one.
+_NOBODY: frozenset[str] = frozenset()
+
+# Keep-alive states (Session._on_timer).
+_HELLO, _QUIET, _BUSY, _PINGED = range(4)
+
 #: Closes the connection with a WebSocket close code and reason.
 CloseFn = Callable[[CloseCode, str], None]
 
@@ -133,19 +140,25 @@ class Session:
         self.closing = False
         self.going_away = False
         self.busy = False  # a request is being handled
-        self._authenticated = trio.Event()
+        self.ended = False  # the connection is over: no timers, no events
         now = trio.current_time()
         self.opened_at = now
         self.last_inbound = now
         self._bucket = TokenBucket(self._settings.rate, self._settings.burst, now)
         self._errors = TokenBucket(self._settings.error_refill, self._settings.error_budget, now)
-        self._events_send, self._events = trio.open_memory_channel[SessionEvent](64)
+        # Keep-alive: a timer on the node's timer task (actors.timers), not a task of
+        # our own. _quiet_since is the last_inbound the running wait started from.
+        self._alive_state = _HELLO
+        self._quiet_since = now
+        self._timer: Timer = services.timers.call_at(
+            now + self._settings.hello_timeout, self._on_timer
+        )
         self.blocks: frozenset[str] | None = None  # whom the user blocks; None: not known yet
-        self._blocks_known = trio.Event()
+        self._blocks_known: trio.Event | None = None  # made when a request waits for it
         self._following: dict[str, int] = {}  # user -> reasons (rooms, a watch) to follow
         self._unfollow_fns: dict[str, Callable[[], None]] = {}
         self._rosters: dict[str, frozenset[str]] = {}  # small room -> members followed
-        self._watched: set[str] = set()
+        self._watched = _NOBODY  # replaced, not mutated: most sessions watch nobody
         self._kv = False  # has spoken to the user's kv actor, which may follow it
 
     # --- driven by the connection -----------------------------------------------------
@@ -188,6 +201,8 @@ class Session:
         finally:
             self.busy = False
             self.last_inbound = trio.current_time()
+            if self._alive_state == _HELLO and self.user is not None:
+                self._start_keepalive()
 
     def on_text(self) -> None:
         self._error(ErrorCode.BAD_FRAME, "text messages are not part of the protocol")
@@ -197,13 +212,17 @@ class Session:
         self.going_away = True
         self._send(Goaway(msg=message, delay=delay_ms))
 
-    async def run(self) -> None:
-        """Timers and events from other actors; runs until the connection cancels it."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keepalive)
-            async with self._events:
-                async for event in self._events:
-                    self._on_event(event)
+    def notify(self, event: SessionEvent) -> None:
+        """An event from another actor (the session's inbox, ``SessionLink.inbox``): called
+        synchronously by the sender, so it never awaits. A bug here closes this session,
+        never the sender."""
+        if self.ended:
+            return
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("session %s of %r failed on %r; closing it", self.id, self.user, event)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _on_event(self, event: SessionEvent) -> None:
         if type(event) is RoomDropped:
@@ -215,12 +234,15 @@ class Session:
                 self._send_presence(added)
         elif type(event) is BlocksChanged:
             self.blocks = event.blocks
-            self._blocks_known.set()
+            if self._blocks_known is not None:
+                self._blocks_known.set()
 
     async def detach(self) -> None:
         """Leave every room and the user actor; called once the connection is over, under
         a shielded deadline. An actor not told (mailbox full until then) drops the closed
         outbox itself."""
+        self.ended = True
+        self._timer.cancel()
         link = self.link
         if link is None:
             return
@@ -340,26 +362,51 @@ class Session:
         if frame is not None:
             self.outbox.append(frame)
 
-    async def _keepalive(self) -> None:
-        s = self._settings
-        with trio.move_on_at(self.opened_at + s.hello_timeout):
-            await self._authenticated.wait()
-        if self.user is None:
-            self.close(CloseCode.HELLO_TIMEOUT, "no hello")
+    # --- keep-alive -------------------------------------------------------------------
+    #
+    # The states of one wait, each with one timer armed (_arm):
+    #   _HELLO     until opened_at + hello_timeout: no hello by then closes 4008;
+    #   _QUIET     until _quiet_since + ping_interval: still quiet then, we ping;
+    #   _BUSY      a request ran when the ping was due: look again a second later;
+    #   _PINGED    until _quiet_since + ping_interval + pong_timeout: still quiet, close.
+    # Any inbound bytes move last_inbound; a wait that ends finds it moved and starts
+    # over from it, so nothing is rescheduled per inbound frame.
+
+    def _arm(self, deadline: float, state: int) -> None:
+        self._alive_state = state
+        self._timer = self._s.timers.call_at(deadline, self._on_timer)
+
+    def _start_keepalive(self) -> None:
+        """The hello is done: pings start from here, not from the hello deadline."""
+        self._timer.cancel()
+        self._wait_quiet()
+
+    def _wait_quiet(self) -> None:
+        self._quiet_since = self.last_inbound
+        self._arm(self._quiet_since + self._settings.ping_interval, _QUIET)
+
+    def _on_timer(self) -> None:
+        if self.ended or self.closing:
             return
-        while True:
-            quiet_since = self.last_inbound
-            await trio.sleep_until(quiet_since + s.ping_interval)
-            if self.last_inbound != quiet_since:
-                continue
+        state = self._alive_state
+        if state == _HELLO:
+            if self.user is None:
+                self.close(CloseCode.HELLO_TIMEOUT, "no hello")
+            else:  # the hello is still being handled; its end starts the keep-alive
+                self._arm(trio.current_time() + BUSY_RECHECK, _HELLO)
+            return
+        quiet = self.last_inbound == self._quiet_since
+        if state == _QUIET and quiet:
             if self.busy:
-                await trio.sleep(BUSY_RECHECK)
-                continue
-            self._send(Ping())
-            await trio.sleep_until(quiet_since + s.ping_interval + s.pong_timeout)
-            if self.last_inbound == quiet_since and not self.busy:
-                self.close(CloseCode.IDLE_TIMEOUT, "no pong")
-                return
+                self._arm(trio.current_time() + BUSY_RECHECK, _BUSY)
+            else:
+                self._send(Ping())
+                s = self._settings
+                self._arm(self._quiet_since + s.ping_interval + s.pong_timeout, _PINGED)
+        elif state == _PINGED and quiet and not self.busy:
+            self.close(CloseCode.IDLE_TIMEOUT, "no pong")
+        else:
+            self._wait_quiet()
 
     # --- requests ---------------------------------------------------------------------
 
@@ -413,7 +460,7 @@ class Session:
             return await self._watch(frame)
         if type(frame) is Unwatch:
             gone = self._watched.intersection(frame.users)
-            self._watched -= gone
+            self._watched = self._watched - gone
             self._unfollow(gone)
             return self._send(Ok(id=frame.id))
         if type(frame) is SetStatus:
@@ -422,7 +469,10 @@ class Session:
             return await self._block(frame)
         if type(frame) is Blocks:
             with answer_within(self._settings.request_timeout):
-                await self._blocks_known.wait()  # the user actor may still be loading
+                while self.blocks is None:  # the user actor may still be loading
+                    if self._blocks_known is None:
+                        self._blocks_known = trio.Event()
+                    await self._blocks_known.wait()
             return self._send(BlockList(id=frame.id, users=tuple(sorted(self.blocks or ()))))
         raise AssertionError(f"no handler for {frame!r}")
 
@@ -442,8 +492,7 @@ class Session:
         if self.going_away:
             raise RequestFailed(ErrorCode.TRY_LATER, "server is going away")
         self.user = user
-        self._authenticated.set()
-        self.link = SessionLink(self.id, user, self.outbox, self._events_send)
+        self.link = SessionLink(self.id, user, self.outbox, self.notify)
         self._metrics.sessions.inc()
         # Told, not asked: a user actor that loads from storage first must not delay the
         # welcome. It sends the block list as soon as it has it.
@@ -674,7 +723,7 @@ class Session:
         limit = self._settings.max_watches
         if len(self._watched) + len(new) > limit:
             raise RequestFailed(ErrorCode.TOO_MANY_WATCHES, f"at most {limit} watched users")
-        self._watched |= new
+        self._watched = self._watched | new
         self._follow(new)  # first, so no change falls between the answer and the events
         items = await self._presence_of(frame.users)
         self._send(PresenceList(id=frame.id, items=items))

@@ -9,6 +9,12 @@ offline only once the grace period has passed without a new session, so a reconn
 (a phone switching networks) shows no offline/online flicker. Each change is published
 once (``actors.presence``). It also owns the user's status and block list, loaded from
 storage when it starts and written behind. It retires once offline and idle.
+
+While it has nothing to do (loaded, online, every session connected, no grace period
+running) it hibernates (``Directory.try_hibernate``): no task, no mailbox, its state
+and its ``user:<id>`` subscription kept; the next command (a session opening or closing,
+a status or block change) runs it again. Most online users are idle, and a task per
+user was the largest part of an idle session's memory.
 """
 
 from collections.abc import Callable
@@ -45,14 +51,16 @@ class User:
         self.grace_until: float | None = None  # offline is announced then, if still alone
         self.last_seen: int | None = None
         self._last_ticket: Ticket = COMMITTED
-        self._loaded = trio.Event()
+        self._loaded: trio.Event | None = None  # made if a command must wait for the load
+        self._unsubscribe: Callable[[], None] | None = None  # kept while hibernating
+        self._hibernating = False
+        self._waiting: trio.CancelScope | None = None  # the serving loop's wait
         if predecessor is not None:
             # Sessions outlive a crash of their user actor: the new one keeps them, and
             # what it knew (some of it not stored yet).
             self.sessions = predecessor.sessions
             if predecessor.loaded:
                 self.loaded = True
-                self._loaded.set()
                 self.status = predecessor.status
                 self.blocks = predecessor.blocks
                 self.online = predecessor.online
@@ -61,26 +69,35 @@ class User:
                 self._last_ticket = predecessor._last_ticket
 
     async def run(self, inbox: trio.MemoryReceiveChannel[UserCommand]) -> None:
-        unsubscribe: Callable[[], None] = self._s.bus.subscribe(f"user:{self.key}", self._deliver)
+        if self._unsubscribe is None:  # else woken from hibernation, still subscribed
+            self._unsubscribe = self._s.bus.subscribe(f"user:{self.key}", self._deliver)
+        self._hibernating = False
         try:
+            if self.loaded:
+                await self._serve(inbox)
+                return
             async with trio.open_nursery() as nursery:
-                if not self.loaded:
-                    # Sessions are registered at once, so events for the user reach them
-                    # while storage is read; presence waits for what storage says.
-                    nursery.start_soon(self._load_then_announce)
+                # Sessions are registered at once, so events for the user reach them
+                # while storage is read; presence waits for what storage says.
+                nursery.start_soon(self._load_then_announce)
                 await self._serve(inbox)
                 nursery.cancel_scope.cancel()
         finally:
-            unsubscribe()
+            if not self._hibernating:
+                self._unsubscribe()
+                self._unsubscribe = None
 
     async def _load_then_announce(self) -> None:
         await self._load()
-        self._loaded.set()
+        if self._loaded is not None:
+            self._loaded.set()
         if self.sessions:
             self.online = True
             self._publish()
             for link in self.sessions.values():
                 tell_session(link, BlocksChanged(self.blocks))
+        if self._waiting is not None:
+            self._waiting.cancel()  # the serving loop looks whether it may hibernate now
 
     async def _serve(self, inbox: trio.MemoryReceiveChannel[UserCommand]) -> None:
         idle = self._s.settings.actor_idle
@@ -90,12 +107,21 @@ class User:
             if self.grace_until is not None:
                 wake = min(wake, self.grace_until)
             with trio.move_on_at(wake) as waiting:
+                self._waiting = waiting
                 command = await inbox.receive()
+            self._waiting = None
             if not waiting.cancelled_caught:
                 quiet_since = trio.current_time()
                 if not self.loaded and type(command) in (ChangeStatus, ChangeBlock):
+                    if self._loaded is None:
+                        self._loaded = trio.Event()
                     await self._loaded.wait()
                 self._handle(command)
+                if self._may_hibernate(inbox) and self._s.directory.try_hibernate(
+                    ActorKind.USER, self.key
+                ):
+                    self._hibernating = True
+                    return
                 continue
             now = trio.current_time()
             if now >= quiet_since + idle:
@@ -115,6 +141,22 @@ class User:
             ):
                 self._s.presence.remove(self.key)  # storage has it all now
                 return
+            if self._may_hibernate(inbox) and self._s.directory.try_hibernate(
+                ActorKind.USER, self.key
+            ):
+                self._hibernating = True
+                return
+
+    def _may_hibernate(self, inbox: trio.MemoryReceiveChannel[UserCommand]) -> bool:
+        """Nothing to do until the next command: no timer of ours is needed. A closed
+        outbox is a session that may not say goodbye: the idle sweep removes it."""
+        return (
+            self.loaded
+            and self.online
+            and self.grace_until is None
+            and not inbox.statistics().current_buffer_used
+            and all(not link.outbox.closed for link in self.sessions.values())
+        )
 
     async def _load(self) -> None:
         store = self._s.store

@@ -1,13 +1,14 @@
-"""One client connection: the WebSocket handshake and framing (wsproto) over a trio Stream.
+"""One client connection: the WebSocket handshake and framing over a trio Stream.
 
-How this works: after the handshake, three tasks share the connection. The reader
-feeds bytes to wsproto and hands each complete binary message to the Session, one at
-a time. Sending is the node's write pump's job while the socket takes everything
-(``actors.pump``); the writer task takes over with ``send_all`` when it does not, and
-for the closing frames. The session's own task runs timers and actor events. Data
-frames are built by ``protocol.wsframe`` (once per fan-out, shared by every recipient);
-wsproto builds only the control frames (pong, close), so its state still tracks the
-closing handshake.
+How this works: after the handshake (``protocol.wsserver.parse_upgrade``), one task
+reads: it parses the client's frames (``protocol.wsserver.ClientFrames``) and hands
+each complete binary message to the Session, one at a time. Sending is the node's
+write pump's job while the socket takes everything (``actors.pump``); a writer task is
+started only when it does not (a full socket) and for the closing frames, and ends when
+the pump can take over again. The session's timers run on the node's timer task, and
+actors' events reach it by direct call (``Session.notify``): an idle connection is one
+task. Data frames are built by ``protocol.wsframe`` (once per fan-out, shared by every
+recipient), pong and close frames by ``protocol.wsserver``.
 
 Closing: whoever decides (session, reader) calls ``close``; the close frame goes out
 after what is already queued, then the reader waits a bounded time for the client's
@@ -17,27 +18,29 @@ connection with 1011 and is logged; it never reaches the listener.
 """
 
 import logging
+import os
 from urllib.parse import urlsplit
 
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import RemoteProtocolError as WsProtocolError
 
 from actors.outbox import Outbox
 from actors.services import Services
 from actors.session import Session
 from protocol.errors import CloseCode
+from protocol.wsserver import (
+    ClientFrames,
+    Close,
+    Event,
+    Failed,
+    HandshakeError,
+    Message,
+    Ping,
+    TooBig,
+    accept_response,
+    close_frame,
+    parse_upgrade,
+    pong_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,48 +60,44 @@ def _http_error(status: str, body: str) -> bytes:
     ).encode() + data
 
 
-async def _handshake(stream: trio.abc.Stream, ws: WSConnection) -> bool:
-    """Accept a WebSocket upgrade on /ws; answer anything else with an HTTP error."""
+async def _handshake(stream: trio.abc.Stream) -> bytes | None:
+    """Accept a WebSocket upgrade on /ws, answer anything else with an HTTP error. The
+    bytes the client sent after its request (frames already), or None if refused."""
+    data = b""
     with trio.move_on_after(HANDSHAKE_TIMEOUT):
         while True:
-            data = await stream.receive_some(RECEIVE_BYTES)
-            if not data:
-                return False
+            chunk = await stream.receive_some(RECEIVE_BYTES)
+            if not chunk:
+                return None
+            data += chunk
             try:
-                ws.receive_data(bytes(data))  # free for bytes, which sockets return
-                events = list(ws.events())
-            except WsProtocolError as exc:
+                upgrade = parse_upgrade(data)
+            except HandshakeError as exc:
                 await stream.send_all(_http_error("400 Bad Request", f"{exc}\n"))
-                return False
-            for event in events:
-                if not isinstance(event, Request):
-                    continue
-                try:
-                    path = urlsplit(event.target).path
-                except ValueError:
-                    await stream.send_all(_http_error("400 Bad Request", "bad request target\n"))
-                    return False
-                if path != WS_PATH:
-                    reject = RejectConnection(
-                        status_code=404,
-                        headers=[(b"content-type", b"text/plain")],
-                        has_body=True,
-                    )
-                    body = RejectData(data=f"not found: connect to {WS_PATH}\n".encode())
-                    await stream.send_all(ws.send(reject) + ws.send(body))
-                    return False
-                chosen = SUBPROTOCOL if SUBPROTOCOL in event.subprotocols else None
-                await stream.send_all(ws.send(AcceptConnection(subprotocol=chosen)))
-                return True
-    return False
+                return None
+            if upgrade is None:
+                continue
+            try:
+                path = urlsplit(upgrade.target).path
+            except ValueError:
+                await stream.send_all(_http_error("400 Bad Request", "bad request target\n"))
+                return None
+            if path != WS_PATH:
+                body = f"not found: connect to {WS_PATH}\n"
+                await stream.send_all(_http_error("404 Not Found", body))
+                return None
+            chosen = SUBPROTOCOL if SUBPROTOCOL in upgrade.subprotocols else None
+            await stream.send_all(accept_response(upgrade.key, chosen))
+            return upgrade.rest
+    return None
 
 
 class Connection:
     def __init__(
-        self, stream: trio.abc.Stream, ws: WSConnection, services: Services, peer: str
+        self, stream: trio.abc.Stream, services: Services, peer: str, early: bytes = b""
     ) -> None:
         self._stream = stream
-        self._ws = ws
+        self._early = early  # frames that came with the handshake
         self._services = services
         self._max_message = services.settings.limits.max_frame_bytes
         socket = getattr(stream, "socket", None)  # a trio SocketStream; tests use memory
@@ -108,37 +107,63 @@ class Connection:
             pump=services.pump,
             fd=socket.fileno() if socket is not None else None,
             on_broken=self._broken,
+            start_writer=self._start_writer,
         )
         self.session = Session(services, self.outbox, self._close, peer)
         self._close_frame: bytes | None = None
-        self._written = trio.Event()
-        self._nursery: trio.Nursery | None = None
+        self._flushed = False  # the writer sent everything, the final frame too
+        self._written: trio.Event | None = None  # made when run() waits for that
+        # The connection's lifetime: the close deadline, and what a reset or a failing
+        # writer cancels. A scope, not a nursery of our own (1.3 KiB per connection):
+        # the writer, when there is one, runs in the nursery this connection runs in
+        # (the node's connections nursery), bound to us by its own scope, stopped and
+        # waited for before the stream closes, and behind its own crash barrier.
+        self._scope = trio.CancelScope()
+        self._writers = trio.lowlevel.current_task().parent_nursery
+        self._writing = False  # a writer task runs
+        self._writer_scope: trio.CancelScope | None = None
+        self._writer_exited: trio.Event | None = None
+        self._stopped = False  # no writer starts any more
+        self._crashed = False  # the writer failed
 
     async def run(self) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._write)
-                nursery.start_soon(self.session.run)
+            with self._scope:
                 await self._read()
                 if self._close_frame is None:
                     self.outbox.close()  # the client left: flush what we can, then stop
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await self._written.wait()
-                nursery.cancel_scope.cancel()
-            self._nursery = None
+                if not self._flushed:
+                    self._written = trio.Event()
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._written.wait()
+            if self._crashed:
+                await self._internal_error()
         except Exception:
             log.exception("connection of %s crashed; closing it", self.session.peer)
-            self.outbox.close()  # the pump must not write into our close frame
-            self._services.metrics.closes_by[CloseCode.INTERNAL_ERROR].inc()
-            if not self.outbox.torn:  # else a close frame would land inside a frame
-                with trio.move_on_after(1, shield=True):
-                    await self._send_close_now(CloseCode.INTERNAL_ERROR, "internal error")
+            await self._internal_error()
         finally:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await self._stop_writer()
             self.outbox.close()  # out of the pump's hands before the socket closes
             with trio.move_on_after(DETACH_TIMEOUT, shield=True):
                 await self.session.detach()
             await trio.aclose_forcefully(self._stream)
+
+    async def _internal_error(self) -> None:
+        """Close with 1011 after a bug here, in the session or in the writer."""
+        with trio.move_on_after(1, shield=True):
+            await self._stop_writer()  # one writer per stream: we send the close frame
+            self.outbox.close()  # the pump must not write into our close frame
+            self._services.metrics.closes_by[CloseCode.INTERNAL_ERROR].inc()
+            if not self.outbox.torn:  # else a close frame would land inside a frame
+                await self._send_close_now(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def _stop_writer(self) -> None:
+        self._stopped = True
+        if self._writing:
+            assert self._writer_scope is not None and self._writer_exited is not None
+            self._writer_scope.cancel()
+            await self._writer_exited.wait()
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Close with ``code`` (through the session, which counts it)."""
@@ -153,126 +178,171 @@ class Connection:
     def _broken(self) -> None:
         # The pump could not write: the client reset the connection. Nothing more can
         # reach it, so there is nothing to wait for.
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        self._scope.cancel()
 
     def _close(self, code: CloseCode, reason: str) -> None:
-        if self._close_frame is not None or self._ws.state is not ConnectionState.OPEN:
-            return
-        self._close_frame = self._ws.send(CloseConnection(code=code, reason=reason))
+        if self._close_frame is not None:
+            return  # a close frame is out already, ours or the answer to the client's
+        self._close_frame = close_frame(code, reason)
         self.outbox.close(self._close_frame)
         # The client gets CLOSE_TIMEOUT to take our close frame and answer it.
-        if self._nursery is not None:
-            scope = self._nursery.cancel_scope
-            scope.deadline = min(scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
+        scope = self._scope
+        scope.deadline = min(scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
 
     async def _send_close_now(self, code: CloseCode, reason: str) -> None:
-        if self._ws.state is ConnectionState.OPEN:
-            self._close_frame = self._ws.send(CloseConnection(code=code, reason=reason))
+        if self._close_frame is None:
+            self._close_frame = close_frame(code, reason)
         if self._close_frame is not None:
             try:
                 await self._stream.send_all(self._close_frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
-    async def _write(self) -> None:
+    def _start_writer(self) -> None:
+        """The outbox has work for a writer (actors.outbox): start one unless one runs."""
+        if not self._writing and not self._stopped and self._writers is not None:
+            self._writing = True
+            self._writer_scope = scope = trio.CancelScope()
+            self._writer_exited = exited = trio.Event()
+            self._writers.start_soon(self._write, scope, exited)
+
+    async def _write(self, scope: trio.CancelScope, exited: trio.Event) -> None:
+        """Runs in the connections nursery: nothing may escape from here."""
         outbox = self.outbox
         stream = self._stream
         pump = self._services.pump
         try:
-            while batch := await outbox.next_batch():
-                await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
-                outbox.written(pump)
-            if outbox.overflowed:
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await self._send_close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
-                assert self._nursery is not None
-                self._nursery.cancel_scope.cancel()
+            with scope:
+                while batch := await outbox.next_batch():
+                    await stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+                    if outbox.written(pump):
+                        return  # the pump has it again; started anew if need be
+                if outbox.overflowed:
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._send_close_now(CloseCode.SLOW_CONSUMER, "slow consumer")
+                    self._scope.cancel()
+                self._flushed = True
+                if self._written is not None:
+                    self._written.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
+            self._scope.cancel()
+            self._flushed = True
+            if self._written is not None:
+                self._written.set()
+        except Exception:
+            log.exception("writer of %s crashed; closing the connection", self.session.peer)
+            self._crashed = True
+            self._scope.cancel()
         finally:
-            self._written.set()
+            self._writing = False
+            exited.set()
 
     async def _read(self) -> None:
         """Read until the closing handshake ends or the client goes away."""
-        ws = self._ws
-        session = self.session
-        parts: list[bytes] = []
-        size = 0
+        frames = ClientFrames(self._max_message)
+        receive_some = self._stream.receive_some
+        fd = self.outbox.fd
+        data: bytes | bytearray = self._early
+        self._early = b""
         while True:
-            try:
-                data = await self._stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if not data and fd is not None:
+                # A socket: read its non-blocking fd directly and wait for it with
+                # wait_readable, as trio's receive_some does under four more layers of
+                # coroutines that stayed alive under every idle reader (2 KiB). No await
+                # inside an except block: the caught exception and its traceback would
+                # live as long as the wait, that is as long as an idle connection.
+                try:
+                    data = os.read(fd, RECEIVE_BYTES)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return  # reset by the client
+                if data:
+                    await trio.lowlevel.checkpoint()  # a schedule point per read, as trio's
+                else:
+                    while not data:
+                        await trio.lowlevel.wait_readable(fd)
+                        try:
+                            data = os.read(fd, RECEIVE_BYTES)
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            return
+                        if not data:
+                            return  # the end of the stream
+            elif not data:
+                try:
+                    data = await receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+            self.session.on_activity()
+            # In a function of its own, so the last event (a message) does not stay
+            # referenced from this frame while the connection idles.
+            if await self._handle(frames.feed(bytes(data))):  # free for bytes
                 return
-            if not data:
-                return
-            session.on_activity()
-            ws.receive_data(bytes(data))
-            for event in ws.events():
-                if isinstance(event, BytesMessage | TextMessage):
-                    if self._close_frame is not None:
-                        continue  # we are closing: the rest is ignored
-                    size += len(event.data)
-                    if size > self._max_message:
-                        self.close(CloseCode.MESSAGE_TOO_BIG, f"over {self._max_message} bytes")
-                        parts, size = [], 0
-                        continue
-                    if not event.message_finished:
-                        parts.append(
-                            bytes(event.data)
-                            if isinstance(event, BytesMessage)
-                            else event.data.encode()
-                        )
-                        continue
-                    if isinstance(event, TextMessage):
-                        session.on_text()
-                    else:
-                        payload = bytes(event.data)
-                        if parts:
-                            parts.append(payload)
-                            payload = b"".join(parts)
-                        await session.on_message(payload)
-                    parts, size = [], 0
-                elif isinstance(event, Ping):
-                    if ws.state is ConnectionState.OPEN:
-                        self.outbox.append(ws.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    if ws.state is ConnectionState.REMOTE_CLOSING:
-                        # The client closes: answer, and stop once the answer is out.
-                        self._close_frame = ws.send(event.response())
-                        self.outbox.close(self._close_frame)
-                        return
-                    if ws.state is ConnectionState.CLOSED:
-                        return  # the client answered our close frame
-                    # wsproto reports a frame it could not parse as a close event.
-                    try:
-                        code = CloseCode(event.code)
-                    except ValueError:
-                        code = CloseCode.PROTOCOL_ERROR
-                    self.close(code, event.reason or "protocol error")
+            data = b""
+
+    async def _handle(self, events: list[Event]) -> bool:
+        """Act on the client's frames; True once the closing handshake is over."""
+        session = self.session
+        for event in events:
+            kind = type(event)
+            if kind is Message:
+                if self._close_frame is not None:
+                    continue  # we are closing: the rest is ignored
+                assert isinstance(event, Message)
+                if event.text:
+                    session.on_text()
+                else:
+                    await session.on_message(event.data)
+            elif kind is Ping:
+                if self._close_frame is None:
+                    assert isinstance(event, Ping)
+                    self.outbox.append(pong_frame(event.payload))
+            elif kind is Close:
+                if self._close_frame is not None:
+                    return True  # the client answered our close frame
+                # The client closes: answer, and stop once the answer is out.
+                assert isinstance(event, Close)
+                self._close_frame = close_frame(event.code, event.reason)
+                self.outbox.close(self._close_frame)
+                return True
+            elif kind is TooBig:
+                self.close(CloseCode.MESSAGE_TOO_BIG, f"over {self._max_message} bytes")
+            elif kind is Failed:
+                assert isinstance(event, Failed)
+                self.close(event.code, event.reason)
+        return False
 
 
 async def serve_connection(
     stream: trio.abc.Stream, services: Services, connections: set[Connection], peer: str
 ) -> None:
-    """Run one client connection to its end. Nothing here may reach the listener."""
-    ws = WSConnection(ConnectionType.SERVER)
+    """Run one client connection to its end, and close its stream. Nothing here may
+    reach the listener."""
     try:
-        accepted = await _handshake(stream, ws)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        accepted = False
-    except Exception:
-        log.exception("handshake with %s failed; closing it", peer)
-        accepted = False
-    if not accepted:
-        await trio.aclose_forcefully(stream)
-        return
-    conn = Connection(stream, ws, services, peer)
-    connections.add(conn)
-    services.metrics.connections.inc()
-    try:
-        await conn.run()
+        try:
+            early = await _handshake(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:
+            log.exception("handshake with %s failed; closing it", peer)
+            return
+        if early is None:
+            return
+        try:
+            conn = Connection(stream, services, peer, early)
+        except Exception:
+            log.exception("connection of %s could not start; closing it", peer)
+            return
+        connections.add(conn)
+        services.metrics.connections.inc()
+        try:
+            await conn.run()
+        finally:
+            connections.discard(conn)
+            services.metrics.connections.dec()
     finally:
-        connections.discard(conn)
-        services.metrics.connections.dec()
+        await trio.aclose_forcefully(stream)

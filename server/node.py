@@ -35,6 +35,7 @@ from actors.metrics import Metrics
 from actors.pump import WritePump
 from actors.room import Room
 from actors.services import Services
+from actors.timers import Timers
 from actors.user import User
 from protocol.errors import CloseCode
 from server.config import Config
@@ -229,6 +230,8 @@ async def open_node(
             await nursery.start(write_behind.run)
             pump = WritePump()
             await nursery.start(pump.run)
+            timers = Timers()
+            await nursery.start(timers.run)
             directory = Directory(nursery, metrics, mailbox_size=settings.mailbox_size)
             services = Services(
                 settings=settings,
@@ -240,6 +243,7 @@ async def open_node(
                 run=run.run,
                 verify_token=verify_token,
                 pump=pump,
+                timers=timers,
             )
             directory.register(ActorKind.ROOM, lambda key, old: Room(key, services, old))
             directory.register(ActorKind.USER, lambda key, old: User(key, services, old))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import attrs
 import jwt
+from jwt.algorithms import HMACAlgorithm
 
 from protocol.limits import is_user_id
 from storage.sqlite import sqlite_path
@@ -26,12 +27,33 @@ def issue_token(secret: str, user: str, ttl: int) -> str:
     return jwt.encode({"sub": user, "iat": now, "exp": now + ttl}, secret, algorithm=ALGORITHM)
 
 
+class _PreparedHMAC(HMACAlgorithm):
+    """HS256 with the secret checked and prepared once, not on every decode.
+
+    PyJWT prepares the key for each token, and its check that an HMAC secret is not an
+    asymmetric key (PEM and SSH patterns, then DER parsing through cryptography) was 10 %
+    of the server's CPU per session connect (py-spy of ``bench idle``, BENCHMARKS.md
+    "Idle sessions"). The check still runs: once, here."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__(HMACAlgorithm.SHA256)
+        self._key = super().prepare_key(secret)
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        return self._key  # the verifier only ever passes the secret it was made with
+
+
 def token_verifier(secret: str) -> Callable[[str], str]:
     """token -> user id; raises ValueError saying what is wrong with the token."""
+    decoder = jwt.PyJWT()
+    # PyJWT keeps its signature layer private; replacing the algorithm there changes
+    # nothing else of decode() (claims, leeway, errors). tests/test_tokens.py holds it.
+    decoder._jws.unregister_algorithm(ALGORITHM)
+    decoder._jws.register_algorithm(ALGORITHM, _PreparedHMAC(secret))
 
     def verify(token: str) -> str:
         try:
-            claims = jwt.decode(
+            claims = decoder.decode(
                 token,
                 secret,
                 algorithms=[ALGORITHM],

@@ -54,6 +54,7 @@ from storage.store import (
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 1000
+_NO_BLOCKS: frozenset[str] = frozenset()
 READERS = 3
 
 _INSERT_MESSAGE = (
@@ -381,6 +382,7 @@ class SqliteStore:
             blocks = frozenset(
                 o for (o,) in reader.execute("SELECT other FROM blocks WHERE user = ?", (user,))
             )
+            blocks = blocks or _NO_BLOCKS  # one empty set for every user who blocks nobody
             if row is None:
                 return UserSnapshot(blocks=blocks)
             return UserSnapshot(status=Status(row[0]), last_seen=row[1], blocks=blocks)

@@ -1,6 +1,7 @@
 """server/connection.py over real sockets: handshake, bad input, limits, slow consumers."""
 
 import socket
+import struct
 from pathlib import Path
 
 import cbor2
@@ -16,6 +17,7 @@ from loadtests.rawclient import RawClient
 from protocol.codec import encode
 from protocol.errors import CloseCode, ErrorCode
 from protocol.frames import Error, Hello, Join, Message, Ping, Pong, Send, Welcome
+from protocol.wsframe import client_frame, parse_server_frames
 from tests.helpers import RunningServer, next_frame, run_server
 
 
@@ -194,3 +196,79 @@ async def test_a_slow_consumer_is_closed_and_does_not_slow_the_room(tmp_path: Pa
                 while True:
                     await slow.receive()
         assert len(server.node.connections) <= 2
+
+
+async def raw_upgrade(server: RunningServer) -> tuple[trio.SocketStream, WSConnection]:
+    host, port = server.addresses.client
+    stream = await trio.open_tcp_stream(host, port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="x", target="/ws")))
+    ws.receive_data(await stream.receive_some(65536))
+    list(ws.events())
+    return stream, ws
+
+
+async def server_close(stream: trio.SocketStream, ws: WSConnection) -> CloseConnection:
+    """The server's close frame; then it ends the connection."""
+    with trio.fail_after(10):
+        while True:
+            data = await stream.receive_some(65536)
+            assert data, "ended without a close frame"
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, CloseConnection):
+                    return event
+
+
+async def test_a_client_close_is_answered_with_its_code(server: RunningServer) -> None:
+    stream, ws = await raw_upgrade(server)
+    await stream.send_all(ws.send(CloseConnection(code=4000, reason="bye")))
+    answer = await server_close(stream, ws)
+    assert (answer.code, answer.reason) == (4000, "bye")
+    with trio.fail_after(10):
+        assert await stream.receive_some(65536) == b""  # and the server hangs up
+    await stream.aclose()
+
+
+async def test_a_protocol_violation_closes_1002(server: RunningServer) -> None:
+    stream, ws = await raw_upgrade(server)
+    await stream.send_all(b"\x82\x02hi")  # an unmasked client frame
+    answer = await server_close(stream, ws)
+    assert answer.code == CloseCode.PROTOCOL_ERROR
+    await stream.send_all(ws.send(CloseConnection(code=1000)))
+    with trio.fail_after(10):
+        assert await stream.receive_some(65536) == b""
+    await stream.aclose()
+
+
+async def test_a_hello_sent_with_the_upgrade_request_is_answered(server: RunningServer) -> None:
+    """Bytes right behind the request are frames already (wsproto used to drop them)."""
+    host, port = server.addresses.client
+    stream = await trio.open_tcp_stream(host, port)
+    hello = client_frame(encode(Hello(v=1, token=server.token("alice"))))
+    await stream.send_all(UPGRADE % b"/ws" + hello)
+    received = b""
+    with trio.fail_after(10):
+        while True:
+            received += await stream.receive_some(65536)
+            head, _, rest = received.partition(b"\r\n\r\n")
+            frames, _used = parse_server_frames(rest)
+            if frames:
+                break
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert cbor2.loads(frames[0][1])[0] == Welcome.TYPE
+    await stream.aclose()
+
+
+async def test_a_client_reset_ends_its_connection(server: RunningServer) -> None:
+    host, port = server.addresses.client
+    sock = trio.socket.socket()
+    await sock.connect((host, port))
+    client = await RawClient.start(trio.SocketStream(sock), "x", server.token("alice"))
+    assert len(server.node.connections) == 1
+    # SO_LINGER 0: close() sends a reset, which the server's read gets as ECONNRESET.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await client.aclose()
+    with trio.fail_after(10):
+        while server.node.connections:  # noqa: ASYNC110 - the reset is a network event
+            await trio.sleep(0.01)

@@ -134,3 +134,47 @@ async def test_a_crash_loop_is_slowed_down(
         assert starts == [0.0, 0.0, 0.0, 0.5, 1.5, 3.5]
         assert recorders[-1].seen == ["finally"]
         nursery.cancel_scope.cancel()
+
+
+class Sleeper:
+    """Hibernates after each message; counts its runs."""
+
+    def __init__(self, key: str, directory: Directory) -> None:
+        self.key = key
+        self.directory = directory
+        self.seen: list[Any] = []
+        self.runs = 0
+
+    async def run(self, inbox: trio.MemoryReceiveChannel[Any]) -> None:
+        self.runs += 1
+        while True:
+            self.seen.append(await inbox.receive())
+            if self.directory.try_hibernate(ActorKind.USER, self.key):
+                return
+
+
+async def test_a_hibernating_actor_keeps_its_object_and_wakes_on_the_next_message(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        directory, _ = await make(nursery)
+        directory.register(ActorKind.USER, lambda key, prev: Sleeper(key, directory))
+        directory.ref(ActorKind.USER, "a").send_nowait(1)
+        await trio.testing.wait_all_tasks_blocked()
+        actor = directory.actor(ActorKind.USER, "a")
+        assert actor.seen == [1] and directory.count(ActorKind.USER) == 1
+        ref = directory.get(ActorKind.USER, "a")  # wakes it: a new mailbox
+        assert ref is not None
+        ref.send_nowait(2)
+        directory.ref(ActorKind.USER, "a").send_nowait(3)  # queued behind 2: no new task
+        await trio.testing.wait_all_tasks_blocked()
+        assert directory.actor(ActorKind.USER, "a") is actor
+        assert actor.seen == [1, 2, 3] and actor.runs == 2
+        # Woken again before the last run's supervisor has finished: the entry stays.
+        directory.ref(ActorKind.USER, "a").send_nowait(4)
+        directory.ref(ActorKind.USER, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        directory.ref(ActorKind.USER, "a").send_nowait(5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert actor.seen == [1, 2, 3, 4, 5] and directory.actor(ActorKind.USER, "a") is actor
+        nursery.cancel_scope.cancel()

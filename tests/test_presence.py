@@ -6,9 +6,18 @@ import pytest
 import trio
 import trio.testing
 
+from actors.directory import ActorKind
 from protocol.client import ParleyClient, ServerError
 from protocol.errors import ErrorCode
-from protocol.frames import Message, Online, Presence, PresenceList, PresenceState, Status
+from protocol.frames import (
+    Member,
+    Message,
+    Online,
+    Presence,
+    PresenceList,
+    PresenceState,
+    Status,
+)
 from tests.helpers import RunningServer, memory_node, pending_events, run_server
 
 
@@ -163,3 +172,39 @@ async def test_a_member_added_later_is_followed(server: RunningServer) -> None:
         await until_seen(alice, "carol", Status.DND)
         await carol.set_status(Status.AWAY)
         await until_seen(alice, "carol", Status.AWAY)
+
+
+async def test_an_idle_users_actor_hibernates_and_presence_stays_right(
+    tmp_path: Path,
+) -> None:
+    """A user whose sessions are connected and idle has no actor task; each command
+    wakes the same actor, with its state, and events for the user still reach them."""
+    async with run_server(tmp_path, presence_grace=0.05) as server:
+        directory = server.node.directory
+
+        async def hibernating() -> bool:
+            await trio.testing.wait_all_tasks_blocked()
+            return directory._entries[ActorKind.USER, "alice"].send is None
+
+        async with server.client("carol") as carol:
+            await carol.watch("alice")
+            async with server.client("alice") as alice:
+                await alice.blocks()  # answered once the actor has loaded
+                assert await hibernating()
+                actor = directory.actor(ActorKind.USER, "alice")
+                await alice.set_status(Status.DND)  # wakes it; it hibernates again after
+                assert await hibernating()
+                assert directory.actor(ActorKind.USER, "alice") is actor  # same state
+                async with server.client("bob") as bob:
+                    assert (await bob.watch("alice"))["alice"].status == Status.DND
+                    await bob.create("r")
+                    await bob.invite("r", "alice")  # on user:alice, to a hibernating actor
+                    with trio.fail_after(10):
+                        await alice.next_event(Member)
+                    async with server.client("alice") as second:  # a second device
+                        await second.ping()
+                    await bob.ping()
+                    assert [e for e in pending_events(bob) if isinstance(e, Presence)] == []
+            await until_seen(carol, "alice", Status.DND)
+            offline = await next_presence(carol)  # after the last session, and the grace
+            assert (offline.user, offline.status) == ("alice", Status.OFFLINE)

@@ -132,3 +132,69 @@ async def test_held_frames_stay_counted_while_the_pump_writes() -> None:
     assert outbox.overflowed
     left.close()
     right.close()
+
+
+async def test_the_writer_task_runs_only_while_the_pump_cannot_write() -> None:
+    """As Connection does: the writer is started when the pump hands a full socket over
+    (or the outbox closes), and ends when the socket takes everything again."""
+    left, right = trio.socket.socketpair()
+    sender, receiver = trio.SocketStream(left), trio.SocketStream(right)
+    pump = WritePump()
+    starts = 0
+    running = False  # read through writing(): mypy would narrow the name between checks
+    received = bytearray()
+    expected = bytearray()
+
+    async with trio.open_nursery() as nursery:
+
+        async def writer() -> None:
+            nonlocal running
+            while batch := await outbox.next_batch():
+                await sender.send_all(b"".join(batch))
+                if outbox.written(pump):
+                    running = False
+                    return
+            running = False
+
+        def start_writer() -> None:
+            nonlocal starts, running
+            if not running:
+                starts += 1
+                running = True
+                nursery.start_soon(writer)
+
+        outbox = Outbox(2**30, pump=pump, fd=left.fileno(), start_writer=start_writer)
+
+        def append(chunk: bytes) -> None:
+            outbox.append(chunk)
+            expected.extend(chunk)
+
+        async def read() -> None:
+            while len(received) < len(expected):
+                received.extend(await receiver.receive_some(65536))
+
+        def writing() -> bool:
+            return running
+
+        nursery.start_soon(pump.run)
+        for _ in range(2):
+            append(b"small")
+            await read()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not writing()  # the pump wrote it: no writer task
+            for i in range(300):  # 3 MB: more than the socket buffers hold
+                append(bytes([i % 256]) * 10_000)
+            await trio.testing.wait_all_tasks_blocked()
+            assert writing()  # handed over
+            await read()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not writing()  # and handed back: the writer ended
+        assert starts == 2
+        append(b"last")
+        outbox.close(b"final")  # closing needs the writer for the final frame
+        expected.extend(b"final")
+        await read()
+        assert starts == 3 and received == expected
+        nursery.cancel_scope.cancel()
+    await sender.aclose()
+    await receiver.aclose()

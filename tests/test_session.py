@@ -14,6 +14,8 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from actors.messages import RoomDropped
+from actors.outbox import Outbox
 from protocol.codec import encode
 from protocol.errors import CloseCode, ErrorCode
 from protocol.frames import Error, Goaway, Hello, Ping, Pong, Send, Welcome
@@ -163,3 +165,66 @@ async def test_pings_start_from_hello_not_from_the_hello_timeout(
             quiet = trio.current_time()
             assert await next_frame(ws) == Ping()
             assert trio.current_time() - quiet == 3.0
+
+
+async def test_no_ping_while_a_request_runs(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """A request that takes longer than the ping interval (the reader reads nothing
+    meanwhile, pongs included) neither gets the client pinged nor closed; pings resume
+    an interval after it ends."""
+    async with memory_node(tmp_path, ping_interval=25.0, pong_timeout=10.0) as mem:
+        async with mem.connect() as ws:
+            await hello(ws)
+            (conn,) = mem.node.connections
+            conn.session.busy = True  # what on_message does around a request
+            with trio.move_on_after(100):
+                frame = await next_frame(ws)
+                raise AssertionError(f"got {frame!r} while a request ran")
+            conn.session.busy = False
+            conn.session.last_inbound = done = trio.current_time()
+            assert await next_frame(ws) == Ping()
+            assert trio.current_time() - done == 25.0
+            assert await closed_with(ws) == CloseCode.IDLE_TIMEOUT
+            assert trio.current_time() - done == 35.0
+
+
+async def test_a_bug_handling_an_event_closes_only_that_session(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Events from rooms and users run synchronously in the sender's task: a failing
+    handler must close its own session (1011), not crash the sender."""
+    async with memory_node(tmp_path) as mem:
+        async with mem.connect() as ws:
+            await hello(ws)
+            (conn,) = mem.node.connections
+
+            def broken(event: object) -> None:
+                raise RuntimeError("bug")
+
+            conn.session._on_event = broken  # type: ignore[method-assign]
+            conn.session.notify(RoomDropped("r"))  # returns: the sender goes on
+            assert await closed_with(ws) == CloseCode.INTERNAL_ERROR
+
+
+async def test_a_bug_in_the_writer_closes_only_its_connection(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer runs in the node's connections nursery, not one of its own: a bug in
+    it must close its connection with 1011 and leave the others alone."""
+    async with memory_node(tmp_path) as mem:
+        async with mem.connect() as other, mem.connect() as ws:
+            await hello(other, "bob")
+            await hello(ws)
+            conn = next(c for c in mem.node.connections if c.session.user == "alice")
+
+            written = Outbox.written
+
+            def broken(outbox: Outbox, pump: Any) -> bool:
+                if outbox is conn.outbox:
+                    raise RuntimeError("bug")
+                return written(outbox, pump)
+
+            monkeypatch.setattr(Outbox, "written", broken)
+            await ws.send_message(encode(Ping(id=1)))  # the pong goes through the writer
+            assert await closed_with(ws) == CloseCode.INTERNAL_ERROR
+            await other.send_message(encode(Ping(id=2)))
+            assert await next_frame(other) == Pong(id=2)

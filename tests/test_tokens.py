@@ -1,0 +1,70 @@
+"""server/tokens.py: the verifier with its HMAC key prepared once gives PyJWT's own
+verdict on any token."""
+
+import time
+
+import jwt
+import pytest
+
+from server.tokens import ALGORITHM, LEEWAY_SECONDS, issue_token, token_verifier
+
+SECRET = "test-secret-0123456789-abcdefghijklmnop"
+
+
+def reference(token: str) -> str:
+    """PyJWT as it comes, with the options the server uses."""
+    try:
+        claims = jwt.decode(
+            token,
+            SECRET,
+            algorithms=[ALGORITHM],
+            leeway=LEEWAY_SECONDS,
+            options={"require": ["sub"]},
+        )
+    except jwt.ExpiredSignatureError:
+        return "error: token expired"
+    except jwt.InvalidTokenError as exc:
+        return f"error: {exc or type(exc).__name__}"
+    return str(claims["sub"])
+
+
+def ours(token: str) -> str:
+    try:
+        return token_verifier(SECRET)(token)
+    except ValueError as exc:
+        return f"error: {exc}"
+
+
+def test_same_verdicts_as_pyjwt() -> None:
+    now = int(time.time())
+    sign = jwt.encode
+    tokens = [
+        issue_token(SECRET, "alice", 3600),
+        issue_token("another-secret-0123456789-abcdefghijklmnopqrstuvwxyz", "alice", 3600),
+        sign({"sub": "alice", "exp": now - 3600}, SECRET, algorithm="HS256"),
+        sign({"sub": "alice", "exp": now - 10}, SECRET, algorithm="HS256"),  # in the leeway
+        sign({"sub": "alice", "exp": now + 60}, SECRET * 2, algorithm="HS512"),
+        sign({"sub": "alice"}, None, algorithm="none"),
+        sign({"exp": now + 60}, SECRET, algorithm="HS256"),
+        sign({"sub": "alice", "nbf": now + 3600}, SECRET, algorithm="HS256"),
+        sign({"sub": "alice", "aud": "elsewhere"}, SECRET, algorithm="HS256"),
+        sign({"sub": "alice", "iat": "yesterday"}, SECRET, algorithm="HS256"),
+        "not-a-jwt",
+        "a.b.c",
+    ]
+    verdicts = [ours(token) for token in tokens]
+    assert verdicts == [reference(token) for token in tokens]
+    assert verdicts[0] == verdicts[3] == "alice"
+    assert sum(v.startswith("error: ") for v in verdicts) == len(tokens) - 2
+
+
+def test_a_subject_that_is_no_user_id_is_refused() -> None:
+    token = jwt.encode({"sub": "no spaces allowed"}, SECRET, algorithm="HS256")
+    with pytest.raises(ValueError, match="not a valid user id"):
+        token_verifier(SECRET)(token)
+
+
+def test_an_asymmetric_key_is_refused_as_a_secret_at_once() -> None:
+    pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYI\n-----END PUBLIC KEY-----"
+    with pytest.raises(jwt.InvalidKeyError):
+        token_verifier(pem)
