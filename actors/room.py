@@ -19,10 +19,13 @@ sends them whatever the old one sequenced but did not deliver.
 Receipts, online counts and typing are the room's other signals. Receipts and the online
 count are coalesced: the room announces and stores them at most once per receipt
 interval (``actors.receipts``). Typing is never stored; a start expires by itself. The
-room's timers (that interval, typing expiry, retiring when idle) are the deadline of its
-mailbox wait, so the room stays one task.
+room's timers (that interval, typing expiry, retiring when idle) live in the node's timer
+task (``actors.timers``), which sends the room a tick when one is due: a mailbox wait
+with a deadline cost a cancel scope per wake-up and an exception per expiry, 15 % of
+the server's time in the 1:1 chat benchmark (BENCHMARKS.md).
 """
 
+import contextlib
 import itertools
 import logging
 import secrets
@@ -59,6 +62,7 @@ from actors.messages import (
 from actors.outbox import Outbox
 from actors.receipts import RoomReceipts
 from actors.services import Services, read_until_stored
+from actors.timers import Timer
 from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.frames import (
@@ -97,6 +101,13 @@ class _Sub:
     def __init__(self, link: SessionLink, covered: int) -> None:
         self.link = link
         self.covered = covered
+
+
+class _Tick:
+    """Sent by the node's timer task when one of the room's timers is due."""
+
+
+TICK = _Tick()
 
 
 class _Entry:
@@ -150,6 +161,8 @@ class Room:
         self._store_due: float | None = None  # when moved cursors go to storage
         self._typers: dict[str, tuple[float, frozenset[str]]] = {}  # user -> (expiry, hidden)
         self._counts_cache: tuple[int, int, bytes] | None = None  # (seq, version, frame)
+        self._timer: Timer | None = None  # the tick the node's timer task will send
+        self._timer_at = 0.0
 
     def online_users(self) -> set[str]:
         """Users with a live subscribed session here."""
@@ -160,37 +173,48 @@ class Room:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    async def run(self, inbox: trio.MemoryReceiveChannel[RoomCommand]) -> None:
-        await self._load()
-        idle = self._s.settings.actor_idle
-        quiet_since = trio.current_time()
-        while True:
-            with trio.move_on_at(self._wake_at(quiet_since + idle)) as waiting:
+    async def run(self, inbox: trio.MemoryReceiveChannel[RoomCommand | _Tick]) -> None:
+        try:
+            await self._load()
+            idle = self._s.settings.actor_idle
+            quiet_since = trio.current_time()
+            while True:
+                self._arm(self._wake_at(quiet_since + idle))
                 command = await inbox.receive()
-            if waiting.cancelled_caught:
                 now = trio.current_time()
+                if self._turn(command, inbox):
+                    quiet_since = now
                 self._on_timer(now)
                 if now >= quiet_since + idle:
                     if self._retire():
                         return
                     quiet_since = now
-                continue
-            quiet_since = trio.current_time()
-            # Handle what else is already queued before yielding (receive() is a
-            # schedule point): the writers this turn woke then send many frames in one
-            # syscall each, instead of one frame per wake-up (BENCHMARKS.md).
-            # Receipts are cheap and come from every member at once: a turn that stopped
-            # at 64 of them would leave a thousand sessions blocked on a full mailbox.
-            budget = TURN * LIGHT_PER_TURN
-            while True:
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _turn(
+        self, command: RoomCommand | _Tick, inbox: trio.MemoryReceiveChannel[RoomCommand | _Tick]
+    ) -> bool:
+        """Handle ``command`` and what else is already queued, before yielding
+        (receive() is a schedule point): the pump then writes many frames per socket in
+        one syscall, instead of one frame per wake-up (BENCHMARKS.md). Receipts are
+        cheap and come from every member at once: a turn that stopped at 64 of them
+        would leave a thousand sessions blocked on a full mailbox. False if there were
+        only ticks."""
+        budget = TURN * LIGHT_PER_TURN
+        handled = False
+        while True:
+            if not isinstance(command, _Tick):
                 budget -= LIGHT_PER_TURN if type(command) is Publish else 1
                 self._dispatch(command)
-                if budget <= 0:
-                    break
-                try:
-                    command = inbox.receive_nowait()
-                except trio.WouldBlock:
-                    break
+                handled = True
+            if budget <= 0:
+                return handled
+            try:
+                command = inbox.receive_nowait()
+            except trio.WouldBlock:
+                return handled
 
     def _dispatch(self, command: RoomCommand) -> None:
         if type(command) is Publish:
@@ -285,6 +309,27 @@ class Room:
             self._schedule()
 
     # --- timers -----------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        """Have the node's timer task tick this room at ``when``, unless an earlier tick
+        is already set (a tick that finds nothing due just re-arms)."""
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._s.timers.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        """In the timer task: wake the room. A full mailbox needs no tick: the room is
+        busy, and checks its timers after every turn."""
+        self._timer = None
+        inbox = self._s.directory.get(ActorKind.ROOM, self.key)
+        if inbox is not None:
+            with contextlib.suppress(
+                trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
+            ):
+                inbox.send_nowait(TICK)
 
     def _wake_at(self, idle_at: float) -> float:
         wake = idle_at
