@@ -452,6 +452,8 @@ class Worker:
                     lat_append(now - sent_ns)
                     if seq > expect or seen[seq]:
                         tally.duplicates += 1
+                        if len(tally.errors) < 20:
+                            tally.errors.append(f"{c.ident.user}: seq {seq} of {src!r} again")
                         continue
                     seen[seq] = 1
                     tally.deliveries += 1
