@@ -10,6 +10,7 @@ memory with every session up).
 
 import errno
 import heapq
+import math
 import multiprocessing.connection
 import resource
 import select
@@ -17,12 +18,12 @@ import socket
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable
 from typing import Any
 
 import attrs
 
 from loadtests.wire import WIRES, Control, Ident, Wire
+from protocol.wsframe import parse_server_frames
 
 RECV_BYTES = 1 << 18
 IN, OUT, ERR = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR | select.EPOLLHUP
@@ -89,18 +90,14 @@ class Tally:
 
 # Latencies go into buckets 1 % wide on a log scale from 1 µs: exact enough, and the
 # histogram of millions of deliveries stays a few hundred entries.
-_LOG_STEP = 0.00995033085  # math.log(1.01)
+_LOG_STEP = math.log(1.01)
 
 
 def bucket(latency_ns: int) -> int:
-    import math
-
     return int(math.log(max(latency_ns, 1000) / 1000) / _LOG_STEP)
 
 
 def bucket_ms(index: int) -> float:
-    import math
-
     return math.exp((index + 0.5) * _LOG_STEP) / 1000
 
 
@@ -300,7 +297,7 @@ class Worker:
             except StopIteration:
                 c.state = 3
         c.buf = b""
-        frames, used = _frames(data)
+        frames, used = parse_server_frames(data)
         c.buf = data[used:]
         for opcode, payload in frames:
             if c.state != 2:
@@ -502,12 +499,6 @@ def _find_marker(data: bytes, start: int, stop: int) -> int:
     return -1
 
 
-def _frames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
-    from protocol.wsframe import parse_server_frames
-
-    return parse_server_frames(data)
-
-
 def worker_main(pipe: multiprocessing.connection.Connection, plan: Plan) -> None:
     """A worker process: connect, say ready, run on ``go``, say done, close on ``close``."""
     worker = Worker(plan)
@@ -520,6 +511,3 @@ def worker_main(pipe: multiprocessing.connection.Connection, plan: Plan) -> None
             pipe.recv()
     finally:
         worker.close()
-
-
-Spawner = Callable[[Plan], multiprocessing.connection.Connection]
