@@ -427,22 +427,24 @@ class Worker:
                     stop = pos + head + n
                     if stop > end:
                         break
+                    found = None
                     i = data.find(b"~@", pos + head, stop)
-                    if i >= 0:
-                        try:  # binary headers can hold "~@" by chance: then look again
-                            src, seq_b, t = data[i + 2 : data.find(b"@~", i, stop)].split(b".")
-                            seq, sent_ns = int(seq_b), int(t)
+                    if i >= 0:  # the common case inline; _find_marker says why it checks
+                        j = data.find(b"@~", i + 2, stop)
+                        parts = data[i + 2 : j].split(b".") if j > 0 else []
+                        try:
+                            if len(parts) != 3 or not parts[0].isdigit():
+                                raise ValueError
+                            found = parts[0], int(parts[1]), int(parts[2])
                         except ValueError:
-                            i = _find_marker(data, i + 1, stop)
-                            if i >= 0:
-                                src, seq_b, t = data[i + 2 : data.find(b"@~", i, stop)].split(b".")
-                                seq, sent_ns = int(seq_b), int(t)
-                    if i < 0:
+                            found = _find_marker(data, i + 1, stop)
+                    if found is None:
                         self.on_control(
                             c, wire.control(data[pos] & 0x0F, data[pos + head : stop]), now
                         )
                         pos = stop
                         continue
+                    src, seq, sent_ns = found
                     pos_frame, pos = pos, stop
                     if src == mine:
                         continue  # our own message back (Parley sends it to every subscriber)
@@ -489,14 +491,22 @@ class Worker:
         self.ep.close()
 
 
-def _find_marker(data: bytes, start: int, stop: int) -> int:
-    """Where a well-formed marker starts in ``data[start:stop]``, or -1."""
+def _find_marker(data: bytes, start: int, stop: int) -> tuple[bytes, int, int] | None:
+    """The first well-formed marker in ``data[start:stop]``: its sender number (as
+    bytes), sequence number and send time; None if there is none. Every part must be
+    digits: a message's binary header can hold "~@" by chance (its ``ts``, a CBOR uint64
+    of milliseconds, has 7e 40 as its two low bytes for one millisecond in every
+    65.536 s), and the bytes from there to the real marker must not pass for a sender:
+    that made a user's own echoed message count as its peer's, once, as a duplicate."""
     while (i := data.find(b"~@", start, stop)) >= 0:
-        parts = data[i + 2 : data.find(b"@~", i, stop)].split(b".")
-        if len(parts) == 3 and all(p.isdigit() for p in parts):
-            return i
+        end = data.find(b"@~", i + 2, stop)
+        if end < 0:
+            return None
+        parts = data[i + 2 : end].split(b".")
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit() and parts[2].isdigit():
+            return parts[0], int(parts[1]), int(parts[2])
         start = i + 1
-    return -1
+    return None
 
 
 def worker_main(pipe: multiprocessing.connection.Connection, plan: Plan) -> None:
