@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import peers
-from loadtests.scenarios import Row, Target, progress, run_broadcast, run_chat, run_idle
+from loadtests.proc import progress
+from loadtests.scenarios import Row, Target, run_broadcast, run_chat, run_idle
 
 SCENARIOS = ("a", "b", "c", "d", "d-rate", "e/f")
 

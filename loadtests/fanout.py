@@ -11,11 +11,8 @@ message it gets (delivered and read up to its seq), and the run reports how many
 events that cost: the room's coalescing at work.
 """
 
-import math
 import multiprocessing
 import multiprocessing.connection
-import os
-import sys
 import time
 from collections import Counter
 from typing import Any
@@ -24,6 +21,8 @@ import attrs
 import cbor2
 import trio
 
+from loadtests.loadgen import bucket, bucket_ms, percentile
+from loadtests.proc import cpu_seconds, progress
 from loadtests.rawclient import RawClient
 from protocol.codec import encode
 from protocol.errors import ErrorCode
@@ -40,15 +39,6 @@ K_SEQ = FIELD_KEYS["seq"]
 K_DATA = FIELD_KEYS["data"]
 K_ROOM = FIELD_KEYS["room"]
 K_CODE = FIELD_KEYS["code"]
-STEP = math.log(1.01)
-
-
-def bucket(latency_ns: int) -> int:
-    return int(math.log(max(latency_ns, 1000) / 1000) / STEP)
-
-
-def bucket_value_ms(index: int) -> float:
-    return math.exp((index + 0.5) * STEP) / 1000
 
 
 @attrs.define
@@ -77,16 +67,7 @@ class Tally:
         self.latency.update(other.latency)
 
     def percentile(self, p: float) -> float:
-        total = sum(self.latency.values())
-        if not total:
-            return float("nan")
-        rank = p / 100 * total
-        seen = 0
-        for index in sorted(self.latency):
-            seen += self.latency[index]
-            if seen >= rank:
-                return bucket_value_ms(index)
-        return bucket_value_ms(max(self.latency))
+        return percentile(self.latency, p)
 
 
 @attrs.define
@@ -247,16 +228,6 @@ class FanoutResult:
         return "\n".join(lines)
 
 
-def progress(text: str) -> None:
-    print(f"  .. {text}", file=sys.stderr, flush=True)
-
-
-def process_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def run_fanout(
     host: str,
     port: int,
@@ -304,7 +275,7 @@ async def run_fanout(
     for pipe in pipes:
         pipe.send(base)
     await trio.sleep(0.2)  # let every worker enter its receive loop
-    cpu_before = process_cpu_seconds(server_pid) if server_pid else None
+    cpu_before = cpu_seconds(server_pid) if server_pid else None
     started = time.monotonic_ns()
     progress(f"publishing {messages} messages from seq {base + 1}")
     acks = sorted(await _publish(publisher, room, messages, size, rate, window))
@@ -314,7 +285,7 @@ async def run_fanout(
         _, data = await trio.to_thread.run_sync(pipe.recv)
         data["latency"] = Counter({int(k): v for k, v in data["latency"].items()})
         tally.merge(Tally(**data))
-    cpu = process_cpu_seconds(server_pid) - cpu_before if server_pid and cpu_before else None
+    cpu = cpu_seconds(server_pid) - cpu_before if server_pid and cpu_before else None
     for proc in procs:
         proc.join(5)
     await publisher.aclose()
@@ -329,7 +300,7 @@ async def run_fanout(
         reordered=tally.reordered,
         p50_ms=tally.percentile(50),
         p99_ms=tally.percentile(99),
-        max_ms=bucket_value_ms(max(tally.latency)) if tally.latency else float("nan"),
+        max_ms=bucket_ms(max(tally.latency)) if tally.latency else float("nan"),
         server_cpu_s=cpu,
         connect_s=connect_s,
         receipts_sent=tally.receipts_sent,

@@ -13,16 +13,8 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from loadtests.fanout import process_cpu_seconds, progress
+from loadtests.proc import cpu_seconds, progress, status_kib
 from loadtests.rawclient import RawClient
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 @attrs.frozen
@@ -61,7 +53,7 @@ async def run_idle(
     for i in range(10):  # warm the server up: first-use allocations are not per session
         clients.append(await RawClient.connect(host, port, token_for(f"warm{i}")))
     await trio.sleep(0.5)
-    before = rss_kib(server_pid)
+    before = status_kib(server_pid, "VmRSS")
     limiter = trio.Semaphore(window)
 
     async def one(token: str) -> None:
@@ -70,14 +62,14 @@ async def run_idle(
 
     progress(f"connecting {sessions} sessions, {window} at a time")
     started = time.monotonic()
-    cpu = process_cpu_seconds(server_pid)
+    cpu = cpu_seconds(server_pid)
     async with trio.open_nursery() as nursery:
         for token in tokens:
             nursery.start_soon(one, token)
     seconds = time.monotonic() - started
-    cpu = process_cpu_seconds(server_pid) - cpu
+    cpu = cpu_seconds(server_pid) - cpu
     await trio.sleep(1.0)  # let the user actors settle
-    after = rss_kib(server_pid)
+    after = status_kib(server_pid, "VmRSS")
     for client in clients:
         await client.aclose()
     return IdleResult(sessions, seconds, before, after, cpu)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from loadtests.fanout import process_cpu_seconds, progress
+from loadtests.proc import cpu_seconds, progress
 from protocol.client import ParleyClient, open_client
 from protocol.frames import KvChanged, KvChanges, KvWrite
 from protocol.hlc import Clock
@@ -108,7 +108,7 @@ async def run_kv(
         clients = []
         for u in range(users):
             clients.append(await nursery.start(_connected, url, token_for(f"kvbench{u}")))
-        cpu_before = process_cpu_seconds(server_pid) if server_pid else None
+        cpu_before = cpu_seconds(server_pid) if server_pid else None
         started = time.monotonic()
         async with trio.open_nursery() as writers:
             for u, client in enumerate(clients):
@@ -118,7 +118,7 @@ async def run_kv(
         seconds = time.monotonic() - started
         cpu = None
         if server_pid is not None and cpu_before is not None:
-            cpu = process_cpu_seconds(server_pid) - cpu_before
+            cpu = cpu_seconds(server_pid) - cpu_before
         nursery.cancel_scope.cancel()
     latencies.sort()
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99

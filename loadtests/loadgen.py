@@ -268,17 +268,9 @@ class Worker:
         self.tally.connect_s = time.monotonic() - started
 
     def read_opening(self, c: Conn) -> None:
-        try:
-            data = c.sock.recv(RECV_BYTES)
-        except BlockingIOError:
+        data = self._recv(c, "closed while opening")
+        if data is None:
             return
-        except OSError as exc:
-            self.fail(c, f"recv: {exc}")
-            return
-        if not data:
-            self.fail(c, "closed while opening")
-            return
-        data = c.buf + data if c.buf else data
         if c.state == 1:
             end = data.find(b"\r\n\r\n")
             if end < 0:
@@ -296,7 +288,6 @@ class Worker:
                     self.send(c, frame)
             except StopIteration:
                 c.state = 3
-        c.buf = b""
         frames, used = parse_server_frames(data)
         c.buf = data[used:]
         for opcode, payload in frames:
@@ -348,15 +339,13 @@ class Worker:
             self.publish_one(c)
 
     def run(self) -> None:
-        plan, wire, tally = self.plan, self.wire, self.tally
+        plan, tally = self.plan, self.tally
         ready = [c for c in self.conns if c.state == 3]
         publishers = ready[: plan.publishers]
         for c in publishers:
             c.publishing = True
         self.unacked = plan.publish * len(publishers)
-        tally.published = 0
-        expect = plan.expect
-        self.receiving = len(ready) if expect else 0
+        self.receiving = len(ready) if plan.expect else 0
         self.running = True
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         started = time.monotonic_ns()
@@ -371,118 +360,123 @@ class Worker:
                 for _ in range(min(plan.window, plan.publish)):
                     self.publish_one(c)
         heapq.heapify(timers)
-        lat_append = self.latencies.append
-        send = self.send
-        receipts = plan.receipts
         while (self.receiving > 0 or self.unacked > 0) and time.monotonic() < deadline:
-            timeout = 0.1
-            if timers:
-                now = time.monotonic_ns()
-                while timers and timers[0][0] <= now:
-                    _, i, c = heapq.heappop(timers)
-                    if c.state == 3 and c.inflight < plan.window:
-                        self.publish_one(c)
-                    if c.sent < plan.publish:
-                        c.next_at += interval
-                        heapq.heappush(timers, (c.next_at, i, c))
-                if timers:
-                    timeout = max(0.0, (timers[0][0] - time.monotonic_ns()) / 1e9)
+            timeout = self._publish_due(timers, interval) if timers else 0.1
             for fd, events in self.ep.poll(timeout):
                 conn = self.by_fd.get(fd)
                 if conn is None:
                     continue
-                c = conn
-                if events & OUT and c.out:
-                    self.flush(c)
-                if not events & (IN | ERR):
-                    continue
-                try:
-                    data = c.sock.recv(RECV_BYTES)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    self.fail(c, f"recv: {exc}")
-                    continue
-                if not data:
-                    self.fail(c, "closed by the server")
-                    continue
-                now = time.monotonic_ns()
-                if c.buf:
-                    data = c.buf + data
-                pos, end = 0, len(data)
-                mine, seen = c.mine, c.seen
-                while end - pos >= 2:
-                    n = data[pos + 1] & 0x7F
-                    head = 2
-                    if n == 126:
-                        if end - pos < 4:
-                            break
-                        n = int.from_bytes(data[pos + 2 : pos + 4], "big")
-                        head = 4
-                    elif n == 127:
-                        if end - pos < 10:
-                            break
-                        n = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                        head = 10
-                    stop = pos + head + n
-                    if stop > end:
-                        break
-                    found = None
-                    i = data.find(b"~@", pos + head, stop)
-                    if i >= 0:  # the common case inline; _find_marker says why it checks
-                        j = data.find(b"@~", i + 2, stop)
-                        parts = data[i + 2 : j].split(b".") if j > 0 else []
-                        try:
-                            if len(parts) != 3 or not parts[0].isdigit():
-                                raise ValueError
-                            found = parts[0], int(parts[1]), int(parts[2])
-                        except ValueError:
-                            found = _find_marker(data, i + 1, stop)
-                    if found is None:
-                        self.on_control(
-                            c, wire.control(data[pos] & 0x0F, data[pos + head : stop]), now
-                        )
-                        pos = stop
-                        continue
-                    src, seq, sent_ns = found
-                    pos_frame, pos = pos, stop
-                    if src == mine:
-                        continue  # our own message back (Parley sends it to every subscriber)
-                    lat_append(now - sent_ns)
-                    if seq > expect or seen[seq]:
-                        tally.duplicates += 1
-                        if len(tally.errors) < 20:
-                            tally.errors.append(f"{c.ident.user}: seq {seq} of {src!r} again")
-                        continue
-                    seen[seq] = 1
-                    tally.deliveries += 1
-                    if seq == c.expected:
-                        c.expected += 1
-                    elif seq > c.expected:
-                        tally.gaps += 1
-                        c.expected = seq + 1
-                    else:
-                        tally.reordered += 1
-                    if seq == expect:
-                        self.receiving -= 1
-                    if receipts:
-                        receipt = wire.receipt(c.ident, data[pos_frame + head : stop])
-                        if receipt is not None:
-                            tally.receipts_sent += 1
-                            if wire.acks_receipts:
-                                c.fifo.append(0)
-                            send(c, receipt)
-                c.buf = data[pos:] if pos < end else b""
-                if not tally.first_ns:
-                    tally.first_ns = now
-                tally.last_ns = now
+                if events & OUT and conn.out:
+                    self.flush(conn)
+                if events & (IN | ERR):
+                    data = self._recv(conn, "closed by the server")
+                    if data:
+                        now = time.monotonic_ns()
+                        self._take_frames(conn, data, now)
+                        if not tally.first_ns:
+                            tally.first_ns = now
+                        tally.last_ns = now
         after = resource.getrusage(resource.RUSAGE_SELF)
         tally.cpu_s = after.ru_utime - cpu.ru_utime + after.ru_stime - cpu.ru_stime
         tally.published = sum(c.sent for c in publishers)
         tally.acked = tally.published - sum(c.inflight for c in publishers)
-        tally.lost = sum(expect - c.seen.count(1) for c in ready) if expect else 0
+        tally.lost = sum(plan.expect - c.seen.count(1) for c in ready) if plan.expect else 0
         tally.latency = _histogram(self.latencies)
         tally.ack_latency = _histogram(self.ack_latencies)
+
+    def _publish_due(self, timers: list[tuple[int, int, "Conn"]], interval: int) -> float:
+        """Publish what the fixed rate says is due; seconds until the next is."""
+        now = time.monotonic_ns()
+        while timers and timers[0][0] <= now:
+            _, i, c = heapq.heappop(timers)
+            if c.state == 3 and c.inflight < self.plan.window:
+                self.publish_one(c)
+            if c.sent < self.plan.publish:
+                c.next_at += interval
+                heapq.heappush(timers, (c.next_at, i, c))
+        return max(0.0, (timers[0][0] - time.monotonic_ns()) / 1e9) if timers else 0.1
+
+    def _recv(self, c: Conn, closed: str) -> bytes | None:
+        """What the socket has, after what was left of the last read; None if nothing
+        (the connection failed if it is gone)."""
+        try:
+            data = c.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self.fail(c, f"recv: {exc}")
+            return None
+        if not data:
+            self.fail(c, closed)
+            return None
+        return c.buf + data if c.buf else data
+
+    def _take_frames(self, c: Conn, data: bytes, now: int) -> None:
+        """Count and time every delivery in ``data``; keep an incomplete frame in
+        ``c.buf``. The frame headers are read here rather than with
+        ``protocol.wsframe.parse_server_frames``, which copies every payload: this loop
+        is the load generator's whole cost per delivery."""
+        wire, tally, expect = self.wire, self.tally, self.plan.expect
+        mine, seen = c.mine, c.seen
+        pos, end = 0, len(data)
+        while end - pos >= 2:
+            n = data[pos + 1] & 0x7F
+            head = 2
+            if n == 126:
+                if end - pos < 4:
+                    break
+                n = int.from_bytes(data[pos + 2 : pos + 4], "big")
+                head = 4
+            elif n == 127:
+                if end - pos < 10:
+                    break
+                n = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                head = 10
+            start, stop = pos + head, pos + head + n
+            if stop > end:
+                break
+            pos = stop
+            found = None
+            i = data.find(b"~@", start, stop)
+            if i >= 0:  # the usual case inline; _find_marker says why every part is checked
+                j = data.find(b"@~", i + 2, stop)
+                parts = data[i + 2 : j].split(b".") if j > 0 else []
+                if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+                    if parts[2].isdigit():
+                        found = parts[0], int(parts[1]), int(parts[2])
+                if found is None:
+                    found = _find_marker(data, i + 1, stop)
+            if found is None:
+                self.on_control(c, wire.control(data[start - head] & 0x0F, data[start:stop]), now)
+                continue
+            src, seq, sent_ns = found
+            if src == mine:
+                continue  # our own message back (Parley sends it to every subscriber)
+            self.latencies.append(now - sent_ns)
+            if seq > expect or seen[seq]:
+                tally.duplicates += 1
+                if len(tally.errors) < 20:
+                    tally.errors.append(f"{c.ident.user}: seq {seq} of {src!r} again")
+                continue
+            seen[seq] = 1
+            tally.deliveries += 1
+            if seq == c.expected:
+                c.expected += 1
+            elif seq > c.expected:
+                tally.gaps += 1
+                c.expected = seq + 1
+            else:
+                tally.reordered += 1
+            if seq == expect:
+                self.receiving -= 1
+            if self.plan.receipts:
+                receipt = wire.receipt(c.ident, data[start:stop])
+                if receipt is not None:
+                    tally.receipts_sent += 1
+                    if wire.acks_receipts:
+                        c.fifo.append(0)
+                    self.send(c, receipt)
+        c.buf = data[pos:] if pos < end else b""
 
     def close(self) -> None:
         for c in self.conns:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import attrs
 
-from loadtests.fanout import progress, quantile
+from loadtests.fanout import quantile
+from loadtests.proc import progress
 from protocol.frames import KvEntry, Message, RoomKind, Status
 from storage.store import (
     KvChange,
