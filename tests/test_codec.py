@@ -433,6 +433,35 @@ def test_duplicate_keys_trailing_bytes_and_deep_nesting_are_refused() -> None:
     assert refused(b"\x81" * 10000).code is ErrorCode.BAD_FRAME
 
 
+def _nested_send(depth: int) -> bytes:
+    data: Any = 1
+    for _ in range(depth):
+        data = {"a": data}
+    return cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 8: data})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.binary(max_size=200)
+    | st.sampled_from(
+        [b"\x81" * 10000, b"\xa1" * 50, bytes.fromhex("a2000f07d81c81d81d00"), b"\x9f" * 20]
+    )
+)
+def test_a_refused_frame_leaves_the_decoder_as_it_was(payload: bytes) -> None:
+    """The codec reuses one CBOR decoder per thread. Whatever a frame did to it, the next
+    one decodes in full: as deep as the decoder allows (then refused by validation, not
+    by the decoder) and as a valid frame."""
+    try:
+        decode_client(payload, LIMITS)
+    except RemoteProtocolError:
+        pass
+    assert refused(_nested_send(11)).code is ErrorCode.INVALID
+    assert refused(_nested_send(12)).code is ErrorCode.BAD_FRAME
+    assert decode_client(_nested_send(8), LIMITS) == Send(
+        id=1, room="r", cid="c", data=cbor2.loads(_nested_send(8))[8]
+    )
+
+
 def test_frame_size_limit() -> None:
     payload = encode(Send(id=1, room="r", cid="c", text="x" * 100))
     assert refused(payload, Limits(max_frame_bytes=50)).code is ErrorCode.TOO_LARGE
