@@ -218,8 +218,8 @@ def report(rows: list[Row], versions: dict[str, str], procs: int) -> str:
         lines += [
             "",
             "| server | sessions | connect storm (sessions/s) | server µs per connect "
-            "| KiB per idle session | peak RSS |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "(of it system) | KiB per idle session | peak RSS | load-gen CPU |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in idle:
             d = r.as_dict()
@@ -227,8 +227,9 @@ def report(rows: list[Row], versions: dict[str, str], procs: int) -> str:
             rate = n / d["connect_s"] if d["connect_s"] else 0.0
             lines.append(
                 f"| {r.target} | {n:,} ({d['failed']} failed) | {rate:,.0f} | "
-                f"{d['server_cpu_s'] / max(1, n) * 1e6:,.0f} | {d['idle_kib']:.1f} | "
-                f"{d['peak_rss_mib']} MiB |"
+                f"{d['server_cpu_s'] / max(1, n) * 1e6:,.0f} "
+                f"({d['server_system_s'] / max(1, n) * 1e6:,.0f}) | {d['idle_kib']:.1f} | "
+                f"{d['peak_rss_mib']} MiB | {_load(d)} |"
             )
     return "\n".join(lines)
 

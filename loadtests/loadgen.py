@@ -225,6 +225,7 @@ class Worker:
 
     def connect(self) -> None:
         plan, started = self.plan, time.monotonic()
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
         deadline = started + plan.timeout
         waiting = deque(self.conns)
         opening = 0
@@ -266,6 +267,8 @@ class Worker:
                 self.fail(c, "handshake not finished before the timeout")
         self.tally.connected = sum(1 for c in self.conns if c.state == 3)
         self.tally.connect_s = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.tally.cpu_s = after.ru_utime - cpu.ru_utime + after.ru_stime - cpu.ru_stime
 
     def read_opening(self, c: Conn) -> None:
         data = self._recv(c, "closed while opening")

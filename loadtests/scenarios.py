@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 from loadtests.loadgen import Plan, Tally, bucket_ms, percentile, worker_main
-from loadtests.proc import cpu_seconds, cpu_times, progress, status_kib
+from loadtests.proc import cpu_times, progress, status_kib
 from loadtests.wire import Ident
 
 
@@ -291,10 +291,10 @@ def run_idle(target: Target, *, sessions: int, processes: int, handshakes: int) 
             _plan(target, part, handshakes=max(1, handshakes // processes), timeout=120)
             for part in _split(idents, processes)
         ]
-        cpu = cpu_seconds(target.pid)
+        user, system = cpu_times(target.pid)
         with workers(plans) as w:
             tally = w.gather("ready")
-            cpu = cpu_seconds(target.pid) - cpu
+            user_after, system_after = cpu_times(target.pid)
             time.sleep(2.0)  # let the server settle: actors started, buffers freed
             after = status_kib(target.pid, "VmRSS")
             row = Row(
@@ -302,7 +302,8 @@ def run_idle(target: Target, *, sessions: int, processes: int, handshakes: int) 
                 target=target.name,
                 tally=tally,
                 seconds=tally.connect_s,
-                server_cpu_s=cpu,
+                server_cpu_s=user_after - user + system_after - system,
+                server_system_s=system_after - system,
                 peak_rss_kib=status_kib(target.pid, "VmHWM"),
                 idle_kib=(after - before) / max(1, tally.connected),
             )
@@ -316,8 +317,9 @@ def summary(row: Row) -> str:
         rate = d["connected"] / d["connect_s"] if d["connect_s"] else 0
         return (
             f"{row.target} e/f: {d['connected']} sessions ({d['failed']} failed) in "
-            f"{d['connect_s']:.2f} s = {rate:,.0f}/s, server {d['server_cpu_s']:.2f} s CPU; "
-            f"{d['idle_kib']:.1f} KiB per idle session"
+            f"{d['connect_s']:.2f} s = {rate:,.0f}/s, server {d['server_cpu_s']:.2f} s CPU "
+            f"({d['server_system_s']:.2f} s system); {d['idle_kib']:.1f} KiB per idle session; "
+            f"load generator {d['loadgen_cpu_s']:.2f} s CPU"
         )
     return (
         f"{row.target} {row.scenario}: {d['deliveries']:,} deliveries in {d['seconds']:.2f} s "
