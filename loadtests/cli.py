@@ -1,6 +1,7 @@
 """``parley bench``: benchmarks, run by hand; figures go into BENCHMARKS.md."""
 
 import argparse
+import os
 import secrets
 import socket
 import subprocess
@@ -13,6 +14,15 @@ from pathlib import Path
 import trio
 
 from server.tokens import issue_token
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except an absent one ("default: None" says nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -29,7 +39,7 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
         description="Fan-out benchmark: deliveries/s, publish-to-deliver latency, losses, and "
         "the server's CPU per delivery. Without --url it starts its own server (SQLite in a "
         "temporary directory, durable acks).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     fanout.add_argument("--receivers", type=int, default=1000, help="connections in the room")
     fanout.add_argument("--messages", type=int, default=2000, help="messages to publish")
@@ -52,7 +62,7 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
         description="KV benchmark: stored kv writes per second with ack latency and server "
         "CPU per write, then the time a device takes to catch up on --catchup-keys changed "
         "keys. Without --url it starts its own server (SQLite in a temporary directory).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     kv.add_argument("--users", type=int, default=20, help="writing connections, one user each")
     kv.add_argument("--batches", type=int, default=200, help="kvput frames per connection")
@@ -71,7 +81,7 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "storm) and stay silent; reports sessions/s and the server's RSS per session. "
         "It starts its own server (SQLite in a temporary directory). Mind the open-file "
         "limit: both sides hold one descriptor per session.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     idle.add_argument("--sessions", type=int, default=5000, help="sessions to open")
     idle.add_argument("--window", type=int, default=200, help="handshakes in flight")
@@ -82,7 +92,8 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
 
     compare = kinds.add_parser(
         "compare",
-        help="the issue-6 scenarios against Parley and its peers, side by side",
+        help="the standard scenarios (fan-out, latency, 1:1 chat, idle, connect storm) "
+        "against Parley and its peers, side by side",
         description="Runs each scenario against each target in turn, a fresh server per "
         "run pinned to --server-cpu, the load generator's processes on the other cores. "
         "Installs the peers (Node Socket.IO, python-socketio on uvicorn, websockets) under "
@@ -91,7 +102,7 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "each --rates msg/s for 10 s; d 1:1 chat (2000 users, acks and receipts) at full "
         "speed; d-rate the same at --chat-rate; e/f idle sessions and the connect storm. "
         "Mind the open-file limit (ulimit -n) for e/f.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     compare.add_argument(
         "--targets",
@@ -108,12 +119,24 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "--processes",
         type=int,
         default=0,
-        help="load generator processes (default: one per CPU this command may use)",
+        help="load generator processes; 0: one per CPU this command may use",
     )
     compare.add_argument("--timeout", type=float, default=120, help="seconds per run at most")
-    compare.add_argument("--server-cpu", type=int, metavar="CORE", default=None)
+    compare.add_argument(
+        "--server-cpu",
+        type=int,
+        metavar="CORE",
+        help="pin each server to this CPU (run the command itself under taskset on another)",
+    )
     compare.add_argument("--json", type=Path, help="append every row to this JSON-lines file")
     compare.add_argument("--plot", type=Path, help="draw latency against offered load (PNG)")
+    compare.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        help="append Parley's event-loop waits, task steps and GC pauses to FILE every 4 s "
+        "(slows the server a little: for diagnosis, not for the tables)",
+    )
     compare.set_defaults(func=cmd_compare)
 
     store = kinds.add_parser(
@@ -123,7 +146,7 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "kv changes, last-seen) written with Store.write_batch one after another, timed. "
         "Without --database-url, a SQLite file in a temporary directory. Use an empty "
         "database: the benchmark writes rows it does not remove.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     store.add_argument("--database-url", help="sqlite:///... or postgresql://...")
     store.add_argument("--rows", type=int, default=100_000, help="rows per kind")
@@ -184,17 +207,28 @@ def _target(
 
 @contextmanager
 def start_server(
-    port: int, secret: str, database_url: str, cpu: int | None, extra_flags: Sequence[str] = ()
+    port: int,
+    secret: str,
+    database_url: str,
+    cpu: int | None,
+    extra_flags: Sequence[str] = (),
+    trace: Path | None = None,
 ) -> Iterator[int]:
     """A Parley server on 127.0.0.1:``port``, pinned to ``cpu``; yields its pid once it
-    listens, and stops it at exit."""
+    listens, and stops it at exit. ``trace``: append the event loop's and the garbage
+    collector's counts to this file (``loadtests/servertrace``)."""
     flags = f"--host 127.0.0.1 --port {port} --ops-port {free_port()} --log-level warning"
     flags += " --rate 1000000 --burst 1000000"  # the publisher is not rate-limited
     command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), "--secret", secret]
     command += ["--database-url", database_url, *extra_flags]
     if cpu is not None:
         command = ["taskset", "-c", str(cpu), *command]
-    server = subprocess.Popen(command)
+    env = None
+    if trace is not None:
+        hook = str(Path(__file__).parent / "servertrace")
+        path = os.pathsep.join(p for p in (hook, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "PARLEY_BENCH_TRACE": str(trace.resolve())}
+    server = subprocess.Popen(command, env=env)
     try:
         _wait_for_port(port, server)
         yield server.pid

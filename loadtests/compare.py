@@ -35,7 +35,7 @@ def _parley_version() -> str:
 
 
 @contextmanager
-def parley_target(cpu: int | None, extra: list[str]) -> Iterator[Target]:
+def parley_target(cpu: int | None, extra: list[str], trace: Path | None = None) -> Iterator[Target]:
     from loadtests.cli import free_port, start_server
     from server.tokens import issue_token
 
@@ -43,7 +43,7 @@ def parley_target(cpu: int | None, extra: list[str]) -> Iterator[Target]:
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
         url = f"sqlite:///{Path(tmp) / 'bench.db'}"
         port = free_port()
-        with start_server(port, secret, url, cpu, extra) as pid:
+        with start_server(port, secret, url, cpu, extra, trace) as pid:
             yield Target(
                 name="parley",
                 wire="parley",
@@ -71,11 +71,11 @@ def peer_target(name: str, cpu: int | None) -> Iterator[Target]:
         )
 
 
-def target(name: str, cpu: int | None, scenario: str) -> Any:
+def target(name: str, cpu: int | None, scenario: str, trace: Path | None = None) -> Any:
     if name == "parley":
         # No pings inside the idle measurement; the publisher is not rate-limited.
         extra = ["--ping-interval", "3600"] if scenario == "e/f" else []
-        return parley_target(cpu, extra)
+        return parley_target(cpu, extra, trace)
     return peer_target(name, cpu)
 
 
@@ -157,7 +157,7 @@ def compare(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     for scenario in scenarios:
         for name in targets:
-            with target(name, args.server_cpu, scenario) as t:
+            with target(name, args.server_cpu, scenario, args.trace) as t:
                 versions[name] = t.version
                 for row in run_one(t, scenario, args, procs):
                     rows.append(row)
