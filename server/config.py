@@ -126,7 +126,10 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     DATABASE_POOL,
     STATEMENT_TIMEOUT,
     Option(
-        "--redis-url", "Redis URL for a multi-node bus (unset: in-process bus)", _unset_if_empty
+        "--redis-url",
+        "Redis URL for a multi-node bus; refused for now: not in this version yet "
+        "(unset: in-process bus)",
+        _unset_if_empty,
     ),
     SECRET,
     Option(
