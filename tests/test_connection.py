@@ -125,12 +125,7 @@ async def test_oversize_frame_closes_1009_cleanly(tmp_path: Path) -> None:
 
 
 async def test_fragmented_messages_are_reassembled(server: RunningServer) -> None:
-    host, port = server.addresses.client
-    stream = await trio.open_tcp_stream(host, port)
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host="x", target="/ws")))
-    ws.receive_data(await stream.receive_some(65536))
-    list(ws.events())
+    stream, ws = await raw_upgrade(server)
     payload = encode(Hello(v=1, token=server.token("alice")))
     first, rest = payload[:10], payload[10:]
     await stream.send_all(ws.send(WsMessage(data=first, message_finished=False)))
