@@ -13,8 +13,8 @@ end), so "changes since revision R" is read from the end backwards.
 from collections.abc import Iterator
 
 import attrs
-import cbor2
 
+from protocol.cbor import raw_cbor
 from protocol.errors import ErrorCode
 from protocol.frames import KvChanges, KvEntry, KvResult, KvSync, KvWrite
 from protocol.hlc import physical_ms
@@ -65,7 +65,7 @@ class KvMap:
             return _current(w.key, ErrorCode.KV_STALE, cur), None
         if cur is None and (w.hlc, dev) <= self.floor_write:
             return _current(w.key, ErrorCode.KV_STALE, None), None
-        size = 0 if w.deleted else len(w.key.encode()) + len(cbor2.dumps(w.value))
+        size = 0 if w.deleted else len(w.key.encode()) + len(raw_cbor(w.value))
         if not w.deleted:
             keys = self.keys + (cur is None or cur.deleted)
             total = self.bytes - self._sizes.get(w.key, 0) + size
@@ -165,7 +165,7 @@ class KvMap:
             self.tombstones += 1
             return
         if size is None:
-            size = len(key.encode()) + len(cbor2.dumps(change.entry.value))
+            size = len(key.encode()) + len(raw_cbor(change.entry.value))
         self._sizes[key] = size
         self.bytes += size
 

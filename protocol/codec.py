@@ -1,100 +1,76 @@
-"""Stateless CBOR codec: frames to bytes and back, with validation.
+"""Stateless CBOR codec: frames to bytes and back.
 
 ``encode`` is deterministic (key 0 first, then ascending field keys; a field equal to
-its default is left out), so the same frame always has the same bytes; the hex
-vectors in PROTOCOL.md rely on it. ``decode_client`` is what the server runs on untrusted
-input: it never raises anything but ``RemoteProtocolError``, whose code says what was
-wrong. Semantic tags are refused outright (they would let a peer build datetimes, regexes,
-sets or cyclic structures inside our process); so are duplicate keys and trailing bytes.
+its default is left out), so the same frame always has the same bytes; the hex vectors
+in PROTOCOL.md rely on it. A payload kept as ``Raw`` (``data``, kv values, as the server
+holds them) is written as the bytes it came in.
+
+``decode_client`` is what the server runs on untrusted input. It reads the frame
+straight from its bytes by the schema of its type (``protocol.cbor``): each length is
+checked before any element is read, unknown keys are walked over without building
+anything, payloads are checked and kept as their bytes, and the first refusal ends it.
+So its cost is one pass over the frame, and its memory what the frame holds
+(BENCHMARKS.md, "Decoding"). It raises ``RemoteProtocolError`` only: the code says what
+was wrong (PROTOCOL.md section 11), the message is short and never repeats the input.
+``protocol.validate`` then checks what types cannot say. ``peek`` reads the type and the
+request id alone, for a frame the server will not decode (before ``hello``).
 """
 
-import io
-import math
-import threading
+import typing
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Any, TypeVar
 
 import attrs
-import cattrs
 import cbor2
 
+from protocol.cbor import (
+    ARRAY,
+    FRAME_LEVELS,
+    MAP,
+    NULL,
+    TEXT,
+    Raw,
+    bad_frame,
+    container_size,
+    head,
+    read_text,
+    skip,
+    walk_payload,
+)
 from protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocol.frames import (
     CLIENT_FRAMES,
     FIELD_KEYS,
     SERVER_FRAMES,
     TYPE_KEY,
-    Block,
-    Create,
     Cursor,
-    Direct,
     Frame,
     Hello,
-    History,
-    Invite,
-    Join,
     KvAck,
     KvChanged,
     KvChanges,
     KvEntry,
     KvPut,
     KvResult,
-    KvSync,
     KvWrite,
-    Leave,
-    MemberOp,
     Message,
     Page,
     PresenceList,
     PresenceState,
-    Receipt,
     ReceiptCounts,
-    Receipts,
     ReceiptState,
-    RoomKind,
     RoomList,
-    Rooms,
     RoomState,
-    Send,
     SeqCount,
-    SetStatus,
-    Status,
-    Typing,
-    TypingOp,
-    Unblock,
-    Unsubscribe,
     Unwatch,
     Watch,
     Who,
 )
-from protocol.limits import (
-    DIRECT_PREFIX,
-    MAX_CID_CHARS,
-    MAX_DATA_DEPTH,
-    MAX_EPOCH_CHARS,
-    MAX_KV_PAGE,
-    MAX_RECEIPT_RANGE,
-    MAX_ROOM_PAGE,
-    MAX_UINT,
-    MAX_USERS_PER_REQUEST,
-    Limits,
-    is_device_id,
-    is_room_id,
-    is_user_id,
-)
+from protocol.limits import MAX_DATA_DEPTH, MAX_UINT, MAX_USERS_PER_REQUEST, Limits
+from protocol.validate import validate
 
-MAX_TOKEN_CHARS = 4096
 F = TypeVar("F", bound=Frame)
-# cbor2's built-in semantic tags; each is refused, as is any other tag (tag_hook).
-_SEMANTIC_TAGS: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100)
-_SEMANTIC_TAGS += (256, 258, 260, 261, 1004, 43000, 55799)
-
-
-def _refuse_tag(*_: object) -> Any:
-    raise ValueError("CBOR tags are not allowed")
-
-
-_REFUSE_TAGS = {tag: _refuse_tag for tag in _SEMANTIC_TAGS}
 
 
 # --- encoding -----------------------------------------------------------------------
@@ -191,297 +167,426 @@ def to_map(frame: Frame) -> dict[int, Any]:
     return out
 
 
+def _write_raw(encoder: cbor2.CBOREncoder, value: object) -> None:
+    if type(value) is not Raw:
+        raise TypeError(f"cannot encode {type(value).__name__}")
+    encoder.write(value.cbor)
+
+
 def encode(frame: Frame) -> bytes:
     """Serialize ``frame``; raises ``LocalProtocolError`` if it cannot be."""
     try:
-        return cbor2.dumps(to_map(frame))
+        return cbor2.dumps(to_map(frame), default=_write_raw)
     except (KeyError, TypeError, ValueError, cbor2.CBOREncodeError) as exc:
         raise LocalProtocolError(ErrorCode.INVALID, f"cannot encode {frame!r}: {exc}") from exc
 
 
 # --- decoding -----------------------------------------------------------------------
+#
+# Each frame class has a schema: for each field key, the field's name and a reader made
+# from the field's type (``_reader_for``). A reader takes ``(buf, pos, end, limits)`` and
+# returns the value and the position after it; ``limits`` is None on the client side,
+# where payloads are loaded as Python objects instead of kept as ``Raw``. A reader checks
+# a length before it reads a single element, and the first refusal ends the decode.
+
+Reader = Callable[[bytes, int, int, Limits | None], tuple[Any, int]]
 
 
-def _strict(kind: type, check: Any = None) -> Any:
-    def hook(value: Any, _: type) -> Any:
-        if type(value) is not kind:
-            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
-        if check is not None and not check(value):
-            raise ValueError(f"{value!r} is out of range")
-        return value
+class _Refused(Exception):
+    """A value the schema refuses; ``reason`` reads after the field's name."""
 
-    return hook
+    def __init__(self, reason: str, code: ErrorCode = ErrorCode.INVALID) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
 
 
-def _make_converter() -> cattrs.Converter:
-    conv = cattrs.Converter(forbid_extra_keys=False, detailed_validation=True)
-    conv.register_structure_hook(str, _strict(str))
-    # Every integer in the protocol is unsigned and fits a JavaScript number.
-    conv.register_structure_hook(int, _strict(int, lambda v: 0 <= v <= MAX_UINT))
-    conv.register_structure_hook(bool, _strict(bool))
-    conv.register_structure_hook_func(lambda t: t == dict[str, Any], _strict(dict))
-    for enum in (RoomKind, MemberOp, TypingOp, Status):
-        conv.register_structure_hook(enum, lambda v, t: t(_strict(int)(v, int)))
-    # cattrs would turn a string into a tuple of its characters.
-    conv.register_structure_hook_func(
-        lambda t: t == tuple[str, ...],
-        lambda v, _: tuple(_strict(str)(u, str) for u in _strict(list)(v, list)),
-    )
-    return conv
+@attrs.frozen
+class _Schema:
+    cls: type
+    name: str  # the frame's name, or the item's class
+    readers: dict[int, tuple[str, Reader]]
+    required: tuple[str, ...]
+    levels: int  # arrays and maps an unknown field may nest
+    shared: str | None = None  # items of a page take this field from the frame
 
 
-_converter = _make_converter()
-
-_CLIENT_TYPES = {cls.TYPE: cls for cls in CLIENT_FRAMES}
-_SERVER_TYPES = {cls.TYPE: cls for cls in SERVER_FRAMES}
-_NAMES_BY_CLASS = {cls: {f.key: f.name for f in fields} for cls, fields in _FIELDS.items()}
-# The converter's generated function per class, looked up once rather than per frame.
-_STRUCTURE = {cls: _converter.get_structure_hook(cls) for cls in _FIELDS}
-
-
-class _Decoder(threading.local):
-    """One strict decoder per thread, pointed at each payload in turn: constructing a
-    ``CBORDecoder`` (and its tag table) per frame cost as much as decoding the frame."""
-
-    def __init__(self) -> None:
-        self.decoder = cbor2.CBORDecoder(
-            io.BytesIO(),
-            semantic_decoders=_REFUSE_TAGS,
-            tag_hook=_refuse_tag,
-            max_depth=MAX_DATA_DEPTH + 4,
-            allow_duplicate_keys=False,
-        )
+def _uint(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[int, int]:
+    if pos < end and buf[pos] < 24:
+        return buf[pos], pos + 1
+    major, value, pos = head(buf, pos, end)
+    if major or value > MAX_UINT:
+        raise _Refused("must be an unsigned integer up to 2^53-1")
+    return value, pos
 
 
-_decoders = _Decoder()
+def _text(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[str, int]:
+    if pos < end and 0x60 <= buf[pos] < 0x78:  # under 24 bytes (ids, cids): no head
+        return read_text(buf, pos + 1, end, buf[pos] - 0x60)
+    major, n, pos = head(buf, pos, end)
+    if major != TEXT:
+        raise _Refused("must be text")
+    return read_text(buf, pos, end, n)
 
 
-def _loads(payload: bytes) -> Any:
-    decoder = _decoders.decoder
-    decoder.fp = fp = io.BytesIO(payload)
+def _bool(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[bool, int]:
+    major, value, pos = head(buf, pos, end)
+    if major != 7 or value not in (20, 21):
+        raise _Refused("must be true or false")
+    return value == 21, pos
+
+
+def _optional(read: Reader) -> Reader:
+    def optional(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[Any, int]:
+        if pos < end and buf[pos] == NULL:
+            return None, pos + 1
+        return read(buf, pos, end, limits)
+
+    return optional
+
+
+def _enum(kind: type[IntEnum]) -> Reader:
+    allowed = ", ".join(str(int(m)) for m in kind)
+
+    def enum(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[IntEnum, int]:
+        value, pos = _uint(buf, pos, end, limits)
+        try:
+            return kind(value), pos
+        except ValueError:
+            raise _Refused(f"must be one of {allowed}") from None
+
+    return enum
+
+
+#: The most elements an array field may hold, checked before any is read: a function of
+#: the limits, the error code, and what the elements are called.
+Cap = tuple[Callable[[Limits], int], ErrorCode, str]
+
+
+def _array(element: Reader, cap: Cap | None) -> Reader:
+    def array(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[Any, int]:
+        major, n, pos = head(buf, pos, end)
+        if major != ARRAY:
+            raise _Refused("must be an array")
+        container_size(major, n, pos, end)
+        if cap is not None and limits is not None and n > cap[0](limits):
+            raise _Refused(f"holds more than {cap[0](limits)} {cap[2]}", cap[1])
+        out = []
+        for i in range(n):
+            try:
+                value, pos = element(buf, pos, end, limits)
+            except _Refused as exc:
+                exc.reason = f"[{i}] {exc.reason}"
+                raise
+            out.append(value)
+        return tuple(out), pos
+
+    return array
+
+
+def _text_map(value: Reader, cap: Cap | None) -> Reader:
+    """A map with text keys, like ``resume`` and ``welcome.limits``."""
+
+    def text_map(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[Any, int]:
+        major, n, pos = head(buf, pos, end)
+        if major != MAP:
+            raise _Refused("must be a map")
+        container_size(major, n, pos, end)
+        if cap is not None and limits is not None and n > cap[0](limits):
+            raise _Refused(f"holds more than {cap[0](limits)} {cap[2]}", cap[1])
+        out: dict[str, Any] = {}
+        for _ in range(n):
+            try:
+                key, pos = _text(buf, pos, end, limits)
+            except _Refused:
+                raise _Refused("keys must be text") from None
+            if key in out:
+                bad_frame("duplicate map key")
+            out[key], pos = value(buf, pos, end, limits)
+        return out, pos
+
+    return text_map
+
+
+def _seq_epoch(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[Any, int]:
+    major, n, pos = head(buf, pos, end)
+    if major != ARRAY or n != 2:
+        raise _Refused("values must be [seq, epoch]")
+    seq, pos = _uint(buf, pos, end, limits)
+    epoch, pos = _text(buf, pos, end, limits)
+    return (seq, epoch), pos
+
+
+def _payload(*, must_be_map: bool) -> Reader:
+    """``data`` (a map) or a kv value (any item)."""
+
+    def payload(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[Any, int]:
+        if pos >= end:
+            bad_frame("truncated CBOR item")
+        if must_be_map and buf[pos] >> 5 != MAP:
+            raise _Refused("must be a map")
+        start = pos
+        pos = walk_payload(buf, pos, end, MAX_DATA_DEPTH)
+        if limits is None:
+            return cbor2.loads(buf[start:pos]), pos
+        return Raw(buf[start:pos]), pos
+
+    return payload
+
+
+def _read_map(
+    buf: bytes, pos: int, end: int, schema: _Schema, limits: Limits | None
+) -> tuple[dict[str, Any], int]:
+    """The fields of an item map (``items`` elements), by ``schema``."""
+    major, n, pos = head(buf, pos, end)
+    if major != MAP:
+        raise _Refused("must be a map")
+    container_size(major, n, pos, end)
+    fields: dict[str, Any] = {}
+    seen: set[int] = set()
+    for _ in range(n):
+        pos = _read_field(buf, pos, end, schema, limits, fields, seen)
+    _check_required(schema, fields)
+    return fields, pos
+
+
+def _read_field(
+    buf: bytes,
+    pos: int,
+    end: int,
+    schema: _Schema,
+    limits: Limits | None,
+    fields: dict[str, Any],
+    seen: set[int],
+) -> int:
+    """Read one key and its value into ``fields``; the position after them."""
+    if pos < end and buf[pos] < 24:  # keys 0-23 are one byte: no head
+        key = buf[pos]
+        pos += 1
+    else:
+        major, key, pos = head(buf, pos, end)
+        if major:
+            bad_frame("map keys of a frame must be unsigned integers")
+    found = schema.readers.get(key)
+    if found is None:
+        if key in seen:
+            bad_frame("duplicate map key")
+        seen.add(key)
+        return skip(buf, pos, end, schema.levels)  # unknown keys are ignored
+    name, read = found
+    if name in fields:
+        bad_frame("duplicate map key")
     try:
-        obj = decoder.decode()
-    except Exception as exc:  # cbor2 raises several types on hostile input
-        raise RemoteProtocolError(ErrorCode.BAD_FRAME, f"not a CBOR item: {exc}") from exc
-    if fp.tell() != len(payload):
-        raise RemoteProtocolError(ErrorCode.BAD_FRAME, "trailing bytes after the CBOR item")
-    return obj
+        fields[name], pos = read(buf, pos, end, limits)
+    except _Refused as exc:
+        if buf[pos] >> 5 == 6:  # a tag is refused as such wherever it stands
+            bad_frame("CBOR tags are not accepted")
+        exc.reason = f"{name} {exc.reason}"
+        raise
+    return pos
 
 
-def _structure(obj: Any, types: dict[int, type[Frame]]) -> Frame:
-    if type(obj) is not dict:
-        raise RemoteProtocolError(ErrorCode.BAD_FRAME, "a frame must be a CBOR map")
-    t = obj.get(TYPE_KEY)
-    if type(t) is not int:
-        raise RemoteProtocolError(ErrorCode.BAD_FRAME, "missing frame type (key 0)")
-    cls = types.get(t)
-    if cls is None:
-        raise RemoteProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {t}")
-    names = _NAMES_BY_CLASS[cls]
-    fields = {names[k]: v for k, v in obj.items() if k in names}
-    items = _ITEMS.get(cls)
-    if items is not None and isinstance(fields.get("items"), list):
-        fields["items"] = [_item(item, items, fields) for item in fields["items"]]
+def _check_required(schema: _Schema, fields: dict[str, Any]) -> None:
+    for name in schema.required:
+        if name not in fields:
+            raise _Refused(f"{name} is missing")
+
+
+def _decode(payload: bytes, schemas: dict[int, _Schema], limits: Limits | None) -> Frame:
+    buf = payload
+    end = len(buf)
+    if end and 0xA0 <= buf[0] < 0xB8:  # a map of under 24 keys, as every frame is
+        n, pos = buf[0] - 0xA0, 1
+    else:
+        major, n, pos = head(buf, 0, end)
+        if major != MAP:
+            bad_frame("a frame must be a CBOR map")
+    container_size(MAP, n, pos, end)
+    schema: _Schema | None = None
+    fields: dict[str, Any] = {}
+    seen: set[int] = set()
+    later: list[tuple[int, int]] = []  # keys met before the type (key 0), and where
     try:
-        frame: Frame = _STRUCTURE[cls](fields, cls)
-    except Exception as exc:  # cattrs groups every field's error
-        raise _invalid_fields(cls, exc) from exc
+        while n and schema is None:
+            n -= 1
+            start = pos
+            major, key, pos = head(buf, pos, end)
+            if major:
+                bad_frame("map keys of a frame must be unsigned integers")
+            if key != TYPE_KEY:
+                later.append((key, start))
+                pos = skip(buf, pos, end, FRAME_LEVELS - 1)
+                continue
+            seen.add(TYPE_KEY)
+            major, kind, pos = head(buf, pos, end)
+            if major:
+                bad_frame("the frame type (key 0) must be an unsigned integer")
+            schema = schemas.get(kind)
+            if schema is None:
+                raise RemoteProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind}")
+        if schema is None:
+            bad_frame("missing frame type (key 0)")
+        for _ in range(n):
+            pos = _read_field(buf, pos, end, schema, limits, fields, seen)
+        if pos != end:
+            bad_frame("bytes after the frame's CBOR item")
+        for key, start in later:
+            if key in schema.readers or key in seen:  # else unknown, walked over already
+                _read_field(buf, start, end, schema, limits, fields, seen)
+            else:
+                seen.add(key)
+        _check_required(schema, fields)
+        if schema.shared is not None:  # a page: its messages take the page's room
+            room = fields[schema.shared]
+            fields["items"] = tuple(Message(room=room, **f) for f in fields["items"])
+        frame: Frame = schema.cls(**fields)
+    except _Refused as exc:
+        assert schema is not None
+        raise RemoteProtocolError(exc.code, f"{schema.name}: {exc.reason}") from None
     return frame
 
 
-def _invalid_fields(cls: type[Frame], exc: Exception) -> RemoteProtocolError:
-    detail = "; ".join(cattrs.transform_error(exc)) if isinstance(exc, ExceptionGroup) else exc
-    return RemoteProtocolError(ErrorCode.INVALID, f"{cls.__name__.lower()}: {detail}")
+def _reader_for(cls: type, name: str, hint: Any) -> Reader:
+    """The reader of field ``name`` of ``cls``, from its type."""
+    if name in _PAYLOADS:  # data may be null, meaning none; a kv value null is None
+        return _optional(_payload(must_be_map=name == "data"))
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and len(args) == 1:
+        return _optional(_reader_for(cls, name, args[0]))
+    if hint is int:
+        return _uint
+    if hint is str:
+        return _text
+    if hint is bool:
+        return _bool
+    if isinstance(hint, type) and issubclass(hint, IntEnum):
+        return _enum(hint)
+    origin = typing.get_origin(hint)
+    cap = _CAPS.get((cls, name))
+    if origin is tuple and args[0] is str:
+        return _array(_text, cap)
+    if origin is tuple:
+        item = _item_schema(args[0], _SHARED.get(cls))
+        if item.shared is not None:  # built by _decode, which has the shared field
+            return _array(lambda b, p, e, lim: _read_map(b, p, e, item, lim), cap)
+        return _array(lambda b, p, e, lim: _build(item, *_read_map(b, p, e, item, lim)), cap)
+    if hint == dict[str, int]:
+        return _text_map(_uint, None)
+    if hint == dict[str, tuple[int, str]]:
+        return _text_map(_seq_epoch, cap)
+    raise TypeError(f"no reader for {cls.__name__}.{name}: {hint}")
 
 
-def _item(item: Any, items: _Items, frame_fields: dict[str, Any]) -> Any:
-    if type(item) is not dict:
-        return item  # the converter reports it
-    named = {items.names[k]: v for k, v in item.items() if k in items.names}
-    if items.shared is not None:
-        named[items.shared] = frame_fields.get(items.shared)
-    return named
+def _build(schema: _Schema, fields: dict[str, Any], pos: int) -> tuple[Any, int]:
+    return schema.cls(**fields), pos
+
+
+_PAYLOADS = {"data", "value"}
+_SHARED: dict[type, str] = {Page: "room"}
+_CAPS: dict[tuple[type, str], Cap] = {
+    (Hello, "resume"): (lambda lim: lim.max_rooms_per_session, ErrorCode.TOO_LARGE, "rooms"),
+    (KvPut, "items"): (lambda lim: lim.kv_batch, ErrorCode.TOO_LARGE, "writes"),
+    **{
+        (cls, "users"): (lambda _: MAX_USERS_PER_REQUEST, ErrorCode.INVALID, "users")
+        for cls in (Who, Watch, Unwatch)
+    },
+}
+
+
+def _schema(
+    cls: type, name: str, levels: int, *, shared: str | None = None, omit: str | None = None
+) -> _Schema:
+    hints = typing.get_type_hints(cls)
+    readers = {}
+    required = []
+    for a in attrs.fields(cls):
+        if a.name == omit:
+            continue
+        readers[FIELD_KEYS[a.name]] = (a.name, _reader_for(cls, a.name, hints[a.name]))
+        if a.default is attrs.NOTHING:
+            required.append(a.name)
+    return _Schema(cls, name, readers, tuple(required), levels, shared)
+
+
+def _item_schema(cls: type, shared: str | None) -> _Schema:
+    # An item map is nested in the frame's map and its items array.
+    return _schema(cls, cls.__name__.lower(), FRAME_LEVELS - 3, shared=shared, omit=shared)
+
+
+_CLIENT_SCHEMAS = {
+    cls.TYPE: _schema(cls, cls.__name__.lower(), FRAME_LEVELS - 1) for cls in CLIENT_FRAMES
+}
+_SERVER_SCHEMAS = {
+    cls.TYPE: _schema(cls, cls.__name__.lower(), FRAME_LEVELS - 1, shared=_SHARED.get(cls))
+    for cls in SERVER_FRAMES
+}
+
+
+def peek(payload: bytes) -> tuple[int | None, int | None]:
+    """The type (key 0) and request id (key 1) of a frame, reading nothing else: what the
+    server answers a frame with before it decodes it, or when it cannot. None for what is
+    not there or not readable, and for an id out of the protocol's range."""
+    kind = request_id = None
+    end = len(payload)
+    try:
+        major, n, pos = head(payload, 0, end)
+        if major != MAP:
+            return None, None
+        for _ in range(n):
+            key_major, key, after_key = head(payload, pos, end)
+            pos = skip(payload, pos, end, 0) if key_major else after_key
+            if not key_major and key <= 1:
+                major, value, _ = head(payload, pos, end)
+                if not major and key == TYPE_KEY and kind is None:
+                    kind = value
+                elif not major and key == 1 and request_id is None and value <= MAX_UINT:
+                    request_id = value
+                if kind is not None and request_id is not None:
+                    break
+            pos = skip(payload, pos, end, FRAME_LEVELS - 1)
+    except RemoteProtocolError:
+        pass
+    return kind, request_id
 
 
 def decode_client(payload: bytes, limits: Limits) -> Frame:
-    """Decode and validate a frame a client sent. Raises ``RemoteProtocolError``."""
-    if len(payload) > limits.max_frame_bytes:
-        raise RemoteProtocolError(
-            ErrorCode.TOO_LARGE, f"frame of {len(payload)} bytes exceeds {limits.max_frame_bytes}"
-        )
-    obj = _loads(payload)
+    """Decode and validate a frame a client sent. Raises ``RemoteProtocolError`` only,
+    whose ``request_id`` is the frame's id when it can be read."""
     try:
-        frame = _structure(obj, _CLIENT_TYPES)
+        if len(payload) > limits.max_frame_bytes:
+            raise RemoteProtocolError(
+                ErrorCode.TOO_LARGE, f"frame over {limits.max_frame_bytes} bytes"
+            )
+        frame = _decode(payload, _CLIENT_SCHEMAS, limits)
         validate(frame, limits)
     except RemoteProtocolError as exc:
-        request_id = obj.get(FIELD_KEYS["id"]) if type(obj) is dict else None
-        if type(request_id) is int:
-            exc.request_id = request_id
+        exc.request_id = peek(payload)[1]
         raise
     return frame
 
 
 def from_fields(cls: type[F], fields: dict[str, Any], limits: Limits) -> F:
-    """Build and validate a client frame from named fields (JSON, forms, tests)."""
+    """Build and validate a client frame from named fields (JSON, forms, tests): they
+    are encoded as the frame and decoded as if a client had sent it, so every rule of the
+    wire applies. Raises ``RemoteProtocolError``."""
+    wire = {TYPE_KEY: cls.TYPE}
+    for name, value in fields.items():
+        key = FIELD_KEYS.get(name)
+        if key is None:
+            raise RemoteProtocolError(ErrorCode.INVALID, f"no field {name[:40]!r}")
+        if value is not None:
+            wire[key] = value
     try:
-        frame: F = _converter.structure(fields, cls)
-    except Exception as exc:
-        raise _invalid_fields(cls, exc) from exc
-    validate(frame, limits)
+        payload = cbor2.dumps(wire)
+    except (TypeError, ValueError, cbor2.CBOREncodeError):
+        raise RemoteProtocolError(ErrorCode.INVALID, "a value has no CBOR form") from None
+    frame = decode_client(payload, limits)
+    if type(frame) is not cls:  # cannot happen: the type is ours
+        raise RemoteProtocolError(ErrorCode.INVALID, f"not a {cls.__name__.lower()}")
     return frame
 
 
 def decode_server(payload: bytes) -> Frame:
-    """Decode a frame the server sent (the client side). Raises ``RemoteProtocolError``."""
-    return _structure(_loads(payload), _SERVER_TYPES)
-
-
-# --- validation ---------------------------------------------------------------------
-
-
-def _invalid(message: str) -> RemoteProtocolError:
-    return RemoteProtocolError(ErrorCode.INVALID, message)
-
-
-def _too_large(message: str) -> RemoteProtocolError:
-    return RemoteProtocolError(ErrorCode.TOO_LARGE, message)
-
-
-def _check_room(room: str) -> None:
-    if not is_room_id(room):
-        raise _invalid(f"bad room id {room[:140]!r}: 1-128 of A-Z a-z 0-9 _ . @ + = ~ : -")
-
-
-def _check_user(user: str) -> None:
-    if not is_user_id(user):
-        raise _invalid(f"bad user id {user[:80]!r}: 1-64 of A-Z a-z 0-9 _ . @ + = ~ -")
-
-
-def check_data(value: Any, depth: int = 0) -> None:
-    """Refuse anything in ``data`` a JSON-minded client could not represent."""
-    if depth > MAX_DATA_DEPTH:
-        raise _invalid(f"data nests deeper than {MAX_DATA_DEPTH}")
-    kind = type(value)
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                raise _invalid("data map keys must be text")
-            check_data(item, depth + 1)
-    elif kind is list:
-        for item in value:
-            check_data(item, depth + 1)
-    elif kind is float:
-        if not math.isfinite(value):
-            raise _invalid("data floats must be finite")
-    elif kind is int:
-        if not -(2**64) <= value < 2**64:  # beyond, CBOR needs a bignum tag
-            raise _invalid("data integers must be within -2^64 .. 2^64-1")
-    elif kind not in (str, int, bool, bytes, type(None)):
-        raise _invalid(f"data may not hold {kind.__name__}")
-
-
-def validate(frame: Frame, limits: Limits) -> None:
-    """Check what types alone cannot: identifiers, lengths, combinations."""
-    if isinstance(frame, Hello):
-        if len(frame.token) > MAX_TOKEN_CHARS:
-            raise _too_large("token too long")
-        if frame.resume is not None:
-            if len(frame.resume) > limits.max_rooms_per_session:
-                raise _too_large(f"resume names more than {limits.max_rooms_per_session} rooms")
-            for room, (_, epoch) in frame.resume.items():
-                _check_room(room)
-                if len(epoch) > MAX_EPOCH_CHARS:
-                    raise _invalid("epoch too long")
-    elif isinstance(frame, Send):
-        _check_room(frame.room)
-        if not 0 < len(frame.cid) <= MAX_CID_CHARS:
-            raise _invalid(f"cid must be 1-{MAX_CID_CHARS} characters")
-        # PostgreSQL text cannot hold NUL, and a record storage refuses would hold up
-        # every write after it.
-        if "\x00" in frame.cid or (frame.text is not None and "\x00" in frame.text):
-            raise _invalid("cid and text may not contain NUL (U+0000)")
-        if frame.text is None and frame.data is None:
-            raise _invalid("send needs text, data or both")
-        if frame.text is not None and len(frame.text) > limits.max_text_chars:
-            raise _too_large(f"text longer than {limits.max_text_chars} characters")
-        if frame.data is not None:
-            check_data(frame.data)
-            if len(cbor2.dumps(frame.data)) > limits.max_data_bytes:
-                raise _too_large(f"data larger than {limits.max_data_bytes} bytes")
-    elif isinstance(frame, Create):
-        _check_room(frame.room)
-        if frame.room.startswith(DIRECT_PREFIX):
-            raise _invalid(f"room ids starting with {DIRECT_PREFIX!r} are for direct rooms")
-        if frame.kind is RoomKind.DIRECT:
-            raise _invalid("direct rooms are opened with a direct frame")
-    elif isinstance(frame, Join):
-        _check_room(frame.room)
-        if (frame.seq is None) != (frame.epoch is None):
-            raise _invalid("join resumes with both seq and epoch, or neither")
-        if frame.epoch is not None and len(frame.epoch) > MAX_EPOCH_CHARS:
-            raise _invalid("epoch too long")
-    elif isinstance(frame, Leave | Unsubscribe):
-        _check_room(frame.room)
-    elif isinstance(frame, Invite):
-        _check_room(frame.room)
-        _check_user(frame.user)
-    elif isinstance(frame, Direct):
-        _check_user(frame.user)
-    elif isinstance(frame, Rooms):
-        if frame.room is not None:
-            _check_room(frame.room)
-        if frame.limit is not None and not 0 < frame.limit <= MAX_ROOM_PAGE:
-            raise _invalid(f"limit must be 1-{MAX_ROOM_PAGE}")
-    elif isinstance(frame, Receipt):
-        _check_room(frame.room)
-        if frame.delivered is None and frame.read is None:
-            raise _invalid("receipt needs delivered, read or both")
-    elif isinstance(frame, Receipts):
-        _check_room(frame.room)
-        if frame.limit is not None:
-            if frame.seq is None:
-                raise _invalid("receipts with a limit needs the first seq")
-            if not 0 < frame.limit <= MAX_RECEIPT_RANGE:
-                raise _invalid(f"limit must be 1-{MAX_RECEIPT_RANGE}")
-    elif isinstance(frame, Typing):
-        _check_room(frame.room)
-    elif isinstance(frame, SetStatus):
-        if frame.status is Status.OFFLINE:
-            raise _invalid("status may be online, away or dnd; offline is the server's to say")
-    elif isinstance(frame, Who | Watch | Unwatch):
-        if not 0 < len(frame.users) <= MAX_USERS_PER_REQUEST:
-            raise _invalid(f"name 1-{MAX_USERS_PER_REQUEST} users")
-        for user in frame.users:
-            _check_user(user)
-    elif isinstance(frame, Block | Unblock):
-        _check_user(frame.user)
-    elif isinstance(frame, KvPut):
-        _check_kv_put(frame, limits)
-    elif isinstance(frame, KvSync):
-        if frame.limit is not None and not 0 < frame.limit <= MAX_KV_PAGE:
-            raise _invalid(f"limit must be 1-{MAX_KV_PAGE}")
-    elif isinstance(frame, History):
-        _check_room(frame.room)
-        if frame.before is not None and frame.after is not None:
-            raise _invalid("history takes before or after, not both")
-        if frame.limit is not None and not 0 < frame.limit <= limits.max_history_limit:
-            raise _invalid(f"limit must be 1-{limits.max_history_limit}")
-
-
-def _check_kv_put(frame: KvPut, limits: Limits) -> None:
-    if not is_device_id(frame.dev):
-        raise _invalid(f"bad device id {frame.dev[:80]!r}: 1-64 of A-Z a-z 0-9 _ . @ + = ~ -")
-    if not 0 < len(frame.items) <= limits.kv_batch:
-        raise _too_large(f"kvput takes 1-{limits.kv_batch} writes")
-    for write in frame.items:
-        if not 0 < len(write.key.encode()) <= limits.kv_key_bytes or "\x00" in write.key:
-            raise _invalid(f"a key is 1-{limits.kv_key_bytes} UTF-8 bytes, without NUL")
-        if write.hlc == 0:
-            raise _invalid(f"write of {write.key!r}: hlc must be above 0")
-        if write.deleted:
-            if write.value is not None:
-                raise _invalid(f"delete of {write.key!r} carries a value")
-            continue
-        check_data(write.value)
-        if len(cbor2.dumps(write.value)) > limits.kv_value_bytes:
-            raise _too_large(f"value of {write.key!r} larger than {limits.kv_value_bytes} bytes")
+    """Decode a frame the server sent (the client side); payloads are loaded as Python
+    objects. Raises ``RemoteProtocolError``."""
+    return _decode(payload, _SERVER_SCHEMAS, None)

@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 import attrs
 
+from protocol.cbor import Raw
+
 PROTOCOL_VERSION = 1
 
 #: Field name -> CBOR map key. Never renumber: clients in the field depend on it.
@@ -192,7 +194,7 @@ class Send(Frame):
     room: str
     cid: str
     text: str | None = None
-    data: dict[str, Any] | None = None
+    data: dict[str, Any] | Raw | None = None  # Raw: as the server holds it
     retry: bool = False
 
 
@@ -407,7 +409,7 @@ class Message(Frame):
     cid: str
     user: str | None = None
     text: str | None = None
-    data: dict[str, Any] | None = None
+    data: dict[str, Any] | Raw | None = None  # Raw: as the server holds it
 
 
 @attrs.frozen(kw_only=True)

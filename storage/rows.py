@@ -1,12 +1,12 @@
 """Records as table rows and back, the same for every SQL backend: what each column
-holds (CBOR for ``data`` and kv values) is decided once, here."""
+holds (CBOR for ``data`` and kv values) is decided once, here. Payloads are stored as
+the bytes they arrived in and read back as ``Raw``: the server never decodes them."""
 
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import cbor2
-
+from protocol.cbor import Raw, raw_cbor
 from protocol.frames import KvEntry, Message
 from storage.store import BlockChanged, KvChange, MemberChanged
 
@@ -23,18 +23,18 @@ def message_of(room: str, row: Any) -> Message:
         user=sender,
         cid=cid,
         text=text,
-        data=None if data is None else cbor2.loads(data),
+        data=None if data is None else Raw(bytes(data)),
     )
 
 
 def message_row(m: Message) -> tuple[Any, ...]:
-    data = None if m.data is None else cbor2.dumps(m.data)
+    data = None if m.data is None else raw_cbor(m.data)
     return (m.room, m.seq, m.ts, m.user, m.cid, m.text, data)
 
 
 def kv_change_of(user: str, row: Any) -> KvChange:
     key, rev, hlc, dev, value, deleted, ts = row
-    value = None if value is None else cbor2.loads(value)
+    value = None if value is None or value == b"\xf6" else Raw(bytes(value))
     entry = KvEntry(key=key, rev=rev, hlc=hlc, dev=dev, value=value, deleted=bool(deleted))
     return KvChange(user=user, entry=entry, ts=ts)
 
@@ -45,7 +45,7 @@ def kv_rows(changes: Iterable[KvChange]) -> tuple[list[tuple[Any, ...]], dict[st
     rows = []
     for c in changes:
         e = c.entry
-        value = None if e.deleted else cbor2.dumps(e.value)
+        value = None if e.deleted else raw_cbor(e.value)
         rows.append((c.user, e.key, e.rev, e.hlc, e.dev, value, e.deleted, c.ts))
         heads[c.user] = max(heads.get(c.user, 0), e.rev)
     return rows, heads

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.codec import check_data, decode_client, decode_server, encode, from_fields
+from protocol.cbor import Raw
+from protocol.codec import decode_client, decode_server, encode, from_fields
 from protocol.errors import CloseCode, ErrorCode, RemoteProtocolError
 from protocol.frames import (
     CLIENT_FRAMES,
@@ -31,6 +32,7 @@ from protocol.frames import (
     KvWrite,
     Message,
     Page,
+    Ping,
     PresenceList,
     PresenceState,
     ReceiptCounts,
@@ -57,8 +59,21 @@ def _doc_vectors() -> dict[str, str]:
 
 def _decode_any(data: bytes, frame: Frame) -> Frame:
     if type(frame) in CLIENT_FRAMES:
-        return decode_client(data, LIMITS)
+        return loaded(decode_client(data, LIMITS))
     return decode_server(data)
+
+
+def loaded(frame: Frame) -> Frame:
+    """``frame`` with its payloads (kept as ``Raw`` by the server) as Python objects."""
+    if isinstance(frame, Send) and type(frame.data) is Raw:
+        return attrs.evolve(frame, data=frame.data.load())
+    if isinstance(frame, KvPut):
+        items = tuple(
+            attrs.evolve(w, value=w.value.load()) if type(w.value) is Raw else w
+            for w in frame.items
+        )
+        return attrs.evolve(frame, items=items)
+    return frame
 
 
 # --- the document ---------------------------------------------------------------------
@@ -337,7 +352,8 @@ def test_client_frames_round_trip(cls: type[Frame], data: st.DataObject) -> None
         # Only the semantic checks may refuse a well-typed frame.
         assert exc.code in (ErrorCode.INVALID, ErrorCode.TOO_LARGE)
         return
-    assert decoded == frame
+    assert loaded(decoded) == frame
+    assert encode(decoded) == encode(frame)  # a payload kept as Raw goes out as it came
 
 
 @pytest.mark.parametrize("cls", SERVER_FRAMES, ids=lambda c: c.__name__)
@@ -434,32 +450,36 @@ def test_duplicate_keys_trailing_bytes_and_deep_nesting_are_refused() -> None:
 
 
 def _nested_send(depth: int) -> bytes:
+    """A send whose data is ``depth`` maps, each inside the one before."""
     data: Any = 1
     for _ in range(depth):
         data = {"a": data}
     return cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 8: data})
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    st.binary(max_size=200)
-    | st.sampled_from(
-        [b"\x81" * 10000, b"\xa1" * 50, bytes.fromhex("a2000f07d81c81d81d00"), b"\x9f" * 20]
+def test_nesting_depth_is_counted_as_documented() -> None:
+    """PROTOCOL.md section 2: data (and a kv value) nests at most 8 arrays and maps,
+    its own map counted (102 beyond); elsewhere a frame nests at most 12, its own map
+    counted (100 beyond)."""
+    decoded = decode_client(_nested_send(8), LIMITS)
+    assert isinstance(decoded, Send) and decoded.data == Raw(
+        cbor2.dumps(cbor2.loads(_nested_send(8))[8])
     )
-)
-def test_a_refused_frame_leaves_the_decoder_as_it_was(payload: bytes) -> None:
-    """The codec reuses one CBOR decoder per thread. Whatever a frame did to it, the next
-    one decodes in full: as deep as the decoder allows (then refused by validation, not
-    by the decoder) and as a valid frame."""
-    try:
-        decode_client(payload, LIMITS)
-    except RemoteProtocolError:
-        pass
-    assert refused(_nested_send(11)).code is ErrorCode.INVALID
-    assert refused(_nested_send(12)).code is ErrorCode.BAD_FRAME
-    assert decode_client(_nested_send(8), LIMITS) == Send(
-        id=1, room="r", cid="c", data=cbor2.loads(_nested_send(8))[8]
-    )
+    assert refused(_nested_send(9)).code is ErrorCode.INVALID
+    assert refused(_nested_send(40)).code is ErrorCode.INVALID
+    value: Any = []
+    for _ in range(7):
+        value = [value]
+    kv = {0: 50, 1: 1, 39: "d", 17: [{36: "k", 38: 1, 37: value}]}
+    decode_client(cbor2.dumps(kv), LIMITS)  # 8 arrays
+    kv[17] = [{36: "k", 38: 1, 37: [value]}]
+    assert refused(cbor2.dumps(kv)).code is ErrorCode.INVALID  # 9 arrays
+    unknown: Any = [1]
+    for _ in range(10):
+        unknown = [unknown]
+    ping = {0: 2, 99: unknown}  # the frame's map and 11 arrays: 12 levels
+    assert decode_client(cbor2.dumps(ping), LIMITS) == Ping()
+    assert refused(cbor2.dumps({0: 2, 99: [unknown]})).code is ErrorCode.BAD_FRAME
 
 
 def test_frame_size_limit() -> None:
@@ -498,25 +518,42 @@ def test_arbitrary_cbor_only_raises_protocol_errors(value: Any) -> None:
         pass
 
 
-def test_check_data_refuses_what_json_clients_cannot_hold() -> None:
-    check_data({"a": [1, 2.5, "x", b"y", None, True, {"b": {}}]})
-    check_data({"big": 2**64 - 1, "small": -(2**64)})
-    for bad in (
-        {1: "int key"},
-        {"x": float("inf")},
-        {"x": cbor2.CBORSimpleValue(99)},
-        {"x": 2**64},
-        {"x": -(2**64) - 1},
-    ):
-        with pytest.raises(RemoteProtocolError):
-            check_data(bad)
-    deep: dict[str, Any] = {}
-    node = deep
-    for _ in range(10):
-        node["x"] = {}
-        node = node["x"]
-    with pytest.raises(RemoteProtocolError):
-        check_data(deep)
+def _send_data(data_cbor: bytes) -> bytes:
+    """A send whose data (key 8) is ``data_cbor``, as it stands."""
+    return b"\xa5" + cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c"})[1:] + b"\x08" + data_cbor
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        ({"a": [1, 2.5, "x", b"y", None, True, {"b": {}}]}, None),
+        ({"big": 2**64 - 1, "small": -(2**64)}, None),
+        ({1: "int key"}, ErrorCode.INVALID),
+        ({"x": float("inf")}, ErrorCode.INVALID),
+        ({"x": float("nan")}, ErrorCode.INVALID),
+        ({"x": cbor2.CBORSimpleValue(99)}, ErrorCode.INVALID),
+        ({"x": cbor2.undefined}, ErrorCode.INVALID),
+        ({"x": 2**64}, ErrorCode.BAD_FRAME),  # a bignum is a tag
+        ({"x": cbor2.CBORTag(1, 0)}, ErrorCode.BAD_FRAME),
+        ([1, 2], ErrorCode.INVALID),  # data is a map
+    ],
+)
+def test_payloads_hold_only_what_every_client_can(data: Any, code: ErrorCode | None) -> None:
+    payload = _send_data(cbor2.dumps(data))
+    if code is None:
+        decoded = decode_client(payload, LIMITS)
+        assert isinstance(decoded, Send) and decoded.data == Raw(cbor2.dumps(data))
+    else:
+        assert refused(payload).code is code
+
+
+def test_payload_duplicate_keys_half_floats_and_indefinite_items() -> None:
+    assert refused(_send_data(bytes.fromhex("a2616101616102"))).code is ErrorCode.BAD_FRAME
+    assert refused(_send_data(bytes.fromhex("a16178f97c00"))).code is ErrorCode.INVALID  # inf
+    decode_client(_send_data(bytes.fromhex("a16178f93c00")), LIMITS)  # 1.0 as a half float
+    indefinite = bytes.fromhex("bf616101ff")
+    assert refused(_send_data(indefinite)).code is ErrorCode.BAD_FRAME
+    assert refused(bytes.fromhex("bf000fff")).code is ErrorCode.BAD_FRAME  # the frame itself
 
 
 def test_from_fields_validates_like_the_wire() -> None:

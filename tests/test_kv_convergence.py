@@ -13,13 +13,15 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
+import attrs
 import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from actors.kvmap import KvMap, KvQuota
+from protocol.cbor import Raw
 from protocol.errors import ErrorCode
-from protocol.frames import Frame, KvAck, KvChanged, KvChanges, KvPut, KvSync
+from protocol.frames import Frame, KvAck, KvChanged, KvChanges, KvEntry, KvPut, KvSync
 from protocol.hlc import Clock
 from protocol.kv import KvReplica
 from storage.sqlite import open_sqlite_store
@@ -234,6 +236,10 @@ def test_every_device_and_storage_converge(
     assert stored_map(world.stored) == (world.server.rev, world.server.floor, server)
 
 
+def _loaded(entry: KvEntry) -> KvEntry:
+    return attrs.evolve(entry, value=entry.value.load()) if type(entry.value) is Raw else entry
+
+
 def stored_map(changes: list[Record]) -> tuple[int, int, dict[str, object]]:
     """Write ``changes`` through the SQLite store (half of them twice, as a retried
     batch would be: it changes nothing), then load the map back."""
@@ -247,6 +253,8 @@ def stored_map(changes: list[Record]) -> tuple[int, int, dict[str, object]]:
                 snapshot = await store.load_kv("alice")
         loaded = KvMap("alice", snapshot, KvQuota())
         items = loaded.changes(0, 100, max_bytes=10**6, deletions=False)[0]
-        return snapshot.rev, snapshot.floor, {e.key: e for e in items}
+        # Storage gives values back as the CBOR they were stored in (Raw), as a client
+        # sent them; these were written as Python objects.
+        return snapshot.rev, snapshot.floor, {e.key: _loaded(e) for e in items}
 
     return trio.run(main)

@@ -4,12 +4,15 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+import attrs
+import cbor2
 import pytest
 import trio
 
 from actors.directory import ActorKind
 from actors.room import TURN
 from loadtests.rawclient import RawClient
+from protocol.cbor import Raw
 from protocol.client import ParleyClient, ServerError
 from protocol.codec import decode_server, encode
 from protocol.errors import ErrorCode
@@ -107,7 +110,8 @@ async def test_sender_gets_echo_and_durable_ack(server: RunningServer) -> None:
             {"mood": "good"},
         )
         stored = await server.node.store.fetch_messages("r", sent.seq, sent.seq)
-        assert stored == [echo]  # the ack came after the commit
+        # The ack came after the commit; the data is stored as the bytes the client sent.
+        assert stored == [attrs.evolve(echo, data=Raw(cbor2.dumps({"mood": "good"})))]
 
 
 # --- idempotency --------------------------------------------------------------------

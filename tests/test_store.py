@@ -4,9 +4,11 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import cbor2
 import pytest
 import trio
 
+from protocol.cbor import Raw
 from protocol.frames import KvEntry, Message, RoomKind, Status
 from storage.migrations import migrations_for
 from storage.postgres import PostgresStore
@@ -79,7 +81,7 @@ async def test_room_round_trip(store: Store) -> None:
 
 async def test_messages_keep_order_and_content(store: Store) -> None:
     run = (await store.begin_run()).run
-    data = {"k": [1, 2.5, "x", None, True, b"\x00"]}
+    data = Raw(cbor2.dumps({"k": [1, 2.5, "x", None, True, b"\x00"]}))  # as clients send it
     batch: list[Record] = [created("r", "alice", run=run), *[msg("r", i) for i in range(1, 6)]]
     batch.append(msg("r", 6, user=None, text=None, data=data))
     await store.write_batch(batch)
@@ -298,7 +300,9 @@ async def test_user_state_and_blocks(store: Store) -> None:
 
 
 def kv(user: str, key: str, rev: int, value: object = None, *, deleted: bool = False) -> KvChange:
-    entry = KvEntry(key=key, rev=rev, hlc=1000 + rev, dev="d", value=value, deleted=deleted)
+    """A change whose value is held as the server holds it: the CBOR a client sent."""
+    raw = None if value is None else Raw(cbor2.dumps(value))
+    entry = KvEntry(key=key, rev=rev, hlc=1000 + rev, dev="d", value=raw, deleted=deleted)
     return KvChange(user=user, entry=entry, ts=5000 + rev)
 
 
@@ -323,7 +327,7 @@ async def test_a_late_kv_batch_never_overwrites_a_newer_entry(store: Store) -> N
     await store.write_batch([kv("alice", "k", 4, "old"), kv("alice", "j", 5, "j")])  # replayed
     snap = await store.load_kv("alice")
     assert snap.rev == 7  # the head never goes back either
-    assert {c.entry.key: c.entry.value for c in snap.entries} == {"k": "new", "j": "j"}
+    assert {c.entry.key: c.entry.value.load() for c in snap.entries} == {"k": "new", "j": "j"}
 
 
 async def test_kv_compaction_forgets_deletions_up_to_the_floor(store: Store) -> None:
