@@ -61,7 +61,7 @@ from actors.presence import PresenceNote
 from actors.services import Services
 from actors.timers import Timer
 from actors.token_bucket import TokenBucket
-from protocol.codec import decode_client, encode
+from protocol.codec import decode_client, encode, peek
 from protocol.errors import CloseCode, ErrorCode, RemoteProtocolError
 from protocol.frames import (
     PROTOCOL_VERSION,
@@ -171,6 +171,22 @@ class Session:
         """Handle one complete binary WebSocket message."""
         if self.closing:
             return
+        # Every frame counts against the rate limit, before anything is decoded; before
+        # hello nothing but a hello is decoded at all. The type and id are read alone
+        # (peek) to answer the others.
+        if not self._bucket.take(trio.current_time()):
+            self._error(ErrorCode.RATE_LIMITED, "slow down", request_id=peek(payload)[1])
+            return
+        if self.user is None:
+            peeked, request_id = peek(payload)
+            if peeked != Hello.TYPE:
+                if peeked is None:
+                    self._error(ErrorCode.BAD_FRAME, "not a frame", request_id=request_id)
+                else:
+                    self._error(
+                        ErrorCode.NOT_AUTHENTICATED, "send hello first", request_id=request_id
+                    )
+                return
         try:
             frame = decode_client(payload, self._settings.limits)
         except RemoteProtocolError as exc:
@@ -179,12 +195,6 @@ class Session:
         kind = type(frame)
         self._metrics.frames_in_by[kind].inc()
         if kind is Pong:
-            return
-        if not self._bucket.take(trio.current_time()):
-            self._error(ErrorCode.RATE_LIMITED, "slow down", request_id=getattr(frame, "id", None))
-            return
-        if self.user is None and kind is not Hello:
-            self._error(ErrorCode.NOT_AUTHENTICATED, "send hello first")
             return
         # While a request runs, the reader reads nothing (pongs included): the
         # keep-alive must not count that time as client silence.

@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors.messages import RoomDropped
 from actors.outbox import Outbox
-from protocol.codec import encode
+from protocol.codec import decode_server, encode
 from protocol.errors import CloseCode, ErrorCode
 from protocol.frames import Error, Goaway, Hello, Ping, Pong, Send, Welcome
 from server.tokens import issue_token
@@ -78,10 +78,56 @@ async def test_frames_before_hello_are_refused(
     async with memory_node(tmp_path) as mem, mem.connect() as ws:
         await ws.send_message(encode(Ping(id=1)))
         error = await next_frame(ws)
+        assert isinstance(error, Error) and (error.code, error.id) == (
+            ErrorCode.NOT_AUTHENTICATED,
+            1,
+        )
+        await ws.send_message(encode(Pong()))  # a pong is a frame like any other
+        error = await next_frame(ws)
         assert isinstance(error, Error) and error.code == ErrorCode.NOT_AUTHENTICATED
+        await ws.send_message(b"\xff")
+        error = await next_frame(ws)
+        assert isinstance(error, Error) and (error.code, error.id) == (ErrorCode.BAD_FRAME, None)
         await hello(ws)
         await ws.send_message(encode(Ping(id=2)))
         assert await next_frame(ws) == Pong(id=2)
+
+
+async def test_nothing_but_hello_is_decoded_before_hello(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A kvput of 60,000 zeros (a 60 KB frame): decoded, it would be refused as too
+    large, with a long message; before hello only its type and id are read."""
+    huge = b"\xa4\x00\x18\x32\x01\x07\x18\x27\x61d\x11\x9a" + (60000).to_bytes(4, "big")
+    async with memory_node(tmp_path) as mem, mem.connect() as ws:
+        await ws.send_message(huge + b"\x00" * 60000)
+        reply = await ws.get_message()
+        assert isinstance(reply, bytes) and len(reply) < 64
+        error = decode_server(reply)
+        assert isinstance(error, Error) and (error.code, error.id) == (
+            ErrorCode.NOT_AUTHENTICATED,
+            7,
+        )
+        await hello(ws)
+        await ws.send_message(huge + b"\x00" * 60000)  # now decoded: refused by its length
+        error = await next_frame(ws)
+        assert isinstance(error, Error) and (error.code, error.id) == (ErrorCode.TOO_LARGE, 7)
+        assert len(error.msg) < 200
+
+
+async def test_unauthenticated_frames_count_against_the_limits(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Before hello as after: every frame takes a token (pongs too), and every error
+    counts against the error budget."""
+    async with memory_node(tmp_path, rate=10.0, burst=5) as mem, mem.connect() as ws:
+        for _ in range(6):
+            await ws.send_message(encode(Pong()))
+        codes = [(await next_frame(ws)).code for _ in range(6)]  # type: ignore[attr-defined]
+        assert codes == [ErrorCode.NOT_AUTHENTICATED] * 5 + [ErrorCode.RATE_LIMITED]
+        for _ in range(30):
+            await ws.send_message(encode(Pong()))
+        assert await closed_with(ws) == CloseCode.TOO_MANY_ERRORS
 
 
 async def test_rate_limit_refills_at_the_configured_rate(
