@@ -114,6 +114,10 @@ log = logging.getLogger(__name__)
 
 REPLAY_CHUNK = 200  # messages read from storage at a time while replaying
 BUSY_RECHECK = 1.0  # seconds between keep-alive checks while a request is running
+# A frame costs one rate token, and one more per full RATE_BYTES: reading a frame is
+# linear in its bytes (BENCHMARKS.md, "Decoding"), and a session sending the largest
+# frames at the frame rate would hold most of a core.
+RATE_BYTES = 4096
 
 # One empty set for every session that watches nobody: frozenset() makes a new one.
 _NOBODY: frozenset[str] = frozenset()
@@ -174,7 +178,7 @@ class Session:
         # Every frame counts against the rate limit, before anything is decoded; before
         # hello nothing but a hello is decoded at all. The type and id are read alone
         # (peek) to answer the others.
-        if not self._bucket.take(trio.current_time()):
+        if not self._bucket.take(trio.current_time(), 1 + len(payload) // RATE_BYTES):
             self._error(ErrorCode.RATE_LIMITED, "slow down", request_id=peek(payload)[1])
             return
         if self.user is None:

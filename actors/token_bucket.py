@@ -12,12 +12,12 @@ class TokenBucket:
         self._tokens = float(burst)
         self._stamp = now
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one."""
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Spend ``cost`` tokens if there are that many; a refusal spends nothing."""
         tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
-        if tokens < 1.0:
+        if tokens < cost:
             self._tokens = tokens
             return False
-        self._tokens = tokens - 1.0
+        self._tokens = tokens - cost
         return True

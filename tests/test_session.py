@@ -9,6 +9,7 @@ clock jumps.
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 import trio
 import trio.testing
@@ -149,6 +150,22 @@ async def test_rate_limit_refills_at_the_configured_rate(
         replies = await pings(10, 4)
         assert replies[:3] == [Pong(id=i) for i in range(10, 13)]
         assert isinstance(replies[3], Error) and replies[3].code == ErrorCode.RATE_LIMITED
+
+
+async def test_a_frame_costs_a_token_per_4_kib(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Reading a frame is linear in its size: the rate limit counts its bytes too."""
+    big = cbor2.dumps({0: 2, 1: 1, 99: b"x" * 40_000})  # 1 + 9 tokens
+    async with memory_node(tmp_path, rate=10.0, burst=20) as mem, mem.connect() as ws:
+        await hello(ws)  # 19 left
+        await ws.send_message(big)
+        assert await next_frame(ws) == Pong(id=1)  # 9 left
+        await ws.send_message(big)
+        error = await next_frame(ws)
+        assert isinstance(error, Error) and (error.code, error.id) == (ErrorCode.RATE_LIMITED, 1)
+        await ws.send_message(encode(Ping(id=2)))
+        assert await next_frame(ws) == Pong(id=2)
 
 
 async def test_too_many_errors_close_the_session(
