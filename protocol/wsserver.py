@@ -10,10 +10,16 @@ built by ``protocol.wsframe`` (data, ping, pong) and ``close_frame``.
 
 ``ClientFrames.feed(data)`` takes the bytes of one read and returns the events they
 complete, in order. It follows wsproto's checks (tests/test_wsserver.py holds the two to
-the same verdicts, and to the same events), and adds a size limit: a message over it is
-skipped as it arrives, never buffered (one ``TooBig`` event, then the next message). After a
-protocol violation (``Failed``) or the client's close frame, nothing more is parsed: the
-stream can no longer be trusted, or the client has nothing more to say.
+the same verdicts, and to the same events), and adds bounds: a message over the size
+limit, or in more than ``MAX_FRAGMENTS`` frames, is skipped as it arrives, never buffered
+(one ``TooBig`` event, then the next message). After a protocol violation (``Failed``) or
+the client's close frame, nothing more is parsed: the stream can no longer be trusted, or
+the client has nothing more to say.
+
+Time is the connection's business, but only the parser knows where frames end: after each
+``feed`` it tells whether a frame completed (``completed``: the client's sign of life),
+and whether a frame or a message is left incomplete (``incomplete``), begun in that feed
+or earlier (``started``): what the connection's deadline for a frame needs.
 """
 
 import base64
@@ -21,6 +27,7 @@ import codecs
 import hashlib
 import re
 import struct
+import sys
 
 import attrs
 
@@ -35,6 +42,10 @@ _CONTROL = 0x08
 _MAX_CONTROL = 125
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
+# Frames in one message. Each costs a parse, and a message of many tiny or empty
+# fragments is no client's honest way of sending: 64 KiB in 256 pieces is still 256 bytes
+# a piece. Beyond it the message is skipped like an oversize one (1009).
+MAX_FRAGMENTS = 256
 
 # Close codes a peer may send (RFC 6455 7.4): the defined ones, 3000-4999 for libraries
 # and applications. 1005, 1006 and 1015 only ever describe a close locally.
@@ -71,9 +82,10 @@ class Close:
 
 @attrs.frozen
 class TooBig:
-    """A message over the limit was skipped; the connection should close with 1009."""
+    """A message over a limit (``reason``) was skipped; the connection should close
+    with 1009."""
 
-    limit: int
+    reason: str
 
 
 @attrs.frozen
@@ -121,35 +133,60 @@ class ClientFrames:
     __slots__ = (
         "_buffer",
         "_done",
+        "_fragments",
         "_limit",
         "_opcode",
         "_parts",
-        "_size",
         "_skip",
         "_skipping",
         "_utf8",
+        "completed",
+        "started",
     )
 
     def __init__(self, max_message: int) -> None:
         self._limit = max_message
         self._buffer = b""  # the start of an incomplete frame
         self._opcode: int | None = None  # of the fragmented message in progress
-        self._parts: list[bytes] = []
-        self._size = 0  # bytes in _parts
+        # Its payload so far. One buffer, not a list of pieces: a piece in a list cost
+        # ~43 bytes more than its payload, so 64 KiB sent as one-byte fragments held
+        # 2.8 MB, and empty fragments grew the list without bound.
+        self._parts: bytearray | None = None
+        self._fragments = 0  # frames of the message in progress so far
         self._skip = 0  # bytes of an oversize frame still to discard
         self._skipping = False  # in an oversize message: its frames are discarded
         self._utf8 = _utf8_decoder()  # checks a text message, fragment by fragment
         self._done = False  # closed or failed: nothing more is parsed
+        self.completed = False  # the last feed completed a frame, of any kind
+        self.started = False  # what is incomplete after the last feed began in it
+
+    @property
+    def incomplete(self) -> bool:
+        """A frame, or a fragmented message, has begun and not ended."""
+        return not self._done and bool(
+            self._buffer or self._skip or self._opcode is not None or self._skipping
+        )
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for incomplete frames and messages, as allocated."""
+        held = sys.getsizeof(self._buffer)
+        return held if self._parts is None else held + sys.getsizeof(self._parts)
 
     def feed(self, data: bytes) -> list[Event]:
+        self.completed = False
         if self._done:
             return []
+        # Whatever is incomplete at the end began here if nothing was before, or once a
+        # message (or a control frame between messages) ends below.
+        self.started = not self.incomplete
         if self._skip:
-            if len(data) <= self._skip:
+            if len(data) < self._skip:
                 self._skip -= len(data)
                 return []
             data = data[self._skip :]
             self._skip = 0
+            self._frame_done()
         buffer = self._buffer + data if self._buffer else data
         events: list[Event] = []
         pos = 0
@@ -197,10 +234,18 @@ class ClientFrames:
                     return self._fail(events, CloseCode.PROTOCOL_ERROR, "expected continuation")
                 # Checked before the payload is read: an oversize message is skipped as
                 # it arrives, never buffered.
-                if not self._skipping and self._size + n > self._limit:
-                    events.append(TooBig(self._limit))
-                    self._parts, self._size, self._opcode = [], 0, None
-                    self._skipping = True
+                if not self._skipping:
+                    size = 0 if self._parts is None else len(self._parts)
+                    if size + n > self._limit:
+                        too_big = f"over {self._limit} bytes"
+                    elif self._fragments >= MAX_FRAGMENTS:
+                        too_big = f"over {MAX_FRAGMENTS} fragments"
+                    else:
+                        too_big = ""
+                    if too_big:
+                        events.append(TooBig(too_big))
+                        self._parts, self._fragments, self._opcode = None, 0, None
+                        self._skipping = True
                 if self._skipping:
                     if b0 & _FIN:
                         self._skipping = False
@@ -210,6 +255,7 @@ class ClientFrames:
                         pos = end
                         break
                     pos = start + n
+                    self._frame_done()
                     continue
             frame_end = pos + head + 4 + n
             if frame_end > end:
@@ -217,6 +263,7 @@ class ClientFrames:
             key = buffer[pos + head : pos + head + 4]
             payload = _unmask(buffer[pos + head + 4 : frame_end], key)
             pos = frame_end
+            self.completed = True
             if opcode == OP_PING:
                 events.append(Ping(payload))
             elif opcode == OP_PONG:
@@ -239,17 +286,28 @@ class ClientFrames:
                     except UnicodeDecodeError:
                         return self._fail(events, CloseCode.INVALID_DATA, "text not UTF-8")
                 if fin:
-                    if self._parts:
-                        self._parts.append(payload)
-                        payload = b"".join(self._parts)
-                        self._parts, self._size = [], 0
+                    if self._parts is not None:
+                        self._parts += payload
+                        payload = bytes(self._parts)
+                        self._parts, self._fragments = None, 0
                     self._opcode = None
                     events.append(Message(payload, text))
                 else:
-                    self._parts.append(payload)
-                    self._size += n
+                    if self._parts is None:
+                        self._parts = bytearray(payload)
+                    else:
+                        self._parts += payload
+                    self._fragments += 1
+            if self._opcode is None and not self._skipping:
+                self.started = True  # between messages: what follows begins here
         self._buffer = buffer[pos:] if pos < end else b""
         return events
+
+    def _frame_done(self) -> None:
+        """A skipped frame ended."""
+        self.completed = True
+        if not self._skipping:
+            self.started = True
 
     def _close(self, payload: bytes) -> Event:
         if not payload:
@@ -269,7 +327,7 @@ class ClientFrames:
         events.append(Failed(code, reason))
         self._done = True
         self._buffer = b""
-        self._parts = []
+        self._parts = None
         return events
 
 

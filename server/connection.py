@@ -99,7 +99,7 @@ class Connection:
         self._stream = stream
         self._early = early  # frames that came with the handshake
         self._services = services
-        self._max_message = services.settings.limits.max_frame_bytes
+        self.frames = ClientFrames(services.settings.limits.max_frame_bytes)
         socket = getattr(stream, "socket", None)  # a trio SocketStream; tests use memory
         self.outbox = Outbox(
             services.settings.outbox_bytes,
@@ -239,7 +239,7 @@ class Connection:
 
     async def _read(self) -> None:
         """Read until the closing handshake ends or the client goes away."""
-        frames = ClientFrames(self._max_message)
+        frames = self.frames
         receive_some = self._stream.receive_some
         fd = self.outbox.fd
         data: bytes | bytearray = self._early
@@ -310,7 +310,8 @@ class Connection:
                 self.outbox.close(self._close_frame)
                 return True
             elif kind is TooBig:
-                self.close(CloseCode.MESSAGE_TOO_BIG, f"over {self._max_message} bytes")
+                assert isinstance(event, TooBig)
+                self.close(CloseCode.MESSAGE_TOO_BIG, event.reason)
             elif kind is Failed:
                 assert isinstance(event, Failed)
                 self.close(event.code, event.reason)

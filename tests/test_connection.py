@@ -12,6 +12,8 @@ from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import BytesMessage, CloseConnection, Request
 from wsproto.events import Message as WsMessage
+from wsproto.events import Ping as WsPing
+from wsproto.events import Pong as WsPong
 
 from loadtests.rawclient import RawClient
 from protocol.codec import encode
@@ -139,6 +141,36 @@ async def test_fragmented_messages_are_reassembled(server: RunningServer) -> Non
     assert cbor2.loads(message.data)[0] == Welcome.TYPE
     await stream.send_all(ws.send(CloseConnection(code=1000)))
     await stream.aclose()
+
+
+async def websocket_ping(stream: trio.SocketStream, ws: WSConnection) -> None:
+    """Ping and wait for the pong: the server has parsed all we sent before."""
+    await stream.send_all(ws.send(WsPing(b"sync")))
+    with trio.fail_after(10):
+        while True:
+            ws.receive_data(await stream.receive_some(65536))
+            if any(isinstance(e, WsPong) for e in ws.events()):
+                return
+
+
+async def test_many_tiny_fragments_close_1009_and_hold_no_memory(server: RunningServer) -> None:
+    for piece in (b"x", b""):
+        stream, ws = await raw_upgrade(server)
+        hello = encode(Hello(v=1, token=server.token("alice")))
+        await stream.send_all(ws.send(WsMessage(data=hello, message_finished=True)))
+        fragments = [ws.send(WsMessage(data=piece, message_finished=False)) for _ in range(5000)]
+        await stream.send_all(b"".join(fragments[:200]))
+        await websocket_ping(stream, ws)
+        (conn,) = server.node.connections
+        assert conn.frames.buffered < 1000  # 200 pieces, a few bytes each
+        await stream.send_all(b"".join(fragments[200:]))
+        answer = await server_close(stream, ws)
+        assert (answer.code, answer.reason) == (CloseCode.MESSAGE_TOO_BIG, "over 256 fragments")
+        assert conn.frames.buffered < 1000
+        await stream.aclose()
+        with trio.fail_after(10):
+            while server.node.connections:  # noqa: ASYNC110 - the close is a network event
+                await trio.sleep(0.01)
 
 
 async def test_websocket_pings_are_answered(server: RunningServer) -> None:

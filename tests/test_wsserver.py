@@ -3,6 +3,7 @@ byte stream, however it is split into reads."""
 
 import itertools
 import struct
+import sys
 from collections.abc import Sequence
 
 import pytest
@@ -160,7 +161,7 @@ def test_an_oversize_message_is_skipped_as_it_arrives() -> None:
         assert len(frames._buffer) < 700  # the oversize frame is never held
     assert events == [
         wsserver.Message(b"ok"),
-        wsserver.TooBig(1000),
+        wsserver.TooBig("over 1000 bytes"),
         wsserver.Ping(b"p"),
         wsserver.Message(b"next"),
     ]
@@ -285,3 +286,88 @@ def test_the_accept_response_satisfies_a_wsproto_client() -> None:
         client.receive_data(wsserver.accept_response(upgrade.key, chosen))
         (event,) = list(client.events())
         assert isinstance(event, AcceptConnection) and event.subprotocol == chosen
+
+
+# --- bounds on fragmented messages ------------------------------------------------------
+
+
+def fragmented(sizes: Sequence[int], opcode: int = OP_BINARY) -> bytes:
+    """One message in frames of ``sizes`` bytes (0: an empty frame)."""
+    last = len(sizes) - 1
+    return b"".join(
+        raw(opcode if i == 0 else 0x0, b"f" * n, fin=i == last) for i, n in enumerate(sizes)
+    )
+
+
+def test_a_message_in_more_than_max_fragments_frames_is_skipped() -> None:
+    cap = wsserver.MAX_FRAGMENTS
+    frames = wsserver.ClientFrames(65536)
+    assert frames.feed(fragmented([1] * cap)) == [wsserver.Message(b"f" * cap)]
+    wire = fragmented([1] * (cap + 1)) + raw(OP_PING, b"p") + raw(OP_BINARY, b"next")
+    assert frames.feed(wire) == [
+        wsserver.TooBig(f"over {cap} fragments"),
+        wsserver.Ping(b"p"),
+        wsserver.Message(b"next"),
+    ]
+
+
+def test_empty_continuation_frames_count_and_hold_nothing() -> None:
+    frames = wsserver.ClientFrames(65536)
+    events = frames.feed(raw(OP_BINARY, b"start", fin=False))
+    empty = raw(0x0, b"", fin=False)
+    for _ in range(100):  # 600,000 empty frames: what used to grow a list of pieces
+        events += frames.feed(empty * 6000)
+        assert frames.buffered < 200
+    assert events == [wsserver.TooBig(f"over {wsserver.MAX_FRAGMENTS} fragments")]
+    assert frames.incomplete  # still skipping that message: it has no end yet
+    assert frames.feed(raw(0x0, b"") + raw(OP_BINARY, b"x")) == [wsserver.Message(b"x")]
+    assert not frames.incomplete
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 300), min_size=1, max_size=300), min_size=1, max_size=4),
+    st.integers(0, 4000),
+    st.lists(st.integers(0, 1 << 20), max_size=30),
+)
+def test_fragmented_messages_stay_within_the_bounds(
+    messages: list[list[int]], limit: int, cuts: list[int]
+) -> None:
+    """Whatever the fragments, what the parser holds is bounded by the limit, not by
+    their number; a message passes if it is within both bounds, else one ``TooBig``."""
+    frames = wsserver.ClientFrames(limit)
+    events: list[wsserver.Event] = []
+    for chunk in split(b"".join(fragmented(sizes) for sizes in messages), cuts):
+        events += frames.feed(chunk)
+        # A partial frame and the message so far (a bytearray grows by 1/8 at most).
+        assert frames.buffered <= 2 * sys.getsizeof(b"") + 64 + limit * 9 // 8 + 14 + 300
+    expected: list[wsserver.Event] = []
+    for sizes in messages:
+        if sum(sizes) > limit:
+            expected.append(wsserver.TooBig(f"over {limit} bytes"))
+        elif len(sizes) > wsserver.MAX_FRAGMENTS:
+            expected.append(wsserver.TooBig(f"over {wsserver.MAX_FRAGMENTS} fragments"))
+        else:
+            expected.append(wsserver.Message(b"f" * sum(sizes)))
+    assert events == expected
+    assert not frames.incomplete and frames.completed
+
+
+def test_completed_and_started_tell_where_frames_and_messages_end() -> None:
+    frames = wsserver.ClientFrames(65536)
+    ping = raw(OP_PING, b"p")
+    frames.feed(ping[:3])
+    assert (frames.completed, frames.incomplete, frames.started) == (False, True, True)
+    frames.feed(ping[3:])
+    assert (frames.completed, frames.incomplete) == (True, False)
+    first, last = raw(OP_BINARY, b"ab", fin=False), raw(0x0, b"cd")
+    frames.feed(first + ping + last[:2])  # a fragment and a ping: the message goes on
+    assert (frames.completed, frames.incomplete, frames.started) == (True, True, True)
+    frames.feed(last[2:4])  # no frame ends; the message began in an earlier feed
+    assert (frames.completed, frames.incomplete, frames.started) == (False, True, False)
+    frames.feed(last[4:] + ping[:1])  # the message ends, a ping begins: a new start
+    assert (frames.completed, frames.incomplete, frames.started) == (True, True, True)
+    frames.feed(ping[1:] + first)  # a ping ends, a message begins
+    assert (frames.completed, frames.incomplete, frames.started) == (True, True, True)
+    frames.feed(ping)  # between fragments: the message began earlier
+    assert (frames.completed, frames.incomplete, frames.started) == (True, True, False)
