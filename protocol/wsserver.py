@@ -28,6 +28,9 @@ import hashlib
 import re
 import struct
 import sys
+from collections.abc import Sequence
+from http import HTTPStatus
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -346,14 +349,43 @@ _LINE_END = re.compile(rb"\r?\n")
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
+_UPGRADE_REQUIRED = (426, [("upgrade", "websocket")])  # RFC 9110 15.5.22
+_VERSIONS = (400, [("sec-websocket-version", "13")])  # the versions we speak: RFC 6455 4.4
 
 
 class HandshakeError(Exception):
-    """The request is no WebSocket upgrade we accept: answer it with ``status``."""
+    """The request is no WebSocket upgrade we accept: answer it with ``status`` and
+    ``headers`` (``response``)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(
+        self, message: str, status: int = 400, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
+
+    def response(self, request: bytes) -> bytes:
+        """The answer to ``request``, the bytes that raised this."""
+        head = request.lstrip(b"\r\n").startswith(b"HEAD ")  # its answer has no body
+        return http_response(self.status, f"{self}\n", self.headers, body=not head)
+
+
+def http_response(
+    status: int, text: str, headers: Sequence[tuple[str, str]] = (), *, body: bool = True
+) -> bytes:
+    """An HTTP answer after which the server closes the connection: ``text`` as its
+    plain-text body."""
+    data = text.encode()
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    # A sender of Upgrade names it in Connection too (RFC 9110 7.8).
+    closing = "upgrade, close" if any(name == "upgrade" for name, _ in headers) else "close"
+    lines += [
+        "content-type: text/plain; charset=utf-8",
+        f"content-length: {len(data)}",
+        f"connection: {closing}",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (data if body else b"")
 
 
 @attrs.frozen
@@ -367,13 +399,15 @@ class Upgrade:
     rest: bytes
 
 
-def parse_upgrade(data: bytes) -> Upgrade | None:
+def parse_upgrade(data: bytes, path: str | None = None) -> Upgrade | None:
     """The upgrade request at the start of ``data``; None while it is incomplete.
-    Raises ``HandshakeError`` for anything else."""
+    Raises ``HandshakeError`` for anything else: a request for another ``path`` than
+    the one given is answered 404 whatever it is, a request for it that is no upgrade
+    426 (400 for a broken one)."""
     end = _HEAD_END.search(data)
+    if (end.end() if end else len(data)) > MAX_HEAD:  # complete or not
+        raise HandshakeError("request head too large", 431)
     if end is None:
-        if len(data) > MAX_HEAD:
-            raise HandshakeError("request head too large")
         return None
     lines = _LINE_END.split(data[: end.start()].lstrip(b"\r\n"))
     parts = lines[0].split(b" ")
@@ -402,19 +436,26 @@ def parse_upgrade(data: bytes) -> Upgrade | None:
         headers[name] = value
     if b"host" not in headers:  # HTTP/1.1 requires it (h11 refused such a request)
         raise HandshakeError("Bad HTTP message")
+    if path is not None:
+        try:
+            asked = urlsplit(target.decode("ascii")).path
+        except ValueError:
+            raise HandshakeError("bad request target") from None
+        if asked != path:
+            raise HandshakeError(f"not found: connect to {path}", 404)
     if method != b"GET":
-        raise HandshakeError("Request method must be GET")
+        raise HandshakeError("Request method must be GET", 405, [("allow", "GET")])
     if b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0":
         raise HandshakeError("Bad HTTP message")  # an upgrade request has no body
     if b"upgrade" not in connection:
-        raise HandshakeError("Missing header, 'Connection: Upgrade'")
+        raise HandshakeError("Missing header, 'Connection: Upgrade'", *_UPGRADE_REQUIRED)
     if headers.get(b"sec-websocket-version") != b"13":
-        raise HandshakeError("Missing header, 'Sec-WebSocket-Version'")
+        raise HandshakeError("Missing header, 'Sec-WebSocket-Version'", *_VERSIONS)
     key = headers.get(b"sec-websocket-key")
     if key is None:
         raise HandshakeError("Missing header, 'Sec-WebSocket-Key'")
     if headers.get(b"upgrade", b"").lower() != b"websocket":
-        raise HandshakeError("Missing header, 'Upgrade: websocket'")
+        raise HandshakeError("Missing header, 'Upgrade: websocket'", *_UPGRADE_REQUIRED)
     return Upgrade(target.decode("ascii"), key, tuple(subprotocols), data[end.end() :])
 
 

@@ -19,7 +19,6 @@ connection with 1011 and is logged; it never reaches the listener.
 
 import logging
 import os
-from urllib.parse import urlsplit
 
 import trio
 
@@ -52,14 +51,6 @@ WS_PATH = "/ws"
 SUBPROTOCOL = "parley.v1"
 
 
-def _http_error(status: str, body: str) -> bytes:
-    data = body.encode()
-    return (
-        f"HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        f"content-length: {len(data)}\r\nconnection: close\r\n\r\n"
-    ).encode() + data
-
-
 async def _handshake(stream: trio.abc.Stream) -> bytes | None:
     """Accept a WebSocket upgrade on /ws, answer anything else with an HTTP error. The
     bytes the client sent after its request (frames already), or None if refused."""
@@ -71,21 +62,12 @@ async def _handshake(stream: trio.abc.Stream) -> bytes | None:
                 return None
             data += chunk
             try:
-                upgrade = parse_upgrade(data)
+                upgrade = parse_upgrade(data, WS_PATH)
             except HandshakeError as exc:
-                await stream.send_all(_http_error("400 Bad Request", f"{exc}\n"))
+                await stream.send_all(exc.response(data))
                 return None
             if upgrade is None:
                 continue
-            try:
-                path = urlsplit(upgrade.target).path
-            except ValueError:
-                await stream.send_all(_http_error("400 Bad Request", "bad request target\n"))
-                return None
-            if path != WS_PATH:
-                body = f"not found: connect to {WS_PATH}\n"
-                await stream.send_all(_http_error("404 Not Found", body))
-                return None
             chosen = SUBPROTOCOL if SUBPROTOCOL in upgrade.subprotocols else None
             await stream.send_all(accept_response(upgrade.key, chosen))
             return upgrade.rest

@@ -269,8 +269,49 @@ def test_bytes_after_the_request_are_kept_and_an_overlong_head_refused() -> None
     frame = raw(OP_BINARY, b"hello")
     upgrade = wsserver.parse_upgrade(request() + frame)
     assert upgrade is not None and upgrade.rest == frame
+    incomplete = b"GET /ws HTTP/1.1\r\n" + b"X: y\r\n" * 5000
+    for data in (incomplete, incomplete + b"\r\n", request(add=[b"X: " + b"y" * 60_000])):
+        with pytest.raises(wsserver.HandshakeError) as info:
+            wsserver.parse_upgrade(data)
+        assert info.value.status == 431
+
+
+def test_the_head_limit_counts_the_whole_head_and_only_it() -> None:
+    filler = b"X: " + b"y" * 100
+    head = request(add=[filler])
+    pad = wsserver.MAX_HEAD - len(head)
+    at_limit = request(add=[filler + b"y" * pad])
+    assert len(at_limit) == wsserver.MAX_HEAD
+    frames = raw(OP_BINARY, b"z" * 50_000)  # frames behind the head do not count
+    assert wsserver.parse_upgrade(at_limit + frames) is not None
     with pytest.raises(wsserver.HandshakeError):
-        wsserver.parse_upgrade(b"GET /ws HTTP/1.1\r\n" + b"X: y\r\n" * 5000)
+        wsserver.parse_upgrade(request(add=[filler + b"y" * (pad + 1)]))
+
+
+def status_of(data: bytes) -> tuple[int, str, dict[str, str]]:
+    with pytest.raises(wsserver.HandshakeError) as info:
+        wsserver.parse_upgrade(data, "/ws")
+    return info.value.status, str(info.value), dict(info.value.headers)
+
+
+def test_the_path_is_checked_before_what_the_request_is() -> None:
+    for line in (b"GET /other HTTP/1.1", b"POST /other HTTP/1.1", b"GET /ws/x HTTP/1.1"):
+        for data in (request(line=line), line + b"\r\nHost: x\r\n\r\n"):
+            assert status_of(data) == (404, "not found: connect to /ws", {})
+    assert wsserver.parse_upgrade(request(line=b"GET /ws?client=ios HTTP/1.1"), "/ws")
+    assert wsserver.parse_upgrade(request(line=b"GET http://x/ws HTTP/1.1"), "/ws")
+    assert status_of(request(line=b"GET //[x HTTP/1.1"))[:2] == (400, "bad request target")
+    assert status_of(request(drop="host", line=b"GET /other HTTP/1.1"))[0] == 400
+
+
+def test_statuses_of_refused_requests_for_the_path() -> None:
+    plain = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert status_of(plain)[0::2] == (426, {"upgrade": "websocket"})
+    assert status_of(request(drop="upgrade", add=[b"Upgrade: h2c"]))[0] == 426
+    assert status_of(request(line=b"POST /ws HTTP/1.1"))[0::2] == (405, {"allow": "GET"})
+    assert status_of(request(drop="sec-websocket-key"))[0::2] == (400, {})
+    wrong = request(drop="sec-websocket-version", add=[b"Sec-WebSocket-Version: 8"])
+    assert status_of(wrong)[0::2] == (400, {"sec-websocket-version": "13"})
 
 
 def test_the_accept_response_satisfies_a_wsproto_client() -> None:
