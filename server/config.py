@@ -158,6 +158,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         _positive_float,
     ),
     Option("--hello-timeout", "seconds to authenticate after connecting (4003)", _positive_float),
+    Option(
+        "--frame-timeout",
+        "seconds a client frame, or a fragmented message, may take to arrive in full from "
+        "its first byte before the session is closed (4004)",
+        _positive_float,
+    ),
     Option("--history-buffer", "recent messages each active room keeps in memory", _positive_int),
     Option(
         "--large-room",
@@ -274,6 +280,7 @@ class Config:
     ping_interval: float = _d.ping_interval
     pong_timeout: float = _d.pong_timeout
     hello_timeout: float = _d.hello_timeout
+    frame_timeout: float = _d.frame_timeout
     history_buffer: int = _d.history_buffer
     max_replay: int = _d.max_replay
     large_room: int = _d.large_room
@@ -335,6 +342,7 @@ class Config:
             ping_interval=self.ping_interval,
             pong_timeout=self.pong_timeout,
             hello_timeout=self.hello_timeout,
+            frame_timeout=self.frame_timeout,
             outbox_bytes=self.outbox_bytes,
             rate=self.rate,
             burst=self.burst,

@@ -24,7 +24,8 @@ import trio
 
 from actors.outbox import Outbox
 from actors.services import Services
-from actors.session import Session
+from actors.session import BUSY_RECHECK, Session
+from actors.timers import Timer
 from protocol.errors import CloseCode
 from protocol.wsserver import (
     ClientFrames,
@@ -107,6 +108,10 @@ class Connection:
         self._writer_exited: trio.Event | None = None
         self._stopped = False  # no writer starts any more
         self._crashed = False  # the writer failed
+        # Armed while a frame or a fragmented message is incomplete: a client that
+        # trickles one must not hold its session open forever. On the node's timer
+        # task, like the session's keep-alive.
+        self._frame_timer: Timer | None = None
 
     async def run(self) -> None:
         try:
@@ -124,6 +129,8 @@ class Connection:
             log.exception("connection of %s crashed; closing it", self.session.peer)
             await self._internal_error()
         finally:
+            if self._frame_timer is not None:
+                self._frame_timer.cancel()
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await self._stop_writer()
             self.outbox.close()  # out of the pump's hands before the socket closes
@@ -221,7 +228,6 @@ class Connection:
 
     async def _read(self) -> None:
         """Read until the closing handshake ends or the client goes away."""
-        frames = self.frames
         receive_some = self._stream.receive_some
         fd = self.outbox.fd
         data: bytes | bytearray = self._early
@@ -259,12 +265,40 @@ class Connection:
                     return
                 if not data:
                     return
-            self.session.on_activity()
-            # In a function of its own, so the last event (a message) does not stay
+            # In functions of their own, so the last event (a message) does not stay
             # referenced from this frame while the connection idles.
-            if await self._handle(frames.feed(bytes(data))):  # free for bytes
+            if await self._handle(self._feed(bytes(data))):  # free for bytes
                 return
             data = b""
+
+    def _feed(self, data: bytes) -> list[Event]:
+        """Parse one read. Only complete frames are signs of life: bytes trickling in
+        are not. A frame or message left incomplete gets a deadline from the read in
+        which it began."""
+        frames = self.frames
+        events = frames.feed(data)
+        if frames.completed:
+            self.session.on_activity()
+        timer = self._frame_timer
+        if not frames.incomplete:
+            if timer is not None:
+                timer.cancel()
+                self._frame_timer = None
+        elif frames.started:
+            if timer is not None:
+                timer.cancel()
+            deadline = trio.current_time() + self._services.settings.frame_timeout
+            self._frame_timer = self._services.timers.call_at(deadline, self._frame_late)
+        return events
+
+    def _frame_late(self) -> None:
+        if self.session.busy:
+            # The reader is handling the client's request, not reading: what the client
+            # sent meanwhile waits unread. Not the client's delay.
+            later = trio.current_time() + BUSY_RECHECK
+            self._frame_timer = self._services.timers.call_at(later, self._frame_late)
+        else:
+            self.close(CloseCode.IDLE_TIMEOUT, "frame not completed in time")
 
     async def _handle(self, events: list[Event]) -> bool:
         """Act on the client's frames; True once the closing handshake is over."""

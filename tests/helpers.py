@@ -16,6 +16,8 @@ import trio
 import trio.testing
 import trio_websocket
 from trio_websocket import WebSocketConnection
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
 
 from loadtests.cli import free_port
 from protocol.client import ParleyClient, open_client, open_websocket, run_client
@@ -136,6 +138,23 @@ class MemoryNode:
                     await ws.aclose()
                     await client_stream.aclose()
                 nursery.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def raw(self) -> AsyncIterator[tuple[trio.abc.Stream, WSConnection]]:
+        """The client's stream after the upgrade, to send any bytes at any pace, and a
+        wsproto client to make frames and read the server's."""
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        self.connections.start_soon(
+            serve_connection, server_stream, self.node.services, self.node.connections, "mem"
+        )
+        ws = WSConnection(ConnectionType.CLIENT)
+        await client_stream.send_all(ws.send(Request(host="localhost", target="/ws")))
+        while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+            ws.receive_data(bytes(await client_stream.receive_some(65536)))
+        try:
+            yield client_stream, ws
+        finally:
+            await client_stream.aclose()
 
     @asynccontextmanager
     async def client(self, user: str) -> AsyncIterator[ParleyClient]:
