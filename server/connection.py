@@ -334,11 +334,49 @@ class Connection:
         return False
 
 
+class Admission:
+    """Client sockets open, in total and per address, from accept to close (handshakes
+    included): what ``--max-connections`` and ``--max-connections-per-address`` bound.
+    ``peer`` is "host:port"; the port does not count."""
+
+    def __init__(self, max_total: int, max_per_address: int) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address  # 0: no limit
+        self.open = 0
+        self.by_address: dict[str, int] = {}
+
+    def admit(self, peer: str) -> str | None:
+        """Count a socket from ``peer``; or, over a limit, the reason it is refused
+        (not counted): "max_connections" or "per_address"."""
+        if self.open >= self.max_total:
+            return "max_connections"
+        host = peer.rpartition(":")[0]
+        n = self.by_address.get(host, 0)
+        if self.max_per_address and n >= self.max_per_address:
+            return "per_address"
+        self.by_address[host] = n + 1
+        self.open += 1
+        return None
+
+    def release(self, peer: str) -> None:
+        host = peer.rpartition(":")[0]
+        n = self.by_address[host] - 1
+        if n:
+            self.by_address[host] = n
+        else:
+            del self.by_address[host]  # the map holds only addresses with sockets open
+        self.open -= 1
+
+
 async def serve_connection(
-    stream: trio.abc.Stream, services: Services, connections: set[Connection], peer: str
+    stream: trio.abc.Stream,
+    services: Services,
+    connections: set[Connection],
+    peer: str,
+    admission: Admission | None = None,
 ) -> None:
-    """Run one client connection to its end, and close its stream. Nothing here may
-    reach the listener."""
+    """Run one client connection to its end, and close its stream; then ``admission``
+    counts it gone. Nothing here may reach the listener."""
     try:
         try:
             early = await _handshake(stream)
@@ -363,3 +401,5 @@ async def serve_connection(
             services.metrics.connections.dec()
     finally:
         await trio.aclose_forcefully(stream)
+        if admission is not None:
+            admission.release(peer)

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -192,6 +193,7 @@ class ServerProcess:
     tmp_path: Path
     nursery: trio.Nursery
     extra: tuple[str, ...] = ()
+    nofile: int | None = None  # its open-file limit (RLIMIT_NOFILE), if not ours
     port: int = attrs.field(factory=free_port)
     ops_port: int = attrs.field(factory=free_port)
     proc: trio.Process | None = None
@@ -226,7 +228,12 @@ class ServerProcess:
         log = self.tmp_path / "server.log"
         with log.open("ab") as out:  # the child keeps its own copy of the descriptor
             start = functools.partial(
-                trio.run_process, self.command(), stdout=out, stderr=out, check=False
+                trio.run_process,
+                self.command(),
+                stdout=out,
+                stderr=out,
+                check=False,
+                preexec_fn=self._limit_files if self.nofile else None,
             )
             self.proc = await self.nursery.start(start)
         with trio.fail_after(30):
@@ -240,6 +247,10 @@ class ServerProcess:
                     continue
                 await stream.aclose()
                 return
+
+    def _limit_files(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def log(self) -> str:
         return (self.tmp_path / "server.log").read_text(errors="replace")
