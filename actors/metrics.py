@@ -122,6 +122,19 @@ class Metrics:
             "KV syncs answered with a full listing because the device was too far behind",
             registry=r,
         )
+        self.connections_refused = Counter(
+            "parley_connections_refused_total",
+            "Client connections refused at accept: max_connections (503), per_address (429)",
+            ["reason"],
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "parley_accept_errors_total",
+            "Accepts that failed for want of descriptors or memory, by errno; each is "
+            "retried after a backoff",
+            ["errno"],
+            registry=r,
+        )
         self.flush_seconds = Histogram(
             "parley_write_behind_flush_seconds",
             "Time to store one write-behind batch",
@@ -134,6 +147,8 @@ class Metrics:
         self.closes_by = {c: self.closes.labels(code=str(int(c))) for c in CloseCode}
         outcomes = ("applied", "resent", "stale", "conflict", "quota", "skew")
         self.kv_writes_by = {o: self.kv_writes.labels(outcome=o) for o in outcomes}
+        reasons = ("max_connections", "per_address")
+        self.refused_by = {r: self.connections_refused.labels(reason=r) for r in reasons}
 
     def collect_at_scrape(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Add metrics read from live state when Prometheus scrapes (queue depths...)."""

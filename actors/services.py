@@ -35,6 +35,7 @@ class Settings:
     ping_interval: float = 25.0
     pong_timeout: float = 10.0
     hello_timeout: float = 10.0
+    frame_timeout: float = 30.0  # a client frame, or fragmented message, arrives in full by then
     outbox_bytes: int = 4 * 2**20
     rate: float = 50.0  # inbound frames per second per session, sustained
     burst: int = 100

@@ -168,7 +168,7 @@ class Session:
     # --- driven by the connection -----------------------------------------------------
 
     def on_activity(self) -> None:
-        """Any bytes from the client count as a sign of life."""
+        """A complete frame from the client, of any kind, is a sign of life."""
         self.last_inbound = trio.current_time()
 
     async def on_message(self, payload: bytes) -> None:
@@ -383,7 +383,7 @@ class Session:
     #   _QUIET     until _quiet_since + ping_interval: still quiet then, we ping;
     #   _BUSY      a request ran when the ping was due: look again a second later;
     #   _PINGED    until _quiet_since + ping_interval + pong_timeout: still quiet, close.
-    # Any inbound bytes move last_inbound; a wait that ends finds it moved and starts
+    # Any complete inbound frame moves last_inbound; a wait that ends finds it moved and starts
     # over from it, so nothing is rescheduled per inbound frame.
 
     def _arm(self, deadline: float, state: int) -> None:

@@ -10,10 +10,16 @@ built by ``protocol.wsframe`` (data, ping, pong) and ``close_frame``.
 
 ``ClientFrames.feed(data)`` takes the bytes of one read and returns the events they
 complete, in order. It follows wsproto's checks (tests/test_wsserver.py holds the two to
-the same verdicts, and to the same events), and adds a size limit: a message over it is
-skipped as it arrives, never buffered (one ``TooBig`` event, then the next message). After a
-protocol violation (``Failed``) or the client's close frame, nothing more is parsed: the
-stream can no longer be trusted, or the client has nothing more to say.
+the same verdicts, and to the same events), and adds bounds: a message over the size
+limit, or in more than ``MAX_FRAGMENTS`` frames, is skipped as it arrives, never buffered
+(one ``TooBig`` event, then the next message). After a protocol violation (``Failed``) or
+the client's close frame, nothing more is parsed: the stream can no longer be trusted, or
+the client has nothing more to say.
+
+Time is the connection's business, but only the parser knows where frames end: after each
+``feed`` it tells whether a frame completed (``completed``: the client's sign of life),
+and whether a frame or a message is left incomplete (``incomplete``), begun in that feed
+or earlier (``started``): what the connection's deadline for a frame needs.
 """
 
 import base64
@@ -21,6 +27,10 @@ import codecs
 import hashlib
 import re
 import struct
+import sys
+from collections.abc import Sequence
+from http import HTTPStatus
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -35,6 +45,10 @@ _CONTROL = 0x08
 _MAX_CONTROL = 125
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
+# Frames in one message. Each costs a parse, and a message of many tiny or empty
+# fragments is no client's honest way of sending: 64 KiB in 256 pieces is still 256 bytes
+# a piece. Beyond it the message is skipped like an oversize one (1009).
+MAX_FRAGMENTS = 256
 
 # Close codes a peer may send (RFC 6455 7.4): the defined ones, 3000-4999 for libraries
 # and applications. 1005, 1006 and 1015 only ever describe a close locally.
@@ -71,9 +85,10 @@ class Close:
 
 @attrs.frozen
 class TooBig:
-    """A message over the limit was skipped; the connection should close with 1009."""
+    """A message over a limit (``reason``) was skipped; the connection should close
+    with 1009."""
 
-    limit: int
+    reason: str
 
 
 @attrs.frozen
@@ -121,35 +136,60 @@ class ClientFrames:
     __slots__ = (
         "_buffer",
         "_done",
+        "_fragments",
         "_limit",
         "_opcode",
         "_parts",
-        "_size",
         "_skip",
         "_skipping",
         "_utf8",
+        "completed",
+        "started",
     )
 
     def __init__(self, max_message: int) -> None:
         self._limit = max_message
         self._buffer = b""  # the start of an incomplete frame
         self._opcode: int | None = None  # of the fragmented message in progress
-        self._parts: list[bytes] = []
-        self._size = 0  # bytes in _parts
+        # Its payload so far. One buffer, not a list of pieces: a piece in a list cost
+        # ~43 bytes more than its payload, so 64 KiB sent as one-byte fragments held
+        # 2.8 MB, and empty fragments grew the list without bound.
+        self._parts: bytearray | None = None
+        self._fragments = 0  # frames of the message in progress so far
         self._skip = 0  # bytes of an oversize frame still to discard
         self._skipping = False  # in an oversize message: its frames are discarded
         self._utf8 = _utf8_decoder()  # checks a text message, fragment by fragment
         self._done = False  # closed or failed: nothing more is parsed
+        self.completed = False  # the last feed completed a frame, of any kind
+        self.started = False  # what is incomplete after the last feed began in it
+
+    @property
+    def incomplete(self) -> bool:
+        """A frame, or a fragmented message, has begun and not ended."""
+        return not self._done and bool(
+            self._buffer or self._skip or self._opcode is not None or self._skipping
+        )
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for incomplete frames and messages, as allocated."""
+        held = sys.getsizeof(self._buffer)
+        return held if self._parts is None else held + sys.getsizeof(self._parts)
 
     def feed(self, data: bytes) -> list[Event]:
+        self.completed = False
         if self._done:
             return []
+        # Whatever is incomplete at the end began here if nothing was before, or once a
+        # message (or a control frame between messages) ends below.
+        self.started = not self.incomplete
         if self._skip:
-            if len(data) <= self._skip:
+            if len(data) < self._skip:
                 self._skip -= len(data)
                 return []
             data = data[self._skip :]
             self._skip = 0
+            self._frame_done()
         buffer = self._buffer + data if self._buffer else data
         events: list[Event] = []
         pos = 0
@@ -197,10 +237,18 @@ class ClientFrames:
                     return self._fail(events, CloseCode.PROTOCOL_ERROR, "expected continuation")
                 # Checked before the payload is read: an oversize message is skipped as
                 # it arrives, never buffered.
-                if not self._skipping and self._size + n > self._limit:
-                    events.append(TooBig(self._limit))
-                    self._parts, self._size, self._opcode = [], 0, None
-                    self._skipping = True
+                if not self._skipping:
+                    size = 0 if self._parts is None else len(self._parts)
+                    if size + n > self._limit:
+                        too_big = f"over {self._limit} bytes"
+                    elif self._fragments >= MAX_FRAGMENTS:
+                        too_big = f"over {MAX_FRAGMENTS} fragments"
+                    else:
+                        too_big = ""
+                    if too_big:
+                        events.append(TooBig(too_big))
+                        self._parts, self._fragments, self._opcode = None, 0, None
+                        self._skipping = True
                 if self._skipping:
                     if b0 & _FIN:
                         self._skipping = False
@@ -210,6 +258,7 @@ class ClientFrames:
                         pos = end
                         break
                     pos = start + n
+                    self._frame_done()
                     continue
             frame_end = pos + head + 4 + n
             if frame_end > end:
@@ -217,6 +266,7 @@ class ClientFrames:
             key = buffer[pos + head : pos + head + 4]
             payload = _unmask(buffer[pos + head + 4 : frame_end], key)
             pos = frame_end
+            self.completed = True
             if opcode == OP_PING:
                 events.append(Ping(payload))
             elif opcode == OP_PONG:
@@ -239,17 +289,28 @@ class ClientFrames:
                     except UnicodeDecodeError:
                         return self._fail(events, CloseCode.INVALID_DATA, "text not UTF-8")
                 if fin:
-                    if self._parts:
-                        self._parts.append(payload)
-                        payload = b"".join(self._parts)
-                        self._parts, self._size = [], 0
+                    if self._parts is not None:
+                        self._parts += payload
+                        payload = bytes(self._parts)
+                        self._parts, self._fragments = None, 0
                     self._opcode = None
                     events.append(Message(payload, text))
                 else:
-                    self._parts.append(payload)
-                    self._size += n
+                    if self._parts is None:
+                        self._parts = bytearray(payload)
+                    else:
+                        self._parts += payload
+                    self._fragments += 1
+            if self._opcode is None and not self._skipping:
+                self.started = True  # between messages: what follows begins here
         self._buffer = buffer[pos:] if pos < end else b""
         return events
+
+    def _frame_done(self) -> None:
+        """A skipped frame ended."""
+        self.completed = True
+        if not self._skipping:
+            self.started = True
 
     def _close(self, payload: bytes) -> Event:
         if not payload:
@@ -269,7 +330,7 @@ class ClientFrames:
         events.append(Failed(code, reason))
         self._done = True
         self._buffer = b""
-        self._parts = []
+        self._parts = None
         return events
 
 
@@ -288,14 +349,43 @@ _LINE_END = re.compile(rb"\r?\n")
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
+_UPGRADE_REQUIRED = (426, [("upgrade", "websocket")])  # RFC 9110 15.5.22
+_VERSIONS = (400, [("sec-websocket-version", "13")])  # the versions we speak: RFC 6455 4.4
 
 
 class HandshakeError(Exception):
-    """The request is no WebSocket upgrade we accept: answer it with ``status``."""
+    """The request is no WebSocket upgrade we accept: answer it with ``status`` and
+    ``headers`` (``response``)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(
+        self, message: str, status: int = 400, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
+
+    def response(self, request: bytes) -> bytes:
+        """The answer to ``request``, the bytes that raised this."""
+        head = request.lstrip(b"\r\n").startswith(b"HEAD ")  # its answer has no body
+        return http_response(self.status, f"{self}\n", self.headers, body=not head)
+
+
+def http_response(
+    status: int, text: str, headers: Sequence[tuple[str, str]] = (), *, body: bool = True
+) -> bytes:
+    """An HTTP answer after which the server closes the connection: ``text`` as its
+    plain-text body."""
+    data = text.encode()
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    # A sender of Upgrade names it in Connection too (RFC 9110 7.8).
+    closing = "upgrade, close" if any(name == "upgrade" for name, _ in headers) else "close"
+    lines += [
+        "content-type: text/plain; charset=utf-8",
+        f"content-length: {len(data)}",
+        f"connection: {closing}",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (data if body else b"")
 
 
 @attrs.frozen
@@ -309,13 +399,15 @@ class Upgrade:
     rest: bytes
 
 
-def parse_upgrade(data: bytes) -> Upgrade | None:
+def parse_upgrade(data: bytes, path: str | None = None) -> Upgrade | None:
     """The upgrade request at the start of ``data``; None while it is incomplete.
-    Raises ``HandshakeError`` for anything else."""
+    Raises ``HandshakeError`` for anything else: a request for another ``path`` than
+    the one given is answered 404 whatever it is, a request for it that is no upgrade
+    426 (400 for a broken one)."""
     end = _HEAD_END.search(data)
+    if (end.end() if end else len(data)) > MAX_HEAD:  # complete or not
+        raise HandshakeError("request head too large", 431)
     if end is None:
-        if len(data) > MAX_HEAD:
-            raise HandshakeError("request head too large")
         return None
     lines = _LINE_END.split(data[: end.start()].lstrip(b"\r\n"))
     parts = lines[0].split(b" ")
@@ -344,19 +436,26 @@ def parse_upgrade(data: bytes) -> Upgrade | None:
         headers[name] = value
     if b"host" not in headers:  # HTTP/1.1 requires it (h11 refused such a request)
         raise HandshakeError("Bad HTTP message")
+    if path is not None:
+        try:
+            asked = urlsplit(target.decode("ascii")).path
+        except ValueError:
+            raise HandshakeError("bad request target") from None
+        if asked != path:
+            raise HandshakeError(f"not found: connect to {path}", 404)
     if method != b"GET":
-        raise HandshakeError("Request method must be GET")
+        raise HandshakeError("Request method must be GET", 405, [("allow", "GET")])
     if b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0":
         raise HandshakeError("Bad HTTP message")  # an upgrade request has no body
     if b"upgrade" not in connection:
-        raise HandshakeError("Missing header, 'Connection: Upgrade'")
+        raise HandshakeError("Missing header, 'Connection: Upgrade'", *_UPGRADE_REQUIRED)
     if headers.get(b"sec-websocket-version") != b"13":
-        raise HandshakeError("Missing header, 'Sec-WebSocket-Version'")
+        raise HandshakeError("Missing header, 'Sec-WebSocket-Version'", *_VERSIONS)
     key = headers.get(b"sec-websocket-key")
     if key is None:
         raise HandshakeError("Missing header, 'Sec-WebSocket-Key'")
     if headers.get(b"upgrade", b"").lower() != b"websocket":
-        raise HandshakeError("Missing header, 'Upgrade: websocket'")
+        raise HandshakeError("Missing header, 'Upgrade: websocket'", *_UPGRADE_REQUIRED)
     return Upgrade(target.decode("ascii"), key, tuple(subprotocols), data[end.end() :])
 
 

@@ -57,6 +57,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -139,6 +146,20 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     ),
     DEV,
     LOG_LEVEL,
+    Option(
+        "--max-connections",
+        "client connections open at once, handshakes included; beyond, a new one is "
+        "answered 503 and closed. Leave room under the open-file limit (ulimit -n) for "
+        "the database, the ops endpoint and logs",
+        _positive_int,
+    ),
+    Option(
+        "--max-connections-per-address",
+        "client connections open at once from one IP address; beyond, a new one is "
+        "answered 429 and closed (0: no limit; behind a proxy every client has the "
+        "proxy's address)",
+        _non_negative_int,
+    ),
     Option("--max-frame-bytes", "largest client frame", _positive_int),
     Option("--max-text-chars", "longest message text", _positive_int),
     Option("--max-data-bytes", "largest message data map, encoded", _positive_int),
@@ -158,6 +179,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         _positive_float,
     ),
     Option("--hello-timeout", "seconds to authenticate after connecting (4003)", _positive_float),
+    Option(
+        "--frame-timeout",
+        "seconds a client frame, or a fragmented message, may take to arrive in full from "
+        "its first byte before the session is closed (4004)",
+        _positive_float,
+    ),
     Option("--history-buffer", "recent messages each active room keeps in memory", _positive_int),
     Option(
         "--large-room",
@@ -263,6 +290,10 @@ class Config:
     admin_token: str | None = None
     dev: bool = False
     log_level: str = "info"
+    # 20,000 open files per process here: 1,000 left for the database pool, the ops
+    # endpoint, logs, listeners and sockets being refused.
+    max_connections: int = 19_000
+    max_connections_per_address: int = 1000
     max_frame_bytes: int = _l.max_frame_bytes
     max_text_chars: int = _l.max_text_chars
     max_data_bytes: int = _l.max_data_bytes
@@ -274,6 +305,7 @@ class Config:
     ping_interval: float = _d.ping_interval
     pong_timeout: float = _d.pong_timeout
     hello_timeout: float = _d.hello_timeout
+    frame_timeout: float = _d.frame_timeout
     history_buffer: int = _d.history_buffer
     max_replay: int = _d.max_replay
     large_room: int = _d.large_room
@@ -335,6 +367,7 @@ class Config:
             ping_interval=self.ping_interval,
             pong_timeout=self.pong_timeout,
             hello_timeout=self.hello_timeout,
+            frame_timeout=self.frame_timeout,
             outbox_bytes=self.outbox_bytes,
             rate=self.rate,
             burst=self.burst,

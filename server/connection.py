@@ -19,13 +19,13 @@ connection with 1011 and is logged; it never reaches the listener.
 
 import logging
 import os
-from urllib.parse import urlsplit
 
 import trio
 
 from actors.outbox import Outbox
 from actors.services import Services
-from actors.session import Session
+from actors.session import BUSY_RECHECK, Session
+from actors.timers import Timer
 from protocol.errors import CloseCode
 from protocol.wsserver import (
     ClientFrames,
@@ -52,14 +52,6 @@ WS_PATH = "/ws"
 SUBPROTOCOL = "parley.v1"
 
 
-def _http_error(status: str, body: str) -> bytes:
-    data = body.encode()
-    return (
-        f"HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        f"content-length: {len(data)}\r\nconnection: close\r\n\r\n"
-    ).encode() + data
-
-
 async def _handshake(stream: trio.abc.Stream) -> bytes | None:
     """Accept a WebSocket upgrade on /ws, answer anything else with an HTTP error. The
     bytes the client sent after its request (frames already), or None if refused."""
@@ -71,21 +63,12 @@ async def _handshake(stream: trio.abc.Stream) -> bytes | None:
                 return None
             data += chunk
             try:
-                upgrade = parse_upgrade(data)
+                upgrade = parse_upgrade(data, WS_PATH)
             except HandshakeError as exc:
-                await stream.send_all(_http_error("400 Bad Request", f"{exc}\n"))
+                await stream.send_all(exc.response(data))
                 return None
             if upgrade is None:
                 continue
-            try:
-                path = urlsplit(upgrade.target).path
-            except ValueError:
-                await stream.send_all(_http_error("400 Bad Request", "bad request target\n"))
-                return None
-            if path != WS_PATH:
-                body = f"not found: connect to {WS_PATH}\n"
-                await stream.send_all(_http_error("404 Not Found", body))
-                return None
             chosen = SUBPROTOCOL if SUBPROTOCOL in upgrade.subprotocols else None
             await stream.send_all(accept_response(upgrade.key, chosen))
             return upgrade.rest
@@ -99,7 +82,7 @@ class Connection:
         self._stream = stream
         self._early = early  # frames that came with the handshake
         self._services = services
-        self._max_message = services.settings.limits.max_frame_bytes
+        self.frames = ClientFrames(services.settings.limits.max_frame_bytes)
         socket = getattr(stream, "socket", None)  # a trio SocketStream; tests use memory
         self.outbox = Outbox(
             services.settings.outbox_bytes,
@@ -125,6 +108,10 @@ class Connection:
         self._writer_exited: trio.Event | None = None
         self._stopped = False  # no writer starts any more
         self._crashed = False  # the writer failed
+        # Armed while a frame or a fragmented message is incomplete: a client that
+        # trickles one must not hold its session open forever. On the node's timer
+        # task, like the session's keep-alive.
+        self._frame_timer: Timer | None = None
 
     async def run(self) -> None:
         try:
@@ -142,6 +129,8 @@ class Connection:
             log.exception("connection of %s crashed; closing it", self.session.peer)
             await self._internal_error()
         finally:
+            if self._frame_timer is not None:
+                self._frame_timer.cancel()
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await self._stop_writer()
             self.outbox.close()  # out of the pump's hands before the socket closes
@@ -239,7 +228,6 @@ class Connection:
 
     async def _read(self) -> None:
         """Read until the closing handshake ends or the client goes away."""
-        frames = ClientFrames(self._max_message)
         receive_some = self._stream.receive_some
         fd = self.outbox.fd
         data: bytes | bytearray = self._early
@@ -277,12 +265,40 @@ class Connection:
                     return
                 if not data:
                     return
-            self.session.on_activity()
-            # In a function of its own, so the last event (a message) does not stay
+            # In functions of their own, so the last event (a message) does not stay
             # referenced from this frame while the connection idles.
-            if await self._handle(frames.feed(bytes(data))):  # free for bytes
+            if await self._handle(self._feed(bytes(data))):  # free for bytes
                 return
             data = b""
+
+    def _feed(self, data: bytes) -> list[Event]:
+        """Parse one read. Only complete frames are signs of life: bytes trickling in
+        are not. A frame or message left incomplete gets a deadline from the read in
+        which it began."""
+        frames = self.frames
+        events = frames.feed(data)
+        if frames.completed:
+            self.session.on_activity()
+        timer = self._frame_timer
+        if not frames.incomplete:
+            if timer is not None:
+                timer.cancel()
+                self._frame_timer = None
+        elif frames.started:
+            if timer is not None:
+                timer.cancel()
+            deadline = trio.current_time() + self._services.settings.frame_timeout
+            self._frame_timer = self._services.timers.call_at(deadline, self._frame_late)
+        return events
+
+    def _frame_late(self) -> None:
+        if self.session.busy:
+            # The reader is handling the client's request, not reading: what the client
+            # sent meanwhile waits unread. Not the client's delay.
+            later = trio.current_time() + BUSY_RECHECK
+            self._frame_timer = self._services.timers.call_at(later, self._frame_late)
+        else:
+            self.close(CloseCode.IDLE_TIMEOUT, "frame not completed in time")
 
     async def _handle(self, events: list[Event]) -> bool:
         """Act on the client's frames; True once the closing handshake is over."""
@@ -310,18 +326,57 @@ class Connection:
                 self.outbox.close(self._close_frame)
                 return True
             elif kind is TooBig:
-                self.close(CloseCode.MESSAGE_TOO_BIG, f"over {self._max_message} bytes")
+                assert isinstance(event, TooBig)
+                self.close(CloseCode.MESSAGE_TOO_BIG, event.reason)
             elif kind is Failed:
                 assert isinstance(event, Failed)
                 self.close(event.code, event.reason)
         return False
 
 
+class Admission:
+    """Client sockets open, in total and per address, from accept to close (handshakes
+    included): what ``--max-connections`` and ``--max-connections-per-address`` bound.
+    ``peer`` is "host:port"; the port does not count."""
+
+    def __init__(self, max_total: int, max_per_address: int) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address  # 0: no limit
+        self.open = 0
+        self.by_address: dict[str, int] = {}
+
+    def admit(self, peer: str) -> str | None:
+        """Count a socket from ``peer``; or, over a limit, the reason it is refused
+        (not counted): "max_connections" or "per_address"."""
+        if self.open >= self.max_total:
+            return "max_connections"
+        host = peer.rpartition(":")[0]
+        n = self.by_address.get(host, 0)
+        if self.max_per_address and n >= self.max_per_address:
+            return "per_address"
+        self.by_address[host] = n + 1
+        self.open += 1
+        return None
+
+    def release(self, peer: str) -> None:
+        host = peer.rpartition(":")[0]
+        n = self.by_address[host] - 1
+        if n:
+            self.by_address[host] = n
+        else:
+            del self.by_address[host]  # the map holds only addresses with sockets open
+        self.open -= 1
+
+
 async def serve_connection(
-    stream: trio.abc.Stream, services: Services, connections: set[Connection], peer: str
+    stream: trio.abc.Stream,
+    services: Services,
+    connections: set[Connection],
+    peer: str,
+    admission: Admission | None = None,
 ) -> None:
-    """Run one client connection to its end, and close its stream. Nothing here may
-    reach the listener."""
+    """Run one client connection to its end, and close its stream; then ``admission``
+    counts it gone. Nothing here may reach the listener."""
     try:
         try:
             early = await _handshake(stream)
@@ -346,3 +401,5 @@ async def serve_connection(
             services.metrics.connections.dec()
     finally:
         await trio.aclose_forcefully(stream)
+        if admission is not None:
+            admission.release(peer)

@@ -19,6 +19,7 @@ clean stop; otherwise the next start gives its rooms new epochs.
 
 import logging
 import os
+import resource
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -39,7 +40,7 @@ from actors.timers import Timers
 from actors.user import User
 from protocol.errors import CloseCode
 from server.config import Config
-from server.connection import Connection
+from server.connection import Admission, Connection
 from storage.bus import InProcessBus
 from storage.store import StorageError, Store, open_store
 from storage.write_behind import WriteBehind
@@ -47,6 +48,7 @@ from storage.write_behind import WriteBehind
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 2.0
+FILES_BESIDES_CLIENTS = 1000  # storage, ops, logs, listeners, sockets being refused
 GOAWAY_DELAY_MS = 1000
 
 
@@ -71,6 +73,14 @@ class Node:
     deadline: float | None = None  # when a drain must be over, flush included
     storage_error: str | None = None  # from the periodic probe
     admin_token: str | None = None
+    admission: Admission = attrs.field(
+        default=attrs.Factory(
+            lambda self: Admission(
+                self.config.max_connections, self.config.max_connections_per_address
+            ),
+            takes_self=True,
+        )
+    )
 
     @property
     def write_behind(self) -> WriteBehind:
@@ -95,6 +105,13 @@ class Node:
         elif self.storage_error is not None:
             degraded = True
             reasons.append(f"storage: {self.storage_error}")
+        admission = self.admission
+        if admission.open >= admission.max_total:
+            failed = True
+            reasons.append(
+                f"connections: {admission.open} open, the most --max-connections allows; "
+                "new ones are refused"
+            )
         if fill >= 1.0:
             failed = True
             reasons.append("write-behind: queue full, sends are refused")
@@ -115,6 +132,7 @@ class Node:
             },
             "bus": {"ok": True, "kind": "in-process"},
             "draining": self.draining,
+            "connections": {"open": admission.open, "max": admission.max_total},
         }
         return Readiness(status, tuple(reasons), checks)
 
@@ -136,6 +154,11 @@ class Node:
         for kind in ActorKind:
             actors.add_metric([str(kind)], self.directory.count(kind))
         yield actors
+        yield GaugeMetricFamily(
+            "parley_client_sockets",
+            "Client sockets open, handshakes included: what --max-connections bounds",
+            value=self.admission.open,
+        )
         yield GaugeMetricFamily(
             "parley_outbox_bytes",
             "Bytes waiting in session outboxes",
@@ -293,6 +316,15 @@ async def serve(
         where = f"{config.host}:{config.port}"
         raise OSError(exc.errno, f"cannot listen for clients on {where}: {exc.strerror}") from exc
     client = listeners[0].socket.getsockname()[:2]
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if files != resource.RLIM_INFINITY and config.max_connections + FILES_BESIDES_CLIENTS > files:
+        log.warning(
+            "--max-connections %d leaves less than %d of this process's %d open files "
+            "(ulimit -n) for the rest: accepts may fail with EMFILE below the limit",
+            config.max_connections,
+            FILES_BESIDES_CLIENTS,
+            files,
+        )
     try:
         async with open_node(config, verify_token, admin_token) as (node, connections):
             async with trio.open_nursery() as nursery:
@@ -300,7 +332,9 @@ async def serve(
 
                 async def accept() -> None:
                     with accepting:
-                        await serve_clients(node.services, node.connections, listeners, connections)
+                        await serve_clients(
+                            node.services, node.connections, listeners, connections, node.admission
+                        )
 
                 nursery.start_soon(accept)
                 ops = await nursery.start(serve_ops, node)

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ import trio
 import trio.testing
 import trio_websocket
 from trio_websocket import WebSocketConnection
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
 
 from loadtests.cli import free_port
 from protocol.client import ParleyClient, open_client, open_websocket, run_client
@@ -138,6 +141,23 @@ class MemoryNode:
                 nursery.cancel_scope.cancel()
 
     @asynccontextmanager
+    async def raw(self) -> AsyncIterator[tuple[trio.abc.Stream, WSConnection]]:
+        """The client's stream after the upgrade, to send any bytes at any pace, and a
+        wsproto client to make frames and read the server's."""
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        self.connections.start_soon(
+            serve_connection, server_stream, self.node.services, self.node.connections, "mem"
+        )
+        ws = WSConnection(ConnectionType.CLIENT)
+        await client_stream.send_all(ws.send(Request(host="localhost", target="/ws")))
+        while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+            ws.receive_data(bytes(await client_stream.receive_some(65536)))
+        try:
+            yield client_stream, ws
+        finally:
+            await client_stream.aclose()
+
+    @asynccontextmanager
     async def client(self, user: str) -> AsyncIterator[ParleyClient]:
         """A ``ParleyClient`` over a memory stream."""
         async with self.connect() as ws, run_client(ws, issue_token(SECRET, user, 3600)) as c:
@@ -173,6 +193,7 @@ class ServerProcess:
     tmp_path: Path
     nursery: trio.Nursery
     extra: tuple[str, ...] = ()
+    nofile: int | None = None  # its open-file limit (RLIMIT_NOFILE), if not ours
     port: int = attrs.field(factory=free_port)
     ops_port: int = attrs.field(factory=free_port)
     proc: trio.Process | None = None
@@ -207,7 +228,12 @@ class ServerProcess:
         log = self.tmp_path / "server.log"
         with log.open("ab") as out:  # the child keeps its own copy of the descriptor
             start = functools.partial(
-                trio.run_process, self.command(), stdout=out, stderr=out, check=False
+                trio.run_process,
+                self.command(),
+                stdout=out,
+                stderr=out,
+                check=False,
+                preexec_fn=self._limit_files if self.nofile else None,
             )
             self.proc = await self.nursery.start(start)
         with trio.fail_after(30):
@@ -221,6 +247,10 @@ class ServerProcess:
                     continue
                 await stream.aclose()
                 return
+
+    def _limit_files(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def log(self) -> str:
         return (self.tmp_path / "server.log").read_text(errors="replace")

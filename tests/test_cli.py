@@ -257,3 +257,17 @@ def test_migrate_a_postgres_database(postgres_url: str) -> None:
     assert "schema is up to date" in result.stdout
     again = run_cli("migrate", "--database-url", postgres_url)  # nothing left to apply
     assert again.returncode == 0, again.stderr
+
+
+def test_the_frame_timeout_is_an_option() -> None:
+    args = build_parser({"PARLEY_FRAME_TIMEOUT": "12.5"}).parse_args(["serve"])
+    assert config_from_args(args).settings().frame_timeout == 12.5
+    assert run_cli("serve", env={"PARLEY_FRAME_TIMEOUT": "0"}).returncode == 2
+
+
+def test_the_connection_limits_are_options() -> None:
+    env = {"PARLEY_MAX_CONNECTIONS": "500", "PARLEY_MAX_CONNECTIONS_PER_ADDRESS": "0"}
+    config = config_from_args(build_parser(env).parse_args(["serve"]))
+    assert (config.max_connections, config.max_connections_per_address) == (500, 0)
+    assert run_cli("serve", env={"PARLEY_MAX_CONNECTIONS": "0"}).returncode == 2
+    assert run_cli("serve", env={"PARLEY_MAX_CONNECTIONS_PER_ADDRESS": "-1"}).returncode == 2

@@ -12,6 +12,8 @@ from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import BytesMessage, CloseConnection, Request
 from wsproto.events import Message as WsMessage
+from wsproto.events import Ping as WsPing
+from wsproto.events import Pong as WsPong
 
 from loadtests.rawclient import RawClient
 from protocol.codec import encode
@@ -56,9 +58,63 @@ async def test_a_malformed_request_target_gets_400_and_the_node_lives(
         assert await alice.ping() >= 0
 
 
-async def test_plain_http_gets_400(server: RunningServer) -> None:
-    response = await http_get(server, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert response.startswith(b"HTTP/1.1 400 ")
+async def http_answer(
+    server: RunningServer, request: bytes
+) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """Status line, headers and body of the answer, read until the server hangs up."""
+    host, port = server.addresses.client
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(request)
+    response = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some(65536):
+            response += chunk
+    await stream.aclose()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines)}
+    assert int(headers[b"content-length"]) == len(body) or request.startswith(b"HEAD ")
+    return status, headers, body
+
+
+async def test_plain_http_to_ws_gets_426_and_other_methods_405(server: RunningServer) -> None:
+    status, headers, body = await http_answer(server, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == b"HTTP/1.1 426 Upgrade Required"
+    assert headers[b"upgrade"] == b"websocket"
+    assert headers[b"connection"] == b"upgrade, close"
+    status, headers, _ = await http_answer(server, b"POST /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == b"HTTP/1.1 405 Method Not Allowed" and headers[b"allow"] == b"GET"
+    status, headers, body = await http_answer(server, b"HEAD /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 405 ") and int(headers[b"content-length"]) > 0
+    assert body == b""  # never a body in the answer to HEAD
+    # A broken upgrade is a bad request; the wrong version is told which one we speak.
+    no_key = UPGRADE.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"")
+    status, _, _ = await http_answer(server, no_key % b"/ws")
+    assert status == b"HTTP/1.1 400 Bad Request"
+    status, headers, _ = await http_answer(server, UPGRADE.replace(b": 13", b": 8") % b"/ws")
+    assert status.startswith(b"HTTP/1.1 400 ") and headers[b"sec-websocket-version"] == b"13"
+
+
+async def test_any_other_path_gets_404_whatever_the_request(server: RunningServer) -> None:
+    for request in (
+        b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n\r\n",
+        b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        b"GET /wss HTTP/1.1\r\nHost: x\r\n\r\n",
+        UPGRADE % b"/ws/",
+    ):
+        status, headers, body = await http_answer(server, request)
+        assert status == b"HTTP/1.1 404 Not Found", request
+        assert headers[b"connection"] == b"close" and body == b"not found: connect to /ws\n"
+    status, _, body = await http_answer(server, b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 404 ") and body == b""
+
+
+async def test_an_oversize_request_head_gets_431_even_when_complete(server: RunningServer) -> None:
+    big = UPGRADE.replace(b"Host: x\r\n", b"Host: x\r\nX-Big: " + b"a" * 60_000 + b"\r\n")
+    status, _, body = await http_answer(server, big % b"/ws")
+    assert status == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert body == b"request head too large\n"
 
 
 async def test_the_subprotocol_is_accepted_when_offered(server: RunningServer) -> None:
@@ -139,6 +195,36 @@ async def test_fragmented_messages_are_reassembled(server: RunningServer) -> Non
     assert cbor2.loads(message.data)[0] == Welcome.TYPE
     await stream.send_all(ws.send(CloseConnection(code=1000)))
     await stream.aclose()
+
+
+async def websocket_ping(stream: trio.SocketStream, ws: WSConnection) -> None:
+    """Ping and wait for the pong: the server has parsed all we sent before."""
+    await stream.send_all(ws.send(WsPing(b"sync")))
+    with trio.fail_after(10):
+        while True:
+            ws.receive_data(await stream.receive_some(65536))
+            if any(isinstance(e, WsPong) for e in ws.events()):
+                return
+
+
+async def test_many_tiny_fragments_close_1009_and_hold_no_memory(server: RunningServer) -> None:
+    for piece in (b"x", b""):
+        stream, ws = await raw_upgrade(server)
+        hello = encode(Hello(v=1, token=server.token("alice")))
+        await stream.send_all(ws.send(WsMessage(data=hello, message_finished=True)))
+        fragments = [ws.send(WsMessage(data=piece, message_finished=False)) for _ in range(5000)]
+        await stream.send_all(b"".join(fragments[:200]))
+        await websocket_ping(stream, ws)
+        (conn,) = server.node.connections
+        assert conn.frames.buffered < 1000  # 200 pieces, a few bytes each
+        await stream.send_all(b"".join(fragments[200:]))
+        answer = await server_close(stream, ws)
+        assert (answer.code, answer.reason) == (CloseCode.MESSAGE_TOO_BIG, "over 256 fragments")
+        assert conn.frames.buffered < 1000
+        await stream.aclose()
+        with trio.fail_after(10):
+            while server.node.connections:  # noqa: ASYNC110 - the close is a network event
+                await trio.sleep(0.01)
 
 
 async def test_websocket_pings_are_answered(server: RunningServer) -> None:

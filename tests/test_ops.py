@@ -29,7 +29,13 @@ async def test_health_and_readiness(server: RunningServer) -> None:
         assert ready.status_code == 200
         body = ready.json()
         assert (body["status"], body["reasons"]) == ("OK", [])
-        assert set(body["checks"]) == {"storage", "write_behind", "bus", "draining"}
+        assert set(body["checks"]) == {
+            "storage",
+            "write_behind",
+            "bus",
+            "draining",
+            "connections",
+        }
 
 
 async def test_metrics_count_the_traffic(server: RunningServer) -> None:

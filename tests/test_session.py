@@ -14,6 +14,9 @@ import pytest
 import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto import WSConnection
+from wsproto.events import BytesMessage, CloseConnection
+from wsproto.events import Message as WsMessage
 
 from actors.messages import RoomDropped
 from actors.outbox import Outbox
@@ -291,3 +294,132 @@ async def test_a_bug_in_the_writer_closes_only_its_connection(
             assert await closed_with(ws) == CloseCode.INTERNAL_ERROR
             await other.send_message(encode(Ping(id=2)))
             assert await next_frame(other) == Pong(id=2)
+
+
+# --- frames must arrive in full in time (--frame-timeout) ------------------------------
+
+
+async def raw_hello(stream: trio.abc.Stream, ws: WSConnection) -> None:
+    hello = encode(Hello(v=1, token=issue_token(SECRET, "alice", 3600)))
+    await stream.send_all(ws.send(WsMessage(data=hello)))
+    assert isinstance(await raw_frame(stream, ws), Welcome)
+
+
+async def raw_frame(stream: trio.abc.Stream, ws: WSConnection) -> object:
+    """The server's next Parley frame, or its close frame."""
+    while True:
+        for event in ws.events():
+            if isinstance(event, BytesMessage):
+                return decode_server(bytes(event.data))
+            if isinstance(event, CloseConnection):
+                return event
+        data = await stream.receive_some(65536)
+        assert data, "the server hung up without a close frame"
+        ws.receive_data(bytes(data))
+
+
+async def raw_close(stream: trio.abc.Stream, ws: WSConnection) -> CloseConnection:
+    while not isinstance(frame := await raw_frame(stream, ws), CloseConnection):
+        pass
+    return frame
+
+
+async def trickle(stream: trio.abc.Stream, data: bytes, every: float) -> None:
+    for i in range(len(data)):
+        await stream.send_all(data[i : i + 1])
+        await trio.sleep(every)
+
+
+async def test_a_frame_trickled_in_is_closed_at_the_frame_timeout(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path, frame_timeout=30.0, ping_interval=1000.0) as mem:
+        async with mem.raw() as (stream, ws), trio.open_nursery() as nursery:
+            await raw_hello(stream, ws)
+            first_byte = trio.current_time()
+            nursery.start_soon(trickle, stream, ws.send(WsMessage(data=encode(Ping(id=1)))), 20)
+            close = await raw_close(stream, ws)
+            assert (close.code, close.reason) == (
+                CloseCode.IDLE_TIMEOUT,
+                "frame not completed in time",
+            )
+            assert trio.current_time() - first_byte == 30.0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_fragmented_message_that_never_ends_is_closed(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Each fragment is a complete frame, a sign of life: the keep-alive stays quiet,
+    but the message must still end within the frame timeout."""
+
+    async def fragments() -> None:
+        for _ in range(100):
+            await stream.send_all(ws.send(WsMessage(data=b"\xa1", message_finished=False)))
+            await trio.sleep(20)
+
+    async with memory_node(tmp_path, frame_timeout=30.0) as mem:
+        async with mem.raw() as (stream, ws), trio.open_nursery() as nursery:
+            await raw_hello(stream, ws)
+            start = trio.current_time()
+            nursery.start_soon(fragments)
+            close = await raw_close(stream, ws)
+            assert (close.code, close.reason) == (
+                CloseCode.IDLE_TIMEOUT,
+                "frame not completed in time",
+            )
+            assert trio.current_time() - start == 30.0
+            nursery.cancel_scope.cancel()
+
+
+async def test_slow_frames_that_end_in_time_keep_the_session(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path, frame_timeout=30.0, ping_interval=1000.0) as mem:
+        async with mem.raw() as (stream, ws):
+            await raw_hello(stream, ws)
+            # One frame in pieces over 29 s.
+            wire = ws.send(WsMessage(data=encode(Ping(id=1))))
+            for piece, pause in ((wire[:1], 10), (wire[1:3], 10), (wire[3:5], 9), (wire[5:], 0)):
+                await stream.send_all(piece)
+                await trio.sleep(pause)
+            assert await raw_frame(stream, ws) == Pong(id=1)
+            # A message in fragments over 29 s.
+            payload = encode(Ping(id=2))
+            await stream.send_all(ws.send(WsMessage(data=payload[:1], message_finished=False)))
+            await trio.sleep(29)
+            await stream.send_all(ws.send(WsMessage(data=payload[1:], message_finished=True)))
+            assert await raw_frame(stream, ws) == Pong(id=2)
+            # Back to back, each read ending inside the next frame: for 100 s something is
+            # incomplete, but no frame takes more than 20 s. Each has its own deadline.
+            wire = b"".join(ws.send(WsMessage(data=encode(Ping(id=i)))) for i in range(3, 9))
+            cuts = range(0, len(wire), len(wire) // 6 + 1)
+            for i in cuts:
+                await stream.send_all(wire[i : i + len(wire) // 6 + 1])
+                await trio.sleep(20)
+            assert [await raw_frame(stream, ws) for _ in range(3, 9)] == [
+                Pong(id=i) for i in range(3, 9)
+            ]
+            await trio.sleep(900)  # then quiet, short of the ping: no deadline left
+            await stream.send_all(ws.send(WsMessage(data=encode(Ping(id=9)))))
+            assert await raw_frame(stream, ws) == Pong(id=9)
+
+
+async def test_bytes_of_an_incomplete_frame_are_no_sign_of_life(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The keep-alive counts complete frames: a trickle is pinged, then closed."""
+    settings = {"frame_timeout": 1000.0, "ping_interval": 25.0, "pong_timeout": 10.0}
+    async with memory_node(tmp_path, **settings) as mem:
+        async with mem.raw() as (stream, ws), trio.open_nursery() as nursery:
+            await raw_hello(stream, ws)
+            quiet = trio.current_time()
+            wire = ws.send(WsMessage(data=encode(Ping(id=1))))
+            assert len(wire) * 5 > 35  # it would end after the close
+            nursery.start_soon(trickle, stream, wire, 5)
+            assert await raw_frame(stream, ws) == Ping()
+            assert trio.current_time() - quiet == 25.0
+            close = await raw_close(stream, ws)
+            assert (close.code, close.reason) == (CloseCode.IDLE_TIMEOUT, "no pong")
+            assert trio.current_time() - quiet == 35.0
+            nursery.cancel_scope.cancel()

@@ -3,6 +3,7 @@ byte stream, however it is split into reads."""
 
 import itertools
 import struct
+import sys
 from collections.abc import Sequence
 
 import pytest
@@ -160,7 +161,7 @@ def test_an_oversize_message_is_skipped_as_it_arrives() -> None:
         assert len(frames._buffer) < 700  # the oversize frame is never held
     assert events == [
         wsserver.Message(b"ok"),
-        wsserver.TooBig(1000),
+        wsserver.TooBig("over 1000 bytes"),
         wsserver.Ping(b"p"),
         wsserver.Message(b"next"),
     ]
@@ -268,8 +269,49 @@ def test_bytes_after_the_request_are_kept_and_an_overlong_head_refused() -> None
     frame = raw(OP_BINARY, b"hello")
     upgrade = wsserver.parse_upgrade(request() + frame)
     assert upgrade is not None and upgrade.rest == frame
+    incomplete = b"GET /ws HTTP/1.1\r\n" + b"X: y\r\n" * 5000
+    for data in (incomplete, incomplete + b"\r\n", request(add=[b"X: " + b"y" * 60_000])):
+        with pytest.raises(wsserver.HandshakeError) as info:
+            wsserver.parse_upgrade(data)
+        assert info.value.status == 431
+
+
+def test_the_head_limit_counts_the_whole_head_and_only_it() -> None:
+    filler = b"X: " + b"y" * 100
+    head = request(add=[filler])
+    pad = wsserver.MAX_HEAD - len(head)
+    at_limit = request(add=[filler + b"y" * pad])
+    assert len(at_limit) == wsserver.MAX_HEAD
+    frames = raw(OP_BINARY, b"z" * 50_000)  # frames behind the head do not count
+    assert wsserver.parse_upgrade(at_limit + frames) is not None
     with pytest.raises(wsserver.HandshakeError):
-        wsserver.parse_upgrade(b"GET /ws HTTP/1.1\r\n" + b"X: y\r\n" * 5000)
+        wsserver.parse_upgrade(request(add=[filler + b"y" * (pad + 1)]))
+
+
+def status_of(data: bytes) -> tuple[int, str, dict[str, str]]:
+    with pytest.raises(wsserver.HandshakeError) as info:
+        wsserver.parse_upgrade(data, "/ws")
+    return info.value.status, str(info.value), dict(info.value.headers)
+
+
+def test_the_path_is_checked_before_what_the_request_is() -> None:
+    for line in (b"GET /other HTTP/1.1", b"POST /other HTTP/1.1", b"GET /ws/x HTTP/1.1"):
+        for data in (request(line=line), line + b"\r\nHost: x\r\n\r\n"):
+            assert status_of(data) == (404, "not found: connect to /ws", {})
+    assert wsserver.parse_upgrade(request(line=b"GET /ws?client=ios HTTP/1.1"), "/ws")
+    assert wsserver.parse_upgrade(request(line=b"GET http://x/ws HTTP/1.1"), "/ws")
+    assert status_of(request(line=b"GET //[x HTTP/1.1"))[:2] == (400, "bad request target")
+    assert status_of(request(drop="host", line=b"GET /other HTTP/1.1"))[0] == 400
+
+
+def test_statuses_of_refused_requests_for_the_path() -> None:
+    plain = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert status_of(plain)[0::2] == (426, {"upgrade": "websocket"})
+    assert status_of(request(drop="upgrade", add=[b"Upgrade: h2c"]))[0] == 426
+    assert status_of(request(line=b"POST /ws HTTP/1.1"))[0::2] == (405, {"allow": "GET"})
+    assert status_of(request(drop="sec-websocket-key"))[0::2] == (400, {})
+    wrong = request(drop="sec-websocket-version", add=[b"Sec-WebSocket-Version: 8"])
+    assert status_of(wrong)[0::2] == (400, {"sec-websocket-version": "13"})
 
 
 def test_the_accept_response_satisfies_a_wsproto_client() -> None:
@@ -285,3 +327,88 @@ def test_the_accept_response_satisfies_a_wsproto_client() -> None:
         client.receive_data(wsserver.accept_response(upgrade.key, chosen))
         (event,) = list(client.events())
         assert isinstance(event, AcceptConnection) and event.subprotocol == chosen
+
+
+# --- bounds on fragmented messages ------------------------------------------------------
+
+
+def fragmented(sizes: Sequence[int], opcode: int = OP_BINARY) -> bytes:
+    """One message in frames of ``sizes`` bytes (0: an empty frame)."""
+    last = len(sizes) - 1
+    return b"".join(
+        raw(opcode if i == 0 else 0x0, b"f" * n, fin=i == last) for i, n in enumerate(sizes)
+    )
+
+
+def test_a_message_in_more_than_max_fragments_frames_is_skipped() -> None:
+    cap = wsserver.MAX_FRAGMENTS
+    frames = wsserver.ClientFrames(65536)
+    assert frames.feed(fragmented([1] * cap)) == [wsserver.Message(b"f" * cap)]
+    wire = fragmented([1] * (cap + 1)) + raw(OP_PING, b"p") + raw(OP_BINARY, b"next")
+    assert frames.feed(wire) == [
+        wsserver.TooBig(f"over {cap} fragments"),
+        wsserver.Ping(b"p"),
+        wsserver.Message(b"next"),
+    ]
+
+
+def test_empty_continuation_frames_count_and_hold_nothing() -> None:
+    frames = wsserver.ClientFrames(65536)
+    events = frames.feed(raw(OP_BINARY, b"start", fin=False))
+    empty = raw(0x0, b"", fin=False)
+    for _ in range(100):  # 600,000 empty frames: what used to grow a list of pieces
+        events += frames.feed(empty * 6000)
+        assert frames.buffered < 200
+    assert events == [wsserver.TooBig(f"over {wsserver.MAX_FRAGMENTS} fragments")]
+    assert frames.incomplete  # still skipping that message: it has no end yet
+    assert frames.feed(raw(0x0, b"") + raw(OP_BINARY, b"x")) == [wsserver.Message(b"x")]
+    assert not frames.incomplete
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 300), min_size=1, max_size=300), min_size=1, max_size=4),
+    st.integers(0, 4000),
+    st.lists(st.integers(0, 1 << 20), max_size=30),
+)
+def test_fragmented_messages_stay_within_the_bounds(
+    messages: list[list[int]], limit: int, cuts: list[int]
+) -> None:
+    """Whatever the fragments, what the parser holds is bounded by the limit, not by
+    their number; a message passes if it is within both bounds, else one ``TooBig``."""
+    frames = wsserver.ClientFrames(limit)
+    events: list[wsserver.Event] = []
+    for chunk in split(b"".join(fragmented(sizes) for sizes in messages), cuts):
+        events += frames.feed(chunk)
+        # A partial frame and the message so far (a bytearray grows by 1/8 at most).
+        assert frames.buffered <= 2 * sys.getsizeof(b"") + 64 + limit * 9 // 8 + 14 + 300
+    expected: list[wsserver.Event] = []
+    for sizes in messages:
+        if sum(sizes) > limit:
+            expected.append(wsserver.TooBig(f"over {limit} bytes"))
+        elif len(sizes) > wsserver.MAX_FRAGMENTS:
+            expected.append(wsserver.TooBig(f"over {wsserver.MAX_FRAGMENTS} fragments"))
+        else:
+            expected.append(wsserver.Message(b"f" * sum(sizes)))
+    assert events == expected
+    assert not frames.incomplete and frames.completed
+
+
+def test_completed_and_started_tell_where_frames_and_messages_end() -> None:
+    frames = wsserver.ClientFrames(65536)
+    ping = raw(OP_PING, b"p")
+    frames.feed(ping[:3])
+    assert (frames.completed, frames.incomplete, frames.started) == (False, True, True)
+    frames.feed(ping[3:])
+    assert (frames.completed, frames.incomplete) == (True, False)
+    first, last = raw(OP_BINARY, b"ab", fin=False), raw(0x0, b"cd")
+    frames.feed(first + ping + last[:2])  # a fragment and a ping: the message goes on
+    assert (frames.completed, frames.incomplete, frames.started) == (True, True, True)
+    frames.feed(last[2:4])  # no frame ends; the message began in an earlier feed
+    assert (frames.completed, frames.incomplete, frames.started) == (False, True, False)
+    frames.feed(last[4:] + ping[:1])  # the message ends, a ping begins: a new start
+    assert (frames.completed, frames.incomplete, frames.started) == (True, True, True)
+    frames.feed(ping[1:] + first)  # a ping ends, a message begins
+    assert (frames.completed, frames.incomplete, frames.started) == (True, True, True)
+    frames.feed(ping)  # between fragments: the message began earlier
+    assert (frames.completed, frames.incomplete, frames.started) == (True, True, False)
