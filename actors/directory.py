@@ -96,6 +96,10 @@ class Directory:
         self._nursery.start_soon(self._supervise, kind, key, entry, receive, name=f"{kind}:{key}")
         return send
 
+    def has(self, kind: ActorKind, key: str) -> bool:
+        """Whether actor ``(kind, key)`` is running (or hibernating)."""
+        return (kind, key) in self._entries
+
     def actor(self, kind: ActorKind, key: str) -> Any:
         """The running actor object, for read-only statistics (or None)."""
         entry = self._entries.get((kind, key))

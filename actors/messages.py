@@ -150,7 +150,18 @@ class BlocksChanged:
     blocks: frozenset[str]
 
 
-SessionEvent = RoomDropped | Roster | BlocksChanged
+@attrs.frozen
+class Refused:
+    """An actor refused the session's request ``id`` (about ``room``): the session sends
+    the error and counts it against the client's error budget, as its own."""
+
+    code: ErrorCode
+    message: str
+    id: int | None
+    room: str | None
+
+
+SessionEvent = RoomDropped | Roster | BlocksChanged | Refused
 
 
 def tell_session(link: SessionLink, event: SessionEvent) -> None:
@@ -203,12 +214,13 @@ class Detach:
 
 @attrs.frozen(kw_only=True)
 class Publish:
-    """Sequence and fan out a message. From a session: ``outbox`` gets the sent-ack or
-    an error frame. From the admin API (``user`` None): ``reply`` gets (seq, ts)."""
+    """Sequence and fan out a message. From a session (``link``): its outbox gets the
+    sent-ack, its inbox a refusal. From the admin API (``user`` None): ``reply`` gets
+    (seq, ts)."""
 
     user: str | None
     send: Send
-    outbox: Outbox | None = None
+    link: SessionLink | None = None
     reply: "Reply[tuple[int, int]] | None" = None
 
 
@@ -275,11 +287,10 @@ class DescribeRoom:
 
 @attrs.frozen(kw_only=True)
 class MarkReceipt:
-    """A receipt from a session; errors and the ``ok`` go to ``outbox``."""
+    """A receipt from a session: the ``ok`` goes to its outbox, a refusal to its inbox."""
 
-    user: str
+    link: SessionLink
     receipt: Receipt
-    outbox: Outbox
 
 
 @attrs.frozen(kw_only=True)
@@ -291,12 +302,12 @@ class ReceiptQuery:
 
 @attrs.frozen(kw_only=True)
 class SetTyping:
-    """``user`` starts or stops typing; nobody in ``hidden`` (whom they block) hears it."""
+    """The session's user starts or stops typing; nobody in ``hidden`` (whom they block)
+    hears it. The ``ok`` goes to its outbox, a refusal to its inbox."""
 
-    user: str
+    link: SessionLink
     op: TypingOp
     hidden: frozenset[str]
-    outbox: Outbox
     id: int | None = None
 
 

@@ -135,6 +135,19 @@ class Metrics:
             ["errno"],
             registry=r,
         )
+        self.room_lookups = Counter(
+            "parley_room_lookups_total",
+            "Rooms named by requests, found by: running actor, cached as missing, "
+            "stored, or missing after a storage read",
+            ["result"],
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "parley_quota_refusals_total",
+            "Requests refused by a quota (sessions_per_user, room_creations, rooms_per_minute)",
+            ["quota"],
+            registry=r,
+        )
         self.flush_seconds = Histogram(
             "parley_write_behind_flush_seconds",
             "Time to store one write-behind batch",

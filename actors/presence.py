@@ -8,7 +8,7 @@ channel ``presence:<user>`` as a ``PresenceNote`` holding the framed ``presence`
 every session that follows the user (a member of a small room they share, or an explicit
 ``watch``) subscribed to that channel once and appends the same bytes to its outbox.
 Sessions read the book, without awaiting, for the state of users they start to follow.
-Many nodes (Redis) will keep the book in Redis with a TTL, as DESIGN.md says.
+Many nodes (Redis) will keep the book in Redis with a TTL.
 """
 
 from collections.abc import Iterable
@@ -23,11 +23,13 @@ from protocol.wsframe import server_frame
 @attrs.frozen
 class PresenceNote:
     """Published on ``presence:<user>``: the same bytes for every follower, except those
-    in ``hidden`` (the users this user blocks), who may not see it."""
+    in ``hidden`` (the users this user blocks), who may not see it; with ``only``, for
+    those followers alone (a block or unblock tells the user concerned)."""
 
     user: str
     frame: bytes
     hidden: frozenset[str]
+    only: frozenset[str] | None = None
 
 
 @attrs.frozen
@@ -38,10 +40,14 @@ class Entry:
 
 
 def presence_note(
-    user: str, status: Status, blocks: frozenset[str], ts: int | None
+    user: str,
+    status: Status,
+    blocks: frozenset[str],
+    ts: int | None,
+    only: frozenset[str] | None = None,
 ) -> PresenceNote:
     frame = server_frame(encode(Presence(user=user, status=status, ts=ts)))
-    return PresenceNote(user, frame, blocks)
+    return PresenceNote(user, frame, blocks, only)
 
 
 class PresenceBook:

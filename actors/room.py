@@ -2,7 +2,7 @@
 
 How this works: the room is the only sequencer of its messages. A ``Publish`` gets the
 next ``seq``, is encoded and framed once, queued for storage, and the same ``bytes`` are
-appended to every subscribed session's outbox without awaiting (DESIGN.md). The sender's
+appended to every subscribed session's outbox without awaiting. The sender's
 sent-ack waits for the commit of the batch holding the message (``Ticket.then``). The
 room never awaits storage: everything it needs was loaded when it started.
 
@@ -49,6 +49,7 @@ from actors.messages import (
     MarkReceipt,
     Publish,
     ReceiptQuery,
+    Refused,
     RemoveMember,
     RoomCommand,
     RoomDropped,
@@ -67,7 +68,6 @@ from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.frames import (
     Cursor,
-    Error,
     Frame,
     Member,
     MemberOp,
@@ -185,6 +185,8 @@ class Room:
                 if self._turn(command, inbox):
                     quiet_since = now
                 self._on_timer(now)
+                if not self.exists and self._retire():
+                    return  # asked about a room there is not (a refused create): no idling
                 if now >= quiet_since + idle:
                     if self._retire():
                         return
@@ -451,39 +453,40 @@ class Room:
             self._prune()
 
     def _ack(self, cmd: Publish, message: Message, ticket: Ticket) -> None:
-        if cmd.outbox is not None:
+        if cmd.link is not None:
             sent = Sent(
                 id=cmd.send.id, room=self.key, cid=message.cid, seq=message.seq, ts=message.ts
             )
             ack = server_frame(encode(sent))
             if self._s.settings.durable_acks:
-                ticket.then(cmd.outbox.append, ack)
+                ticket.then(cmd.link.outbox.append, ack)
             else:
-                cmd.outbox.append(ack)
+                cmd.link.outbox.append(ack)
             self._s.metrics.frames_out_by[Sent].inc()
         elif cmd.reply is not None:
             ticket.then(cmd.reply.set, (message.seq, message.ts))
 
     def _refuse(self, cmd: Publish, code: ErrorCode, message: str) -> None:
-        if cmd.outbox is not None:
-            self._error_to(cmd.outbox, code, message, cmd.send.id)
+        if cmd.link is not None:
+            self._error_to(cmd.link, code, message, cmd.send.id)
         elif cmd.reply is not None:
             cmd.reply.fail(code, message)
 
-    def _error_to(self, outbox: Outbox, code: ErrorCode, message: str, id: int | None) -> None:
-        frame = Error(code=code, msg=message, id=id, room=self.key)
-        outbox.append(server_frame(encode(frame)))
-        self._s.metrics.errors_by[code].inc()
-        self._s.metrics.frames_out_by[Error].inc()
+    def _error_to(self, link: SessionLink, code: ErrorCode, message: str, id: int | None) -> None:
+        """Through the session, which counts it against the client's error budget."""
+        tell_session(link, Refused(code, message, id, self.key))
 
     # --- receipts and typing ----------------------------------------------------------
 
-    def _refusal(self, user: str) -> tuple[ErrorCode, str] | None:
-        """Why ``user`` may not read or act in this room, if they may not."""
+    def _refusal(self, user: str, *, reading: bool = False) -> tuple[ErrorCode, str] | None:
+        """Why ``user`` may not act in this room (or, ``reading``, read its history), if
+        they may not. In a direct room where one blocks the other, only reading is left."""
         if not self.exists:
             return ErrorCode.NOT_FOUND, "no such room"
         if user not in self.members:
             return ErrorCode.FORBIDDEN, "not a member of this room"
+        if self.blockers and not reading:
+            return ErrorCode.BLOCKED, _blocked_message(user, self.blockers)
         return None
 
     def _ok_to(self, outbox: Outbox, id: int | None) -> None:
@@ -493,12 +496,13 @@ class Room:
 
     def _receipt(self, cmd: MarkReceipt) -> None:
         receipt = cmd.receipt
-        refusal = self._refusal(cmd.user)
+        user = cmd.link.user
+        refusal = self._refusal(user)
         if refusal is not None:
-            return self._error_to(cmd.outbox, *refusal, receipt.id)
-        if self.receipts.mark(cmd.user, receipt.delivered, receipt.read, self.seq):
+            return self._error_to(cmd.link, *refusal, receipt.id)
+        if self.receipts.mark(user, receipt.delivered, receipt.read, self.seq):
             self._schedule(store=True)
-        self._ok_to(cmd.outbox, receipt.id)
+        self._ok_to(cmd.link.outbox, receipt.id)
 
     def _receipt_query(self, cmd: ReceiptQuery) -> None:
         refusal = self._refusal(cmd.user)
@@ -517,13 +521,10 @@ class Room:
         cmd.reply.set(frame)
 
     def _typing(self, cmd: SetTyping) -> None:
-        user = cmd.user
+        user = cmd.link.user
         refusal = self._refusal(user)
         if refusal is not None:
-            return self._error_to(cmd.outbox, *refusal, cmd.id)
-        if self.blockers:
-            message = _blocked_message(user, self.blockers)
-            return self._error_to(cmd.outbox, ErrorCode.BLOCKED, message, cmd.id)
+            return self._error_to(cmd.link, *refusal, cmd.id)
         if cmd.op is TypingOp.START:
             expiry = trio.current_time() + self._s.settings.typing_timeout
             if self._typers.get(user) is None:
@@ -531,7 +532,7 @@ class Room:
             self._typers[user] = (expiry, cmd.hidden)
         elif self._typers.pop(user, None) is not None:
             self._typing_event(user, TypingOp.STOP, cmd.hidden)
-        self._ok_to(cmd.outbox, cmd.id)
+        self._ok_to(cmd.link.outbox, cmd.id)
 
     def _typing_event(self, user: str, op: TypingOp, hidden: frozenset[str]) -> None:
         """To every subscribed session but the typer's and those of users they block."""
@@ -613,13 +614,17 @@ class Room:
         if cmd.mode is AttachMode.CREATE:
             if self.exists:
                 return cmd.reply.fail(ErrorCode.ROOM_EXISTS, "a room with this id exists")
+            if not self._s.quotas.create_room(user):
+                return cmd.reply.fail(*self._creations_used_up())
             ticket = self._create(cmd.kind, user, (user,))
         elif cmd.mode is AttachMode.DIRECT and not self.exists:
             pair = direct_room_users(self.key)
             if pair is None or user not in pair:
                 return cmd.reply.fail(ErrorCode.FORBIDDEN, "not a direct room of yours")
-            if self.blockers - {user}:
+            if self.blockers:  # either way: the other is not even told of the attempt
                 return cmd.reply.fail(ErrorCode.BLOCKED, _blocked_message(user, self.blockers))
+            if not self._s.quotas.create_room(user):
+                return cmd.reply.fail(*self._creations_used_up())
             ticket = self._create(RoomKind.DIRECT, None, pair)
             peer = pair[1] if pair[0] == user else pair[0]
             self._notify(
@@ -628,7 +633,7 @@ class Room:
             )
         elif not self.exists:
             return cmd.reply.fail(ErrorCode.NOT_FOUND, "no such room")
-        if self.blockers - {user}:  # the other member of this direct room blocks the user
+        if self.blockers:  # a direct room in which one of the two blocks the other
             return cmd.reply.fail(ErrorCode.BLOCKED, _blocked_message(user, self.blockers))
         if user not in self.members:
             if cmd.mode is not AttachMode.JOIN or self.kind is not RoomKind.OPEN:
@@ -699,7 +704,12 @@ class Room:
             return attached(True, tuple(e.frame for e in missed))
         return attached(True, tuple(e.frame for e in ring), (since + 1, start - 1))
 
+    def _creations_used_up(self) -> tuple[ErrorCode, str]:
+        per_hour = self._s.settings.quotas.room_creations_per_hour
+        return ErrorCode.QUOTA_EXCEEDED, f"over {per_hour:g} rooms created per hour"
+
     def _create(self, kind: RoomKind, owner: str | None, members: tuple[str, ...]) -> Ticket:
+        self._s.rooms.created(self.key)
         self.exists = True
         self.kind = kind
         self.owner = owner
@@ -793,7 +803,7 @@ class Room:
             tell_session(sub.link, event)
 
     def _history(self, cmd: HistoryQuery) -> None:
-        refusal = self._refusal(cmd.user)
+        refusal = self._refusal(cmd.user, reading=True)
         if refusal is not None:
             return cmd.reply.fail(*refusal)
         q = cmd.query

@@ -13,6 +13,8 @@ from actors.kvmap import KvQuota
 from actors.metrics import Metrics
 from actors.outbox import Pump
 from actors.presence import PresenceBook
+from actors.quotas import QuotaSettings, UserQuotas
+from actors.room_lookup import RoomLookup
 from actors.timers import Timers
 from protocol.hlc import Clock
 from protocol.limits import Limits
@@ -48,6 +50,7 @@ class Settings:
     presence_grace: float = 5.0  # a user is announced offline this long after their last session
     max_watches: int = 100  # users one session may watch explicitly
     kv_quota: KvQuota = attrs.field(factory=KvQuota)
+    quotas: QuotaSettings = attrs.field(factory=QuotaSettings)
 
 
 T = TypeVar("T")
@@ -82,6 +85,8 @@ class Services:
     metrics: Metrics
     run: int  # this node's run id, for crash detection (storage.store.Store.begin_run)
     verify_token: Callable[[str], str]  # token -> user id, or raises ValueError
+    rooms: RoomLookup  # whether a room exists, without starting its actor
+    quotas: UserQuotas
     now_ms: Callable[[], int] = wall_ms
     presence: PresenceBook = attrs.field(factory=PresenceBook)
     hlc: Clock = attrs.field(factory=Clock)  # the node's hybrid logical clock, for kv

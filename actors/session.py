@@ -40,6 +40,7 @@ from actors.messages import (
     MarkReceipt,
     Publish,
     ReceiptQuery,
+    Refused,
     RemoveMember,
     Reply,
     RequestFailed,
@@ -164,6 +165,8 @@ class Session:
         self._rosters: dict[str, frozenset[str]] = {}  # small room -> members followed
         self._watched = _NOBODY  # replaced, not mutated: most sessions watch nobody
         self._kv = False  # has spoken to the user's kv actor, which may follow it
+        # The distinct rooms named this minute, and when the minute ends; made on demand.
+        self._named: tuple[float, set[str]] | None = None
 
     # --- driven by the connection -----------------------------------------------------
 
@@ -250,6 +253,8 @@ class Session:
             self.blocks = event.blocks
             if self._blocks_known is not None:
                 self._blocks_known.set()
+        elif type(event) is Refused:
+            self._error(event.code, event.message, request_id=event.id, room=event.room)
 
     async def detach(self) -> None:
         """Leave every room and the user actor; called once the connection is over, under
@@ -262,6 +267,7 @@ class Session:
             return
         self.link = None
         self._metrics.sessions.dec()
+        self._s.quotas.close_session(link.user)
         for unfollow in self._unfollow_fns.values():
             unfollow()
         self._unfollow_fns.clear()
@@ -322,6 +328,37 @@ class Session:
         with answer_within(self._settings.request_timeout):
             await deliver(ref, command)
 
+    # --- rooms named --------------------------------------------------------------------
+
+    async def _existing_room(self, room: str) -> None:
+        """Refuse a request about a room beyond the quota of rooms named per minute, or
+        about a room that does not exist, which must cost no actor (actors.room_lookup)."""
+        self._name_room(room)
+        rooms = self._s.rooms
+        known = rooms.known(room)
+        if known is None:
+            try:
+                with trio.fail_after(self._settings.request_timeout):
+                    known = await rooms.exists(room)
+            except (StorageError, trio.TooSlowError) as exc:
+                raise RequestFailed(ErrorCode.TRY_LATER, "storage unavailable; retry") from exc
+        if not known:
+            raise RequestFailed(ErrorCode.NOT_FOUND, "no such room")
+
+    def _name_room(self, room: str) -> None:
+        """Count ``room`` among the distinct rooms this session named this minute."""
+        named = self._named
+        if named is not None and room in named[1]:
+            return
+        now = trio.current_time()
+        if named is None or now >= named[0]:
+            named = self._named = (now + 60.0, set())
+        limit = self._settings.quotas.rooms_per_minute
+        if len(named[1]) >= limit:
+            self._metrics.quota_refusals.labels(quota="rooms_per_minute").inc()
+            raise RequestFailed(ErrorCode.QUOTA_EXCEEDED, f"over {limit} rooms named in a minute")
+        named[1].add(room)
+
     # --- presence -----------------------------------------------------------------------
 
     def _follow(self, users: Iterable[str]) -> list[str]:
@@ -358,9 +395,10 @@ class Session:
 
     def _on_presence(self, note: object) -> None:
         assert isinstance(note, PresenceNote)
-        if self.user not in note.hidden:
-            self.outbox.append(note.frame)
-            self._metrics.frames_out_by[Presence].inc()
+        if self.user in note.hidden or (note.only is not None and self.user not in note.only):
+            return
+        self.outbox.append(note.frame)
+        self._metrics.frames_out_by[Presence].inc()
 
     def _presence_frame(self, users: Iterable[str]) -> bytes | None:
         """The online ones of ``users``, as one ``presencelist``; None if none is."""
@@ -444,19 +482,25 @@ class Session:
             room = direct_room_id(self.user, frame.user)
             return await self._attach(frame.id, room, AttachMode.DIRECT)
         if type(frame) is History:
+            await self._existing_room(frame.room)
             return await self._history(frame)
         if type(frame) is Leave:
+            await self._existing_room(frame.room)
             return await self._member(frame.id, frame.room, self.user, remove=True)
         if type(frame) is Invite:
+            await self._existing_room(frame.room)
             return await self._member(frame.id, frame.room, frame.user, remove=False)
         if type(frame) is Unsubscribe:
             return await self._unsubscribe(frame)
         if type(frame) is Rooms:
             return await self._rooms(frame)
         if type(frame) is Receipt:
-            command = MarkReceipt(user=self.user, receipt=frame, outbox=self.outbox)  # type: ignore[arg-type]
+            assert self.link is not None
+            await self._existing_room(frame.room)
+            command = MarkReceipt(link=self.link, receipt=frame)
             return await self._tell(self._s.directory.ref(ActorKind.ROOM, frame.room), command)
         if type(frame) is Typing:
+            await self._existing_room(frame.room)
             return await self._typing(frame)
         if type(frame) is KvPut or type(frame) is KvSync:
             assert self.user is not None and self.link is not None
@@ -466,6 +510,7 @@ class Session:
             ref = self._s.directory.ref(ActorKind.KV, self.user)
             return await self._tell(ref, KvRequest(self.link, frame))
         if type(frame) is Receipts:
+            await self._existing_room(frame.room)
             return await self._receipts(frame)
         if type(frame) is Who:
             items = await self._presence_of(frame.users)
@@ -505,6 +550,11 @@ class Session:
             return
         if self.going_away:
             raise RequestFailed(ErrorCode.TRY_LATER, "server is going away")
+        if not self._s.quotas.open_session(user):
+            limit = self._s.quotas.settings.max_sessions_per_user
+            self._error(ErrorCode.QUOTA_EXCEEDED, f"at most {limit} sessions per user")
+            self.close(CloseCode.TOO_MANY_SESSIONS, "too many sessions")
+            return
         self.user = user
         self.link = SessionLink(self.id, user, self.outbox, self.notify)
         self._metrics.sessions.inc()
@@ -531,10 +581,11 @@ class Session:
     async def _publish(self, send: Send) -> None:
         if self.going_away:
             raise RequestFailed(ErrorCode.TRY_LATER, "server is going away; reconnect")
+        await self._existing_room(send.room)
         if send.retry and await self._ack_stored(send):
             return
         ref = self._s.directory.ref(ActorKind.ROOM, send.room)
-        command = Publish(user=self.user, send=send, outbox=self.outbox)
+        command = Publish(user=self.user, send=send, link=self.link)
         await self._tell(ref, command)
 
     async def _ack_stored(self, send: Send) -> bool:
@@ -560,6 +611,10 @@ class Session:
         **options: Any,
     ) -> None:
         assert self.link is not None
+        if mode is AttachMode.JOIN or mode is AttachMode.RESUME:
+            await self._existing_room(room)
+        else:  # creates the room: no lookup, but it is a room named all the same
+            self._name_room(room)
         limit = self._settings.limits.max_rooms_per_session
         new = room not in self.rooms
         if new and len(self.rooms) >= limit:
@@ -704,9 +759,8 @@ class Session:
             if frame.id is not None:
                 self._send(Ok(id=frame.id))
             return
-        command = SetTyping(
-            user=self.user, op=frame.op, hidden=self.blocks, outbox=self.outbox, id=frame.id
-        )
+        assert self.link is not None
+        command = SetTyping(link=self.link, op=frame.op, hidden=self.blocks, id=frame.id)
         await self._tell(self._s.directory.ref(ActorKind.ROOM, frame.room), command)
 
     async def _receipts(self, query: Receipts) -> None:
@@ -757,12 +811,14 @@ class Session:
         reply: Reply[Ticket] = Reply()
         command = ChangeBlock(other=frame.user, blocked=blocked, reply=reply)
         ticket: Ticket = await self._ask(ActorKind.USER, self.user, command, reply)
-        # Their direct room, running or not, must refuse from now on.
-        room = direct_room_id(self.user, frame.user)
-        block = SetBlock(user=self.user, blocked=blocked, ticket=ticket)
-        await self._tell(self._s.directory.ref(ActorKind.ROOM, room), block)
         stored: Reply[None] = Reply()
         ticket.then(stored.set, None)
         with answer_within(self._settings.request_timeout):
             await stored.wait()
+        # Their direct room must refuse from now on: one that starts from here reads the
+        # block from storage; one running is told. None is started for it.
+        room = direct_room_id(self.user, frame.user)
+        ref = self._s.directory.get(ActorKind.ROOM, room)
+        if ref is not None:
+            await self._tell(ref, SetBlock(user=self.user, blocked=blocked, ticket=ticket))
         self._send(Ok(id=frame.id))

@@ -21,3 +21,7 @@ class TokenBucket:
             return False
         self._tokens = tokens - cost
         return True
+
+    def full(self, now: float) -> bool:
+        """Whether the bucket holds its whole burst (forgetting it would change nothing)."""
+        return self._tokens + (now - self._stamp) * self.rate >= self.burst

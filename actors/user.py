@@ -201,6 +201,15 @@ class User:
         )
         ticket = self._store(record)
         self._put_in_book()
+        # The user concerned, if they follow us, sees us offline from now on (without a
+        # last-seen time), or as we are again; nobody else hears of it. Later changes
+        # are hidden from the blocked: an "offline" at each would tell them we are active.
+        if command.blocked:
+            note = presence_note(self.key, Status.OFFLINE, frozenset(), None, frozenset({other}))
+        else:
+            status, ts = (self.status, None) if self.online else (Status.OFFLINE, self.last_seen)
+            note = presence_note(self.key, status, frozenset(), ts, frozenset({other}))
+        self._s.bus.publish(f"presence:{self.key}", note)
         for link in self.sessions.values():
             tell_session(link, BlocksChanged(self.blocks))
         command.reply.set(ticket)

@@ -34,6 +34,7 @@ class ErrorCode(IntEnum):
     KV_CONFLICT = 207  # only in kvack items: the key's revision is not the expected one
     KV_QUOTA = 208  # only in kvack items: the user's map would exceed its quota
     CLOCK_SKEW = 209  # only in kvack items: the write's clock is too far ahead of the server's
+    QUOTA_EXCEEDED = 210  # sessions per user, rooms created per hour, rooms named per minute
     # 3xx: the server cannot do it now; retrying later may work.
     TRY_LATER = 300
     INTERNAL = 301
@@ -55,6 +56,7 @@ class CloseCode(IntEnum):
     IDLE_TIMEOUT = 4004
     SLOW_CONSUMER = 4005
     TOO_MANY_ERRORS = 4006
+    TOO_MANY_SESSIONS = 4008
 
 
 class ProtocolError(Exception):

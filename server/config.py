@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from actors.kvmap import KvQuota
+from actors.quotas import QuotaSettings
 from actors.services import Settings
 from protocol.limits import Limits
 
@@ -93,6 +94,7 @@ def _port(text: str) -> int:
 _d = Settings()
 _l = Limits()
 _q = KvQuota()
+_quota = QuotaSettings()
 
 # Options shared by ``serve``, ``token``, ``chat`` and ``migrate``.
 DATABASE_URL = Option(
@@ -214,6 +216,24 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         _non_negative_float,
     ),
     Option("--max-watches", "users one session may watch explicitly", _positive_int),
+    Option(
+        "--max-sessions-per-user",
+        "sessions one user may have open at once; a hello beyond gets error 210 and close "
+        "4008 (0: no limit)",
+        _non_negative_int,
+    ),
+    Option(
+        "--room-creations-per-hour",
+        "rooms one user may create per hour, sustained (create, and direct with someone "
+        "new); beyond, error 210",
+        _positive_float,
+    ),
+    Option("--room-creation-burst", "rooms one user may create at once", _positive_int),
+    Option(
+        "--rooms-per-minute",
+        "distinct rooms one session may name in its requests per minute; beyond, error 210",
+        _positive_int,
+    ),
     Option("--kv-key-bytes", "longest kv key, in UTF-8 bytes", _positive_int),
     Option("--kv-value-bytes", "largest kv value, CBOR-encoded", _positive_int),
     Option("--kv-batch", "most writes in one kvput frame", _positive_int),
@@ -314,6 +334,10 @@ class Config:
     typing_timeout: float = _d.typing_timeout
     presence_grace: float = _d.presence_grace
     max_watches: int = _d.max_watches
+    max_sessions_per_user: int = _quota.max_sessions_per_user
+    room_creations_per_hour: float = _quota.room_creations_per_hour
+    room_creation_burst: int = _quota.room_creation_burst
+    rooms_per_minute: int = _quota.rooms_per_minute
     kv_key_bytes: int = _l.kv_key_bytes
     kv_value_bytes: int = _l.kv_value_bytes
     kv_batch: int = _l.kv_batch
@@ -361,6 +385,12 @@ class Config:
             typing_timeout=self.typing_timeout,
             presence_grace=self.presence_grace,
             max_watches=self.max_watches,
+            quotas=QuotaSettings(
+                max_sessions_per_user=self.max_sessions_per_user,
+                room_creations_per_hour=self.room_creations_per_hour,
+                room_creation_burst=self.room_creation_burst,
+                rooms_per_minute=self.rooms_per_minute,
+            ),
             kv_quota=quota,
             actor_idle=self.actor_idle,
             durable_acks=self.ack_mode == "durable",

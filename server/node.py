@@ -34,7 +34,9 @@ from actors.kv import Kv
 from actors.messages import FlushState, Reply, RequestFailed, deliver
 from actors.metrics import Metrics
 from actors.pump import WritePump
+from actors.quotas import UserQuotas
 from actors.room import Room
+from actors.room_lookup import RoomLookup
 from actors.services import Services
 from actors.timers import Timers
 from actors.user import User
@@ -160,6 +162,11 @@ class Node:
             value=self.admission.open,
         )
         yield GaugeMetricFamily(
+            "parley_unknown_rooms_cached",
+            "Room ids remembered as not existing (the room lookup's negative cache)",
+            value=len(self.services.rooms),
+        )
+        yield GaugeMetricFamily(
             "parley_outbox_bytes",
             "Bytes waiting in session outboxes",
             value=sum(c.outbox.nbytes for c in self.connections),
@@ -261,6 +268,8 @@ async def open_node(
                 store=store,
                 write_behind=write_behind,
                 directory=directory,
+                rooms=RoomLookup(directory, store, metrics),
+                quotas=UserQuotas(settings.quotas, metrics),
                 bus=InProcessBus(),
                 metrics=metrics,
                 run=run.run,

@@ -444,6 +444,12 @@ class PostgresStore:
 
         return await self._read(snapshot)
 
+    async def room_exists(self, room: str) -> bool:
+        async def find(conn: Conn) -> bool:
+            return await conn.fetchval("SELECT 1 FROM rooms WHERE id = $1", room) is not None
+
+        return await self._read(find)
+
     async def blockers(self, a: str, b: str) -> frozenset[str]:
         async def find(conn: Conn) -> frozenset[str]:
             rows = await conn.fetch(

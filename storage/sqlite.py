@@ -416,6 +416,14 @@ class SqliteStore:
 
         return await self._read(load)
 
+    async def room_exists(self, room: str) -> bool:
+        def find(reader: sqlite3.Connection) -> bool:
+            return (
+                reader.execute("SELECT 1 FROM rooms WHERE id = ?", (room,)).fetchone() is not None
+            )
+
+        return await self._read(find)
+
     async def blockers(self, a: str, b: str) -> frozenset[str]:
         def find(reader: sqlite3.Connection) -> frozenset[str]:
             rows = reader.execute(

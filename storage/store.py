@@ -178,6 +178,9 @@ class Store(Protocol):
     async def load_room(self, room: str, run: int, recent: int) -> RoomSnapshot | None:
         """The room and its ``recent`` newest messages, marking it written by ``run``."""
 
+    async def room_exists(self, room: str) -> bool:
+        """Whether ``room`` was created (a read with no side effect, unlike load_room)."""
+
     async def write_batch(self, records: Sequence[Record]) -> None:
         """Store ``records`` in one transaction, in order. Idempotent per message seq."""
 

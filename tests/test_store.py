@@ -66,7 +66,9 @@ def created(room: str, *members: str, run: int, kind: RoomKind = RoomKind.OPEN) 
 async def test_room_round_trip(store: Store) -> None:
     run = (await store.begin_run()).run
     assert await store.load_room("lobby", run, 10) is None
+    assert not await store.room_exists("lobby")
     await store.write_batch([created("lobby", "alice", "bob", run=run, kind=RoomKind.PRIVATE)])
+    assert await store.room_exists("lobby")
     snap = await store.load_room("lobby", run, 10)
     assert snap is not None
     assert (snap.kind, snap.owner, snap.epoch, snap.seq, snap.recent) == (

@@ -137,5 +137,50 @@ async def test_a_blocked_user_sees_neither_presence_nor_typing(server: RunningSe
         assert typing_of(for_bob) == [("alice", TypingOp.START)]
         assert Presence(user="alice", status=Status.AWAY) in for_bob
         assert typing_of(for_mallory) == []
-        assert not any(isinstance(e, Presence) and e.user == "alice" for e in for_mallory)
+        # At the block alice went offline to mallory (no last seen), and no change since
+        # reached her: not even an "offline" each time, which would tell her of activity.
+        of_alice = [e for e in for_mallory if isinstance(e, Presence) and e.user == "alice"]
+        assert of_alice == [Presence(user="alice", status=Status.OFFLINE)]
         await mallory.send("g", "group rooms are not affected")
+        await alice.unblock("mallory")
+        with trio.fail_after(10):
+            assert await mallory.next_event(Presence) == Presence(user="alice", status=Status.AWAY)
+
+
+async def test_the_blocker_cannot_open_the_direct_room_and_the_blocked_hears_nothing(
+    server: RunningServer,
+) -> None:
+    async with (
+        server.client("alice") as alice,
+        server.client("bob") as bob,
+        server.client("mallory") as mallory,
+    ):
+        await alice.block("mallory")
+        with pytest.raises(ServerError) as refused:
+            await alice.direct("mallory")
+        assert refused.value.code is ErrorCode.BLOCKED
+        await bob.create("marker")
+        await bob.invite("marker", "mallory")  # mallory hears of this, and of nothing before
+        with trio.fail_after(10):
+            heard = await mallory.next_event(Member)
+        assert heard.room == "marker"
+
+
+async def test_in_a_blocked_direct_room_only_history_is_left(server: RunningServer) -> None:
+    async with server.client("alice") as alice, server.client("mallory") as mallory:
+        room = (await mallory.direct("alice")).room
+        sent = await mallory.send(room, "hello")
+        await alice.block("mallory")
+        for client in (alice, mallory):
+            for request in (
+                client.receipt(room, read=sent.seq),
+                client.receipt_state(room),
+                client.typing(room),
+                client.join(room),
+                client.send(room, "still there?"),
+            ):
+                with pytest.raises(ServerError) as refused:
+                    await request
+                assert refused.value.code is ErrorCode.BLOCKED
+            page = await client.history(room)
+            assert [m.text for m in page.items] == ["hello"]
