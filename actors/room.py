@@ -672,7 +672,7 @@ class Room:
 
     def _plan_attach(self, cmd: Attach, covered: int | None) -> Attached:
         """What to replay. ``covered`` is set when the session is subscribed already: it
-        gets every message after that seq, so nothing older can come in order."""
+        gets every message after that seq; nothing is replayed to it."""
         head = self.seq
         since = cmd.since
 
@@ -696,7 +696,10 @@ class Room:
         if cmd.epoch != self.epoch or since > head or head - since > self._s.settings.max_replay:
             return attached(False)
         if covered is not None:
-            return attached(since >= covered)
+            # Subscribed already: what came after ``since`` went out live on this
+            # connection (before this ``joined``), or, older than ``covered``, cannot
+            # come in order. Recovered only if there is nothing after it to replay.
+            return attached(since == head)
         ring = self._ring
         start = ring[0].message.seq if ring else head + 1
         if since + 1 >= start:
