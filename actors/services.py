@@ -56,6 +56,17 @@ class Settings:
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+# Clock skew allowed when a token is checked, and after its exp before its session ends.
+TOKEN_LEEWAY = 30
+
+
+@attrs.frozen
+class Claims:
+    """What a valid token says: who, and until when (Unix seconds; None: for ever)."""
+
+    user: str
+    exp: int | None
+
 
 async def read_until_stored(what: str, read: Callable[[], Awaitable[T]]) -> T:
     """``read()`` from storage, retried with backoff while storage fails: an actor that
@@ -84,7 +95,7 @@ class Services:
     bus: Bus
     metrics: Metrics
     run: int  # this node's run id, for crash detection (storage.store.Store.begin_run)
-    verify_token: Callable[[str], str]  # token -> user id, or raises ValueError
+    verify_token: Callable[[str], Claims]  # raises ValueError for a bad token
     rooms: RoomLookup  # whether a room exists, without starting its actor
     quotas: UserQuotas
     now_ms: Callable[[], int] = wall_ms

@@ -17,6 +17,7 @@ kept current by the rooms' ``Roster`` events.
 """
 
 import logging
+import math
 import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -59,7 +60,7 @@ from actors.messages import (
 from actors.metrics import Metrics
 from actors.outbox import Outbox
 from actors.presence import PresenceNote
-from actors.services import Services
+from actors.services import TOKEN_LEEWAY, Services
 from actors.timers import Timer
 from actors.token_bucket import TokenBucket
 from protocol.codec import decode_client, encode, peek
@@ -92,6 +93,7 @@ from protocol.frames import (
     PresenceState,
     Receipt,
     Receipts,
+    Refresh,
     RoomList,
     Rooms,
     Send,
@@ -155,9 +157,9 @@ class Session:
         # our own. _quiet_since is the last_inbound the running wait started from.
         self._alive_state = _HELLO
         self._quiet_since = now
-        self._timer: Timer = services.timers.call_at(
-            now + self._settings.hello_timeout, self._on_timer
-        )
+        self._due = now + self._settings.hello_timeout
+        self._expires = math.inf  # when the token expires, on the trio clock, leeway added
+        self._timer: Timer = services.timers.call_at(self._due, self._on_timer)
         self.blocks: frozenset[str] | None = None  # whom the user blocks; None: not known yet
         self._blocks_known: trio.Event | None = None  # made when a request waits for it
         self._following: dict[str, int] = {}  # user -> reasons (rooms, a watch) to follow
@@ -220,6 +222,10 @@ class Session:
             self.last_inbound = trio.current_time()
             if self._alive_state == _HELLO and self.user is not None:
                 self._start_keepalive()
+
+    def allow_control_frame(self) -> bool:
+        """Whether a WebSocket ping may be answered: it takes a rate token."""
+        return self._bucket.take(trio.current_time())
 
     def on_text(self) -> None:
         self._error(ErrorCode.BAD_FRAME, "text messages are not part of the protocol")
@@ -417,16 +423,20 @@ class Session:
     # --- keep-alive -------------------------------------------------------------------
     #
     # The states of one wait, each with one timer armed (_arm):
-    #   _HELLO     until opened_at + hello_timeout: no hello by then closes 4008;
+    #   _HELLO     until opened_at + hello_timeout: no hello by then closes 4003;
     #   _QUIET     until _quiet_since + ping_interval: still quiet then, we ping;
     #   _BUSY      a request ran when the ping was due: look again a second later;
     #   _PINGED    until _quiet_since + ping_interval + pong_timeout: still quiet, close.
     # Any complete inbound frame moves last_inbound; a wait that ends finds it moved and starts
     # over from it, so nothing is rescheduled per inbound frame.
+    # The same timer ends the session when its token expires (_expires): it is armed for
+    # whichever comes first, and a wake-up before the state's deadline (_due) is one for
+    # an expiry that a refresh has moved since.
 
     def _arm(self, deadline: float, state: int) -> None:
         self._alive_state = state
-        self._timer = self._s.timers.call_at(deadline, self._on_timer)
+        self._due = deadline
+        self._timer = self._s.timers.call_at(min(deadline, self._expires), self._on_timer)
 
     def _start_keepalive(self) -> None:
         """The hello is done: pings start from here, not from the hello deadline."""
@@ -439,6 +449,14 @@ class Session:
 
     def _on_timer(self) -> None:
         if self.ended or self.closing:
+            return
+        now = trio.current_time()
+        if now >= self._expires:
+            self._error(ErrorCode.UNAUTHORIZED, "token expired", charge=False)
+            self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+            return
+        if now < self._due:
+            self._timer = self._s.timers.call_at(min(self._due, self._expires), self._on_timer)
             return
         state = self._alive_state
         if state == _HELLO:
@@ -469,6 +487,8 @@ class Session:
             return await self._hello(frame)
         if type(frame) is Ping:
             return self._send(Pong(id=frame.id))
+        if type(frame) is Refresh:
+            return self._refresh(frame)
         if type(frame) is Join:
             return await self._attach(
                 frame.id, frame.room, AttachMode.JOIN, since=frame.seq, epoch=frame.epoch
@@ -543,11 +563,12 @@ class Session:
             self.close(CloseCode.UNSUPPORTED_VERSION, "unsupported version")
             return
         try:
-            user = self._s.verify_token(hello.token)
+            claims = self._s.verify_token(hello.token)
         except ValueError as exc:
             self._error(ErrorCode.UNAUTHORIZED, f"bad token: {exc}")
             self.close(CloseCode.UNAUTHORIZED, "bad token")
             return
+        user = claims.user
         if self.going_away:
             raise RequestFailed(ErrorCode.TRY_LATER, "server is going away")
         if not self._s.quotas.open_session(user):
@@ -556,6 +577,7 @@ class Session:
             self.close(CloseCode.TOO_MANY_SESSIONS, "too many sessions")
             return
         self.user = user
+        self._set_expiry(claims.exp)
         self.link = SessionLink(self.id, user, self.outbox, self.notify)
         self._metrics.sessions.inc()
         # Told, not asked: a user actor that loads from storage first must not delay the
@@ -569,6 +591,7 @@ class Session:
                 ping=round(self._settings.ping_interval),
                 ts=self._s.now_ms(),
                 limits=self._settings.limits.announce(),
+                expires=None if claims.exp is None else claims.exp * 1000,
             )
         )
         for room, (seq, epoch) in (hello.resume or {}).items():
@@ -577,6 +600,27 @@ class Session:
             except RequestFailed as exc:
                 # Not the client's fault (it left, was removed): no charge to its budget.
                 self._error(exc.code, exc.message, room=room, charge=False)
+
+    def _set_expiry(self, exp: int | None) -> None:
+        """The session ends at the token's expiry (Unix seconds), plus the leeway."""
+        if exp is None:
+            self._expires = math.inf
+        else:
+            left = exp - self._s.now_ms() / 1000
+            self._expires = trio.current_time() + left + TOKEN_LEEWAY
+
+    def _refresh(self, frame: Refresh) -> None:
+        try:
+            claims = self._s.verify_token(frame.token)
+        except ValueError as exc:
+            raise RequestFailed(ErrorCode.UNAUTHORIZED, f"bad token: {exc}") from None
+        if claims.user != self.user:
+            raise RequestFailed(ErrorCode.UNAUTHORIZED, "the token is for another user")
+        self._set_expiry(claims.exp)
+        self._timer.cancel()
+        self._timer = self._s.timers.call_at(min(self._due, self._expires), self._on_timer)
+        expires = None if claims.exp is None else claims.exp * 1000
+        self._send(Ok(id=frame.id, expires=expires))
 
     async def _publish(self, send: Send) -> None:
         if self.going_away:

@@ -9,12 +9,23 @@
 The client answers the server's pings, matches replies to requests by ``id`` and
 keeps each room's position (last seq seen, epoch) in ``positions``: pass that as
 ``resume`` to the next ``open_client`` and the server replays what was missed.
+
+Tokens expire (PROTOCOL.md section 5). Give ``refresh``, an async function returning a
+new token for the same user, and the client sends it a little before ``expires`` each
+time; ``client.token`` is the newest, for the next connection:
+
+    async def new_token() -> str:
+        return await my_backend.token_for("alice")
+
+    async with open_client(url, await new_token(), refresh=new_token) as client: ...
 """
 
 import itertools
+import logging
 import secrets
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -56,6 +67,7 @@ from protocol.frames import (
     ReceiptCounts,
     Receipts,
     ReceiptState,
+    Refresh,
     RoomKind,
     RoomList,
     Rooms,
@@ -75,7 +87,12 @@ from protocol.frames import (
 from protocol.kv import KvReplica
 
 F = TypeVar("F", bound=Frame)
+log = logging.getLogger(__name__)
 EVENT_BUFFER = 100_000
+REFRESH_MARGIN = 60.0  # seconds before expiry a token is refreshed (a fifth of a short life)
+REFRESH_RETRY = 5.0  # seconds between tries when refreshing fails
+#: Returns a new token for the same user.
+TokenSource = Callable[[], Awaitable[str]]
 SUBPROTOCOL = "parley.v1"
 CLOSE_TIMEOUT = 5.0
 
@@ -102,8 +119,9 @@ class _Pending:
 
 
 class ParleyClient:
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: WebSocketConnection, token: str = "") -> None:
         self.ws = ws
+        self.token = token  # the newest, refreshed or not: use it to connect again
         self.welcome: Welcome | None = None
         self.positions: dict[str, tuple[int, str]] = {}
         self.close_code: int | None = None
@@ -273,6 +291,31 @@ class ParleyClient:
             if kind is None or isinstance(event, kind):
                 return event
 
+    async def refresh(self, token: str) -> int | None:
+        """Go on with ``token``; when it expires (ms since the Unix epoch, or None)."""
+        ok = await self.request(Refresh(id=self.next_id(), token=token), Ok)
+        self.token = token
+        return ok.expires
+
+    async def _keep_token_fresh(self, source: TokenSource, expires: int) -> None:
+        """Refresh a little before each expiry; on failure, try again until it is too
+        late (the server then closes with 4007, and the caller reconnects)."""
+        while True:
+            left = expires / 1000 - time.time()
+            await trio.sleep(max(0.0, left - min(REFRESH_MARGIN, left / 5)))
+            while True:
+                try:
+                    new = await self.refresh(await source())
+                    break
+                except (Disconnected, ConnectionClosed):
+                    return
+                except Exception as exc:  # the application's callback, or a refusal
+                    log.warning("token refresh failed (%s); trying again", exc)
+                    await trio.sleep(REFRESH_RETRY)
+            if new is None:
+                return  # a token that does not expire
+            expires = new
+
     # --- the reader -------------------------------------------------------------------
 
     async def _read(self) -> None:
@@ -387,25 +430,33 @@ async def open_client(
     *,
     resume: dict[str, tuple[int, str]] | None = None,
     max_message_size: int = 2**24,
+    refresh: TokenSource | None = None,
 ) -> AsyncIterator[ParleyClient]:
-    """Connect, authenticate and keep reading until the block ends."""
+    """Connect, authenticate and keep reading until the block ends; with ``refresh``,
+    keep the token fresh too."""
     async with open_websocket(url, max_message_size=max_message_size) as ws:
-        async with run_client(ws, token, resume=resume) as client:
+        async with run_client(ws, token, resume=resume, refresh=refresh) as client:
             yield client
 
 
 @asynccontextmanager
 async def run_client(
-    ws: WebSocketConnection, token: str, *, resume: dict[str, tuple[int, str]] | None = None
+    ws: WebSocketConnection,
+    token: str,
+    *,
+    resume: dict[str, tuple[int, str]] | None = None,
+    refresh: TokenSource | None = None,
 ) -> AsyncIterator[ParleyClient]:
     """Authenticate on an open WebSocket (of any transport) and run the reader."""
-    client = ParleyClient(ws)
+    client = ParleyClient(ws, token)
     if resume:
         client.positions.update(resume)
-    client.welcome = await handshake(client, token, resume)
+    client.welcome = welcome = await handshake(client, token, resume)
     with sole_exception():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._read)
+            if refresh is not None and welcome.expires is not None:
+                nursery.start_soon(client._keep_token_fresh, refresh, welcome.expires)
             try:
                 yield client
             finally:

@@ -61,6 +61,7 @@ FIELD_KEYS: dict[str, int] = {
     "deleted": 41,
     "expect": 42,
     "reset": 43,
+    "expires": 44,
 }
 FIELD_NAMES: dict[int, str] = {key: name for name, key in FIELD_KEYS.items()}
 TYPE_KEY = 0
@@ -131,6 +132,16 @@ class Hello(Frame):
     v: int
     token: str
     resume: dict[str, tuple[int, str]] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Refresh(Frame):
+    """Go on with a new token for the same user before the current one expires;
+    answered ``ok`` with its ``expires``, or an error (the session keeps the old one)."""
+
+    TYPE = 8
+    id: int
+    token: str
 
 
 @attrs.frozen(kw_only=True)
@@ -334,6 +345,8 @@ class Blocks(Frame):
 
 @attrs.frozen(kw_only=True)
 class Welcome(Frame):
+    """``expires``: when the token expires (ms since the Unix epoch); None: it does not."""
+
     TYPE = 4
     session: str
     user: str
@@ -341,6 +354,7 @@ class Welcome(Frame):
     ping: int
     ts: int
     limits: dict[str, int]
+    expires: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -363,8 +377,11 @@ class Goaway(Frame):
 
 @attrs.frozen(kw_only=True)
 class Ok(Frame):
+    """Success. Answering ``refresh``: ``expires`` is when the new token expires."""
+
     TYPE = 7
     id: int
+    expires: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -647,6 +664,7 @@ class KvChanged(Frame):
 
 CLIENT_FRAMES: tuple[type[Frame], ...] = (
     Hello,
+    Refresh,
     Ping,
     Pong,
     Create,

@@ -26,6 +26,7 @@ from protocol.frames import (
     Leave,
     Receipt,
     Receipts,
+    Refresh,
     RoomKind,
     Rooms,
     Send,
@@ -80,9 +81,13 @@ def _size(value: Any) -> int:
     return len(value.cbor) if type(value) is Raw else 1  # None: null, one byte
 
 
-def _hello(frame: Hello, limits: Limits) -> None:
+def _token(frame: Hello | Refresh, limits: Limits) -> None:
     if len(frame.token) > MAX_TOKEN_CHARS:
         raise _too_large(f"token longer than {MAX_TOKEN_CHARS} characters")
+
+
+def _hello(frame: Hello, limits: Limits) -> None:
+    _token(frame, limits)
     for room, (_, epoch) in (frame.resume or {}).items():
         check_room(room)
         if len(epoch) > MAX_EPOCH_CHARS:
@@ -200,6 +205,7 @@ def _history(frame: History, limits: Limits) -> None:
 
 _RULES: dict[type[Frame], Callable[[Any, Limits], None]] = {
     Hello: _hello,
+    Refresh: _token,
     Send: _send,
     Create: _create,
     Join: _join,

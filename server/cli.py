@@ -118,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif secrets.admin_token is None:
         log.info("admin API off (no --admin-token)")
     tune_gc()
-    trio.run(serve, config, token_verifier(secrets.secret), secrets.admin_token)
+    verifier = token_verifier(secrets.secret, require_exp=not config.allow_tokens_without_exp)
+    trio.run(serve, config, verifier, secrets.admin_token)
     return 0
 
 

@@ -142,6 +142,11 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     ),
     SECRET,
     Option(
+        "--allow-tokens-without-exp",
+        "accept session tokens that have no exp claim (they never expire); off: refused",
+        _bool,
+    ),
+    Option(
         "--admin-token",
         "bearer token for the admin API, 16 characters or more (unset or empty: admin API off)",
         _unset_if_empty,
@@ -308,6 +313,7 @@ class Config:
     redis_url: str | None = None
     secret: str | None = None
     admin_token: str | None = None
+    allow_tokens_without_exp: bool = False
     dev: bool = False
     log_level: str = "info"
     # 20,000 open files per process here: 1,000 left for the database pool, the ops

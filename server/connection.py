@@ -314,7 +314,9 @@ class Connection:
                 else:
                     await session.on_message(event.data)
             elif kind is Ping:
-                if self._close_frame is None:
+                # A WebSocket ping takes a rate token like any frame; one over the
+                # rate is not answered (there is no error frame for it).
+                if self._close_frame is None and session.allow_control_frame():
                     assert isinstance(event, Ping)
                     self.outbox.append(pong_frame(event.payload))
             elif kind is Close:

@@ -37,7 +37,7 @@ from actors.pump import WritePump
 from actors.quotas import UserQuotas
 from actors.room import Room
 from actors.room_lookup import RoomLookup
-from actors.services import Services
+from actors.services import Claims, Services
 from actors.timers import Timers
 from actors.user import User
 from protocol.errors import CloseCode
@@ -231,7 +231,7 @@ class Node:
 
 @asynccontextmanager
 async def open_node(
-    config: Config, verify_token: Callable[[str], str], admin_token: str | None = None
+    config: Config, verify_token: Callable[[str], Claims], admin_token: str | None = None
 ) -> AsyncIterator[tuple[Node, trio.Nursery]]:
     """A running node without listeners, and the nursery its connections belong in."""
     metrics = Metrics()
@@ -306,7 +306,7 @@ class Addresses:
 
 async def serve(
     config: Config,
-    verify_token: Callable[[str], str],
+    verify_token: Callable[[str], Claims],
     admin_token: str | None = None,
     *,
     shutdown: trio.Event | None = None,

@@ -11,11 +11,12 @@ import attrs
 import jwt
 from jwt.algorithms import HMACAlgorithm
 
+from actors.services import TOKEN_LEEWAY, Claims
 from protocol.limits import is_user_id
 from storage.sqlite import sqlite_path
 
 ALGORITHM = "HS256"
-LEEWAY_SECONDS = 30
+LEEWAY_SECONDS = TOKEN_LEEWAY
 DEV_SECRETS_NAME = "parley-dev.json"
 
 
@@ -43,31 +44,38 @@ class _PreparedHMAC(HMACAlgorithm):
         return self._key  # the verifier only ever passes the secret it was made with
 
 
-def token_verifier(secret: str) -> Callable[[str], str]:
-    """token -> user id; raises ValueError saying what is wrong with the token."""
+def token_verifier(secret: str, *, require_exp: bool = True) -> Callable[[str], Claims]:
+    """token -> its claims; raises ValueError saying what is wrong with the token. A
+    token without ``exp`` is refused unless ``require_exp`` is False."""
     decoder = jwt.PyJWT()
+    required = ["sub", "exp"] if require_exp else ["sub"]
     # PyJWT keeps its signature layer private; replacing the algorithm there changes
     # nothing else of decode() (claims, leeway, errors). tests/test_tokens.py holds it.
     decoder._jws.unregister_algorithm(ALGORITHM)
     decoder._jws.register_algorithm(ALGORITHM, _PreparedHMAC(secret))
 
-    def verify(token: str) -> str:
+    def verify(token: str) -> Claims:
         try:
             claims = decoder.decode(
                 token,
                 secret,
                 algorithms=[ALGORITHM],
                 leeway=LEEWAY_SECONDS,
-                options={"require": ["sub"]},
+                options={"require": required},
             )
         except jwt.ExpiredSignatureError:
             raise ValueError("token expired") from None
+        except jwt.MissingRequiredClaimError as exc:
+            if exc.claim == "exp":
+                raise ValueError("token has no expiry (exp); this server requires one") from None
+            raise ValueError(str(exc)) from None
         except jwt.InvalidTokenError as exc:
             raise ValueError(str(exc) or type(exc).__name__) from None
         user = claims["sub"]
         if not isinstance(user, str) or not is_user_id(user):
             raise ValueError("token subject is not a valid user id")
-        return user
+        exp = claims.get("exp")
+        return Claims(user, None if exp is None else int(exp))
 
     return verify
 

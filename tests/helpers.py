@@ -90,7 +90,7 @@ async def run_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[RunningS
         start = functools.partial(
             serve,
             config,
-            token_verifier(SECRET),
+            token_verifier(SECRET, require_exp=not config.allow_tokens_without_exp),
             config.admin_token,
             shutdown=shutdown,
             handle_signals=False,
@@ -105,7 +105,8 @@ async def run_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[RunningS
 @asynccontextmanager
 async def memory_node(tmp_path: Path, **overrides: Any) -> AsyncIterator["MemoryNode"]:
     config = node_config(tmp_path, storage_probe_interval=0, **overrides)
-    async with open_node(config, token_verifier(SECRET)) as (node, connections):
+    verifier = token_verifier(SECRET, require_exp=not config.allow_tokens_without_exp)
+    async with open_node(config, verifier) as (node, connections):
         yield MemoryNode(node, connections)
         connections.cancel_scope.cancel()
 
@@ -158,9 +159,10 @@ class MemoryNode:
             await client_stream.aclose()
 
     @asynccontextmanager
-    async def client(self, user: str) -> AsyncIterator[ParleyClient]:
-        """A ``ParleyClient`` over a memory stream."""
-        async with self.connect() as ws, run_client(ws, issue_token(SECRET, user, 3600)) as c:
+    async def client(self, user: str, **options: Any) -> AsyncIterator[ParleyClient]:
+        """A ``ParleyClient`` over a memory stream; ``ttl`` and ``refresh`` for tokens."""
+        token = issue_token(SECRET, user, options.pop("ttl", 3600))
+        async with self.connect() as ws, run_client(ws, token, **options) as c:
             yield c
 
 

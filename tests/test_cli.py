@@ -105,7 +105,7 @@ def test_token_with_an_explicit_secret(tmp_path: Path) -> None:
     secret = "a-secret-of-at-least-32-bytes-0123456789"
     result = run_cli("token", "alice", "--secret", secret, cwd=tmp_path)
     assert result.returncode == 0
-    assert token_verifier(secret)(result.stdout.strip()) == "alice"
+    assert token_verifier(secret)(result.stdout.strip()).user == "alice"
     assert run_cli("token", "not:valid", "--secret", secret, cwd=tmp_path).returncode == 2
 
 
@@ -118,13 +118,13 @@ def test_token_uses_the_secret_a_dev_server_keeps(tmp_path: Path) -> None:
     assert (tmp_path / DEV_SECRETS_NAME).stat().st_mode & 0o777 == 0o600
     result = run_cli("token", "bob", cwd=tmp_path)
     assert result.returncode == 0
-    assert token_verifier(kept.secret)(result.stdout.strip()) == "bob"
+    assert token_verifier(kept.secret)(result.stdout.strip()).user == "bob"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     result = run_cli(
         "token", "bob", "--database-url", f"sqlite:///{tmp_path / 'parley.db'}", cwd=elsewhere
     )
-    assert token_verifier(kept.secret)(result.stdout.strip()) == "bob"
+    assert token_verifier(kept.secret)(result.stdout.strip()).user == "bob"
 
 
 def test_clear_errors_for_common_mistakes(tmp_path: Path) -> None:

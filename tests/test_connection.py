@@ -234,6 +234,21 @@ async def test_websocket_pings_are_answered(server: RunningServer) -> None:
             await ws.ping(b"are you there")
 
 
+async def test_websocket_pings_take_rate_tokens(tmp_path: Path) -> None:
+    """A flood of WebSocket pings gets as many pongs as the rate allows, no more."""
+    async with run_server(tmp_path, rate=0.01, burst=5) as server:
+        stream, ws = await raw_upgrade(server)
+        async with stream:
+            await stream.send_all(b"".join(ws.send(WsPing(b"%d" % i)) for i in range(20)))
+            await stream.send_all(ws.send(CloseConnection(code=1000)))
+            pongs = []
+            with trio.fail_after(10):
+                while data := await stream.receive_some(65536):
+                    ws.receive_data(data)
+                    pongs += [e.payload for e in ws.events() if isinstance(e, WsPong)]
+        assert pongs == [b"0", b"1", b"2", b"3", b"4"]
+
+
 async def test_a_slow_consumer_is_closed_and_does_not_slow_the_room(tmp_path: Path) -> None:
     async with run_server(
         tmp_path,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+import jwt
 import pytest
 import trio
 import trio.testing
@@ -22,7 +23,7 @@ from actors.messages import RoomDropped
 from actors.outbox import Outbox
 from protocol.codec import decode_server, encode
 from protocol.errors import CloseCode, ErrorCode
-from protocol.frames import Error, Goaway, Hello, Ping, Pong, Send, Welcome
+from protocol.frames import Error, Goaway, Hello, Ok, Ping, Pong, Refresh, Send, Welcome
 from server.tokens import issue_token
 from tests.helpers import SECRET, memory_node, next_frame
 
@@ -423,3 +424,81 @@ async def test_bytes_of_an_incomplete_frame_are_no_sign_of_life(
             assert (close.code, close.reason) == (CloseCode.IDLE_TIMEOUT, "no pong")
             assert trio.current_time() - quiet == 35.0
             nursery.cancel_scope.cancel()
+
+
+# --- token lifetime -------------------------------------------------------------------
+
+
+async def test_a_session_ends_when_its_token_expires(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Closed 4007 at exp + the 30 s leeway (exp is whole seconds of wall time, so the
+    trio clock sees it within a second of the token's 60 s)."""
+    async with memory_node(tmp_path, ping_interval=1000.0) as mem, mem.connect() as ws:
+        start = trio.current_time()
+        await ws.send_message(encode(Hello(v=1, token=issue_token(SECRET, "alice", 60))))
+        welcome = await next_frame(ws)
+        assert isinstance(welcome, Welcome) and welcome.expires is not None
+        error = await next_frame(ws)
+        assert isinstance(error, Error) and error.code == ErrorCode.UNAUTHORIZED
+        assert await closed_with(ws) == CloseCode.TOKEN_EXPIRED
+        assert trio.current_time() - start == pytest.approx(90.0, abs=1.5)
+
+
+async def test_a_refresh_keeps_the_session_past_the_first_token(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path, ping_interval=1000.0) as mem, mem.connect() as ws:
+        start = trio.current_time()
+        await ws.send_message(encode(Hello(v=1, token=issue_token(SECRET, "alice", 60))))
+        assert isinstance(await next_frame(ws), Welcome)
+        await trio.sleep(50)
+        new = issue_token(SECRET, "alice", 600)
+        await ws.send_message(encode(Refresh(id=1, token=new)))
+        ok = await next_frame(ws)
+        assert isinstance(ok, Ok) and ok.id == 1 and ok.expires is not None
+        await trio.sleep(100)  # past the first token's end
+        await ws.send_message(encode(Ping(id=2)))
+        assert await next_frame(ws) == Pong(id=2)
+        assert isinstance(await next_frame(ws), Error)  # token expired
+        assert await closed_with(ws) == CloseCode.TOKEN_EXPIRED
+        assert trio.current_time() - start == pytest.approx(50 + 630.0, abs=1.5)
+
+
+async def test_a_refused_refresh_changes_nothing(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path, ping_interval=1000.0) as mem, mem.connect() as ws:
+        await hello(ws, "alice")
+        for i, token in enumerate(
+            (
+                issue_token(SECRET, "bob", 600),  # another user
+                issue_token("another-secret-0123456789-abcdefghijklmnop", "alice", 600),
+                "not-a-token",
+            )
+        ):
+            await ws.send_message(encode(Refresh(id=i, token=token)))
+            error = await next_frame(ws)
+            assert isinstance(error, Error) and (error.code, error.id) == (
+                ErrorCode.UNAUTHORIZED,
+                i,
+            )
+        await ws.send_message(encode(Ping(id=9)))
+        assert await next_frame(ws) == Pong(id=9)  # the session goes on
+
+
+async def test_tokens_without_expiry_are_refused_unless_allowed(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    forever = jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")
+    async with memory_node(tmp_path) as mem, mem.connect() as ws:
+        await ws.send_message(encode(Hello(v=1, token=forever)))
+        error = await next_frame(ws)
+        assert isinstance(error, Error) and error.code == ErrorCode.UNAUTHORIZED
+        assert "exp" in error.msg
+        assert await closed_with(ws) == CloseCode.UNAUTHORIZED
+    async with memory_node(tmp_path, allow_tokens_without_exp=True) as mem:
+        async with mem.connect() as ws:
+            await ws.send_message(encode(Hello(v=1, token=forever)))
+            welcome = await next_frame(ws)
+            assert isinstance(welcome, Welcome) and welcome.expires is None

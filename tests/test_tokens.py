@@ -11,7 +11,7 @@ from server.tokens import ALGORITHM, LEEWAY_SECONDS, issue_token, token_verifier
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 
 
-def reference(token: str) -> str:
+def reference(token: str, *, require_exp: bool = True) -> str:
     """PyJWT as it comes, with the options the server uses."""
     try:
         claims = jwt.decode(
@@ -19,20 +19,25 @@ def reference(token: str) -> str:
             SECRET,
             algorithms=[ALGORITHM],
             leeway=LEEWAY_SECONDS,
-            options={"require": ["sub"]},
+            options={"require": ["sub", "exp"] if require_exp else ["sub"]},
         )
     except jwt.ExpiredSignatureError:
         return "error: token expired"
+    except jwt.MissingRequiredClaimError as exc:
+        if exc.claim == "exp":
+            return "error: token has no expiry (exp); this server requires one"
+        return f"error: {exc}"
     except jwt.InvalidTokenError as exc:
         return f"error: {exc or type(exc).__name__}"
-    return str(claims["sub"])
+    return f"{claims['sub']} until {claims.get('exp')}"
 
 
-def ours(token: str) -> str:
+def ours(token: str, *, require_exp: bool = True) -> str:
     try:
-        return token_verifier(SECRET)(token)
+        claims = token_verifier(SECRET, require_exp=require_exp)(token)
     except ValueError as exc:
         return f"error: {exc}"
+    return f"{claims.user} until {claims.exp}"
 
 
 def test_same_verdicts_as_pyjwt() -> None:
@@ -52,14 +57,23 @@ def test_same_verdicts_as_pyjwt() -> None:
         "not-a-jwt",
         "a.b.c",
     ]
-    verdicts = [ours(token) for token in tokens]
-    assert verdicts == [reference(token) for token in tokens]
-    assert verdicts[0] == verdicts[3] == "alice"
-    assert sum(v.startswith("error: ") for v in verdicts) == len(tokens) - 2
+    for require_exp in (True, False):
+        verdicts = [ours(token, require_exp=require_exp) for token in tokens]
+        assert verdicts == [reference(token, require_exp=require_exp) for token in tokens]
+        assert verdicts[0].startswith("alice until ")
+        assert verdicts[3] == f"alice until {now - 10}"
+        assert sum(not v.startswith("error: ") for v in verdicts) == 2
+
+
+def test_a_token_without_expiry_is_refused_unless_allowed() -> None:
+    token = jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")
+    assert ours(token) == "error: token has no expiry (exp); this server requires one"
+    assert ours(token, require_exp=False) == "alice until None"
 
 
 def test_a_subject_that_is_no_user_id_is_refused() -> None:
-    token = jwt.encode({"sub": "no spaces allowed"}, SECRET, algorithm="HS256")
+    claims = {"sub": "no spaces allowed", "exp": int(time.time()) + 60}
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
     with pytest.raises(ValueError, match="not a valid user id"):
         token_verifier(SECRET)(token)
 

@@ -47,6 +47,7 @@ from protocol.frames import (
     ReceiptCounts,
     Receipts,
     ReceiptState,
+    Refresh,
     RoomKind,
     RoomList,
     Rooms,
@@ -66,6 +67,7 @@ from protocol.frames import (
     Who,
 )
 from protocol.hlc import pack
+from protocol.limits import Limits
 
 EPOCH = "9f1c2e7a55d0b3e4"
 TS = 1700000000123
@@ -103,6 +105,7 @@ VECTORS: dict[str, Frame] = {
     "block": Block(id=21, user="mallory"),
     "unblock": Unblock(id=22, user="mallory"),
     "blocks": Blocks(id=23),
+    "refresh": Refresh(id=27, token="n3w-t0k3n"),
     # server to client
     "welcome": Welcome(
         session="5e55",
@@ -110,13 +113,15 @@ VECTORS: dict[str, Frame] = {
         v=1,
         ping=25,
         ts=TS,
-        limits={"frame": 65536, "text": 4096, "data": 8192, "rooms": 100, "history": 100},
+        limits=Limits().announce(),
+        expires=1_700_000_900_000,
     ),
     "server-ping": Ping(),
     "pong-id": Pong(id=7),
     "error": Error(code=200, msg="not a member of this room", id=9, room="team"),
     "goaway": Goaway(msg="server shutting down", delay=1000),
     "ok": Ok(id=5),
+    "ok-refresh": Ok(id=27, expires=1_700_001_800_000),
     "joined": Joined(id=3, room="lobby", kind=RoomKind.OPEN, owner="alice", seq=41, epoch=EPOCH),
     "joined-resumed": Joined(
         room="lobby", kind=RoomKind.OPEN, owner="alice", seq=43, epoch=EPOCH, recovered=True
