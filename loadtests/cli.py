@@ -153,6 +153,18 @@ def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     store.add_argument("--batch", type=int, default=5000, help="records per write_batch")
     store.set_defaults(func=cmd_store)
 
+    decode = kinds.add_parser(
+        "decode",
+        help="what decoding a client frame costs, per frame and per byte",
+        description="Decoder benchmark: every client frame of PROTOCOL.md's vectors, and the "
+        "costliest frames of the largest size an attacker can build, each decoded as the "
+        "server does: microseconds per frame, nanoseconds per byte, and the peak memory of "
+        "one decode against the frame's size.",
+        formatter_class=_Help,
+    )
+    decode.add_argument("--rounds", type=int, default=5, help="rounds per frame; the median")
+    decode.set_defaults(func=cmd_decode)
+
 
 def _target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="an existing server, ws://host:port/ws")
@@ -323,6 +335,17 @@ def cmd_store(args: argparse.Namespace) -> int:
     print(f"store: {url.split('@')[-1]}, batches of {args.batch}")
     for result in results:
         print(result.line())
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from loadtests.decodebench import run_decode_bench
+
+    costs = run_decode_bench(args.rounds, progress=lambda m: print(m, file=sys.stderr))
+    for cost in costs:
+        print(cost.line())
+    worst = max(costs, key=lambda c: c.ns_per_byte if c.size > 4096 else 0)
+    print(f"worst per byte (frames over 4 KiB): {worst.name}, {worst.ns_per_byte:.0f} ns/B")
     return 0
 
 

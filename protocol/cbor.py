@@ -93,6 +93,13 @@ def raw_cbor(value: Any) -> bytes:
     return value.cbor if type(value) is Raw else cbor2.dumps(value)
 
 
+class Truncated(RemoteProtocolError):
+    """An item runs past the end given: the frame's, or a payload's size limit."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.BAD_FRAME, "truncated CBOR item")
+
+
 def bad_frame(message: str) -> NoReturn:
     raise RemoteProtocolError(ErrorCode.BAD_FRAME, message)
 
@@ -105,7 +112,7 @@ def head(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
     """The item starting at ``pos``: (major type, argument, position after the head).
     For major type 7 the argument is the simple value or the float's bits."""
     if pos >= end:
-        bad_frame("truncated CBOR item")
+        raise Truncated
     b = buf[pos]
     info = b & 31
     if info < 24:
@@ -117,7 +124,7 @@ def head(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
         bad_frame("malformed CBOR item")
     stop = pos + 1 + size
     if stop > end:
-        bad_frame("truncated CBOR item")
+        raise Truncated
     return b >> 5, int.from_bytes(buf[pos + 1 : stop], "big"), stop
 
 
@@ -125,7 +132,7 @@ def read_text(buf: bytes, pos: int, end: int, n: int) -> tuple[str, int]:
     """The ``n`` bytes of a text string's content at ``pos``, decoded."""
     stop = pos + n
     if stop > end:
-        bad_frame("truncated CBOR item")
+        raise Truncated
     try:
         return buf[pos:stop].decode(), stop
     except UnicodeDecodeError:
@@ -137,7 +144,7 @@ def container_size(major: int, n: int, pos: int, end: int) -> int:
     them (each item takes a byte at least): a length is never trusted beyond the bytes."""
     items = n << 1 if major == MAP else n
     if items > end - pos:
-        bad_frame("CBOR container longer than the frame")
+        raise Truncated
     return items
 
 
@@ -155,12 +162,12 @@ def skip(buf: bytes, pos: int, end: int, levels: int) -> int:
             sizes = _SKIP_SIZES
         left -= 1
         if pos >= end:
-            bad_frame("truncated CBOR item")
+            raise Truncated
         size = sizes[buf[pos]]
         if size:
             pos += size
             if pos > end:
-                bad_frame("truncated CBOR item")
+                raise Truncated
             continue
         start = pos
         major, arg, pos = head(buf, pos, end)
@@ -169,7 +176,7 @@ def skip(buf: bytes, pos: int, end: int, levels: int) -> int:
         elif major == BYTES:
             pos += arg
             if pos > end:
-                bad_frame("truncated CBOR item")
+                raise Truncated
         elif major == ARRAY or major == MAP:
             items = container_size(major, arg, pos, end)
             if len(stack) >= levels:
@@ -206,13 +213,13 @@ def walk_payload(buf: bytes, pos: int, end: int, levels: int) -> int:
         is_key = keys is not None and not left & 1
         left -= 1
         if pos >= end:
-            bad_frame("truncated CBOR item")
+            raise Truncated
         if not is_key:
             size = sizes[buf[pos]]
             if size:
                 pos += size
                 if pos > end:
-                    bad_frame("truncated CBOR item")
+                    raise Truncated
                 continue
         start = pos
         major, arg, pos = head(buf, pos, end)
@@ -231,7 +238,7 @@ def walk_payload(buf: bytes, pos: int, end: int, levels: int) -> int:
         if major == BYTES:
             pos += arg
             if pos > end:
-                bad_frame("truncated CBOR item")
+                raise Truncated
         elif major == ARRAY or major == MAP:
             items = container_size(major, arg, pos, end)
             if len(stack) >= levels:

@@ -31,6 +31,7 @@ from protocol.cbor import (
     NULL,
     TEXT,
     Raw,
+    Truncated,
     bad_frame,
     container_size,
     head,
@@ -318,17 +319,25 @@ def _seq_epoch(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[A
 
 
 def _payload(*, must_be_map: bool) -> Reader:
-    """``data`` (a map) or a kv value (any item)."""
+    """``data`` (a map) or a kv value (any item), walked no further than its size limit."""
 
     def payload(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[Any, int]:
         if pos >= end:
-            bad_frame("truncated CBOR item")
+            raise Truncated
         if must_be_map and buf[pos] >> 5 != MAP:
             raise _Refused("must be a map")
         start = pos
-        pos = walk_payload(buf, pos, end, MAX_DATA_DEPTH)
         if limits is None:
+            pos = walk_payload(buf, pos, end, MAX_DATA_DEPTH)
             return cbor2.loads(buf[start:pos]), pos
+        most = limits.max_data_bytes if must_be_map else limits.kv_value_bytes
+        cut = min(end, start + most)
+        try:
+            pos = walk_payload(buf, pos, cut, MAX_DATA_DEPTH)
+        except Truncated:
+            if cut == end:
+                raise
+            raise _Refused(f"larger than {most} bytes", ErrorCode.TOO_LARGE) from None
         return Raw(buf[start:pos]), pos
 
     return payload
@@ -426,8 +435,16 @@ def _decode(payload: bytes, schemas: dict[int, _Schema], limits: Limits | None) 
                 raise RemoteProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind}")
         if schema is None:
             bad_frame("missing frame type (key 0)")
-        for _ in range(n):
-            pos = _read_field(buf, pos, end, schema, limits, fields, seen)
+        for i in range(n):
+            start = pos
+            try:
+                pos = _read_field(buf, pos, end, schema, limits, fields, seen)
+            except _Refused:
+                # The id, if it comes later: walk the keys from here (and not again over
+                # those read already), to name the request in the error.
+                if "id" not in fields:
+                    fields["id"] = _find_keys(buf, start, end, n - i, (1,)).get(1)
+                raise
         if pos != end:
             bad_frame("bytes after the frame's CBOR item")
         for key, start in later:
@@ -442,7 +459,14 @@ def _decode(payload: bytes, schemas: dict[int, _Schema], limits: Limits | None) 
         frame: Frame = schema.cls(**fields)
     except _Refused as exc:
         assert schema is not None
-        raise RemoteProtocolError(exc.code, f"{schema.name}: {exc.reason}") from None
+        error = RemoteProtocolError(exc.code, f"{schema.name}: {exc.reason}")
+        error.request_id = fields.get("id")
+        if error.request_id is None:  # before the type, maybe
+            error.request_id = next((_id_at(buf, at, end) for k, at in later if k == 1), None)
+        raise error from None
+    except RemoteProtocolError as exc:
+        exc.request_id = fields.get("id")
+        raise
     return frame
 
 
@@ -522,45 +546,76 @@ _SERVER_SCHEMAS = {
 }
 
 
+def _find_keys(buf: bytes, pos: int, end: int, n: int, wanted: tuple[int, ...]) -> dict[int, int]:
+    """The unsigned integers under the ``wanted`` keys among the ``n`` keys from
+    ``pos``, walking over the rest; what was found before anything unreadable."""
+    found: dict[int, int] = {}
+    try:
+        for _ in range(n):
+            major, key, after = head(buf, pos, end)
+            pos = skip(buf, pos, end, 0) if major else after  # a key that is no uint
+            if not major and key in wanted and key not in found:
+                value = _id_at(buf, pos, end) if key == 1 else _uint_at(buf, pos, end)
+                if value is not None:
+                    found[key] = value
+                if len(found) == len(wanted):
+                    break
+            pos = skip(buf, pos, end, FRAME_LEVELS - 1)
+    except RemoteProtocolError:
+        pass
+    return found
+
+
+def _uint_at(buf: bytes, pos: int, end: int) -> int | None:
+    major, value, _ = head(buf, pos, end)
+    return None if major else value
+
+
+def _id_at(buf: bytes, pos: int, end: int) -> int | None:
+    """A request id at ``pos``, if it is one the protocol can carry."""
+    try:
+        value = _uint_at(buf, pos, end)
+    except RemoteProtocolError:
+        return None
+    return value if value is not None and value <= MAX_UINT else None
+
+
 def peek(payload: bytes) -> tuple[int | None, int | None]:
     """The type (key 0) and request id (key 1) of a frame, reading nothing else: what the
     server answers a frame with before it decodes it, or when it cannot. None for what is
     not there or not readable, and for an id out of the protocol's range."""
-    kind = request_id = None
     end = len(payload)
     try:
         major, n, pos = head(payload, 0, end)
-        if major != MAP:
-            return None, None
-        for _ in range(n):
-            key_major, key, after_key = head(payload, pos, end)
-            pos = skip(payload, pos, end, 0) if key_major else after_key
-            if not key_major and key <= 1:
-                major, value, _ = head(payload, pos, end)
-                if not major and key == TYPE_KEY and kind is None:
-                    kind = value
-                elif not major and key == 1 and request_id is None and value <= MAX_UINT:
-                    request_id = value
-                if kind is not None and request_id is not None:
-                    break
-            pos = skip(payload, pos, end, FRAME_LEVELS - 1)
     except RemoteProtocolError:
-        pass
-    return kind, request_id
+        return None, None
+    if major != MAP:
+        return None, None
+    found = _find_keys(payload, pos, end, n, (TYPE_KEY, 1))
+    return found.get(TYPE_KEY), found.get(1)
 
 
 def decode_client(payload: bytes, limits: Limits) -> Frame:
     """Decode and validate a frame a client sent. Raises ``RemoteProtocolError`` only,
     whose ``request_id`` is the frame's id when it can be read."""
+    if len(payload) > limits.max_frame_bytes:
+        error = RemoteProtocolError(
+            ErrorCode.TOO_LARGE, f"frame over {limits.max_frame_bytes} bytes"
+        )
+        error.request_id = peek(payload)[1]
+        raise error
     try:
-        if len(payload) > limits.max_frame_bytes:
-            raise RemoteProtocolError(
-                ErrorCode.TOO_LARGE, f"frame over {limits.max_frame_bytes} bytes"
-            )
         frame = _decode(payload, _CLIENT_SCHEMAS, limits)
+    except RemoteProtocolError as exc:
+        # The decode found the id if it could be found (a frame that is not well-formed
+        # is not read past the fault), but for an unknown type it stopped at once.
+        if exc.code is ErrorCode.UNKNOWN_TYPE:
+            exc.request_id = peek(payload)[1]
+        raise
+    try:
         validate(frame, limits)
     except RemoteProtocolError as exc:
-        exc.request_id = peek(payload)[1]
+        exc.request_id = getattr(frame, "id", None)
         raise
     return frame
 

@@ -160,8 +160,10 @@ class MemoryNode:
 
     @asynccontextmanager
     async def client(self, user: str, **options: Any) -> AsyncIterator[ParleyClient]:
-        """A ``ParleyClient`` over a memory stream; ``ttl`` and ``refresh`` for tokens."""
-        token = issue_token(SECRET, user, options.pop("ttl", 3600))
+        """A ``ParleyClient`` over a memory stream; ``ttl`` and ``refresh`` for tokens.
+        The default token lives for a year: a test whose mock clock jumps while storage
+        works must not jump to its expiry."""
+        token = issue_token(SECRET, user, options.pop("ttl", 365 * 86400))
         async with self.connect() as ws, run_client(ws, token, **options) as c:
             yield c
 

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loadtests import decodebench
 from protocol.codec import decode_client, decode_server, peek
 from protocol.errors import RemoteProtocolError
 from protocol.limits import Limits
@@ -83,50 +84,9 @@ def assert_within_budget(payload: bytes) -> None:
     assert memory <= MEMORY_PER_BYTE * len(payload) + MEMORY_CONSTANT, (len(payload), memory)
 
 
-def in_unknown_key(item: bytes, n: int) -> bytes:
-    """A ping whose unknown key 99 holds an array of ``n`` copies of ``item``."""
-    return b"\xa2\x00\x02\x18\x63\x99" + n.to_bytes(2, "big") + item * n
-
-
-def in_data(item: bytes, n: int) -> bytes:
-    """A send whose data holds an array of ``n`` copies of ``item``."""
-    head = b"\xa5\x00\x0f\x01\x01\x02\x61r\x06\x61c\x08\xa1\x61k\x99"
-    return head + n.to_bytes(2, "big") + item * n
-
-
-ITEMS = {
-    "zero": b"\x00",
-    "uint8": b"\x18\x20",
-    "text1": b"\x61a",
-    "text2": b"\x62ab",
-    "array1": b"\x81\x00",
-    "map1": b"\xa1\x60\x00",
-    "map-key": b"\xa1\x61a\x00",
-    "half-float": b"\xf9\x3c\x00",
-    "empty-map": b"\xa0",
-}
+ITEMS = decodebench.ITEMS
 HOSTILE = {
-    **{f"unknown-{name}": in_unknown_key(item, 2700 // len(item)) for name, item in ITEMS.items()},
-    **{f"data-{name}": in_data(item, 2700 // len(item)) for name, item in ITEMS.items()},
-    "kvput-60000-zeros": b"\xa4\x00\x18\x32\x01\x01\x18\x27\x61d\x11\x9a"
-    + (60000).to_bytes(4, "big")
-    + b"\x00" * 60000,
-    "kvput-500-writes": cbor2.dumps(
-        {0: 50, 1: 1, 39: "d", 17: [{36: f"k{i}", 38: 2**40 + i} for i in range(500)]}
-    ),
-    "kvput-500-tiny-writes": cbor2.dumps(
-        {0: 50, 1: 1, 39: "d", 17: [{36: "k", 38: 1, 37: {}} for _ in range(500)]}
-    ),
-    "who-100-users": cbor2.dumps({0: 34, 1: 1, 33: [f"u{i:02d}"[:2] for i in range(100)]}),
-    "hello-resume-100-rooms": cbor2.dumps(
-        {0: 1, 9: "t", 10: 1, 11: {f"r{i}": [2**40, ""] for i in range(100)}}
-    ),
-    "hello-resume-6000-bad": cbor2.dumps(
-        {0: 1, 9: "t", 10: 1, 11: {f"r{i}": 0 for i in range(6000)}}
-    ),
-    "type-last": cbor2.dumps({99: list(range(2000)), 1: 5, 0: 2}),
-    "deep-nesting": b"\xa2\x00\x02\x18\x63" + b"\x81" * 30000,
-    "send-text-4096": cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 7: "€" * 4096}),
+    **decodebench.hostile(2700),
     "send-small": cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 7: "x"}),
 }
 
@@ -138,8 +98,8 @@ def test_hostile_frames_cost_what_their_size_allows(name: str) -> None:
 
 def test_cost_grows_linearly_with_the_frame() -> None:
     for item in ITEMS.values():
-        small = opcodes(partial(decode, in_unknown_key(item, 400)))
-        large = opcodes(partial(decode, in_unknown_key(item, 3200)))
+        small = opcodes(partial(decode, decodebench.in_unknown_key(item, 400)))
+        large = opcodes(partial(decode, decodebench.in_unknown_key(item, 3200)))
         assert large <= 8 * small * 1.05
 
 
