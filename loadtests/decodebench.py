@@ -1,8 +1,8 @@
 """``parley bench decode``: what reading a client frame costs, per frame and per byte.
 
-Two sets of frames: every client frame of PROTOCOL.md's test vectors (what clients
-send), and the costliest frames an attacker can build for their size (``HOSTILE``,
-also the frames ``tests/test_decode_budget.py`` holds to a budget). Each is decoded
+Two sets of frames: client frames of the sizes clients send, and the costliest frames
+an attacker can build for their size (``hostile``, also the frames
+``tests/test_decode_budget.py`` holds to a budget). Each is decoded
 over and over with ``decode_client``, as the server does; the figures are the median of
 ``--rounds`` rounds, and the memory is the peak tracemalloc sees in one decode.
 """
@@ -17,11 +17,26 @@ import cbor2
 
 from protocol.codec import decode_client, encode
 from protocol.errors import RemoteProtocolError
-from protocol.frames import CLIENT_FRAMES
+from protocol.frames import (
+    Hello,
+    History,
+    Join,
+    KvPut,
+    KvSync,
+    KvWrite,
+    Ping,
+    Pong,
+    Receipt,
+    Send,
+    Typing,
+    Who,
+)
+from protocol.hlc import pack
 from protocol.limits import Limits
 
 LIMITS = Limits()
 FRAME = LIMITS.max_frame_bytes
+HLC = pack(1_740_800_000_000)
 
 
 def in_unknown_key(item: bytes, n: int) -> bytes:
@@ -86,10 +101,27 @@ def hostile(size: int) -> dict[str, bytes]:
 
 
 def typical() -> dict[str, bytes]:
-    """The client frames of the test vectors."""
-    from tests.vectors import VECTORS
-
-    return {name: encode(f) for name, f in VECTORS.items() if type(f) in CLIENT_FRAMES}
+    """Client frames of the sizes clients send."""
+    token = "e" * 180  # an HS256 JWT with sub, iat and exp
+    resume = {f"room-{i}": (1000 + i, "9f1c2e7a55d0b3e4") for i in range(10)}
+    writes = tuple(KvWrite(key=f"settings.k{i}", hlc=HLC + i, value="v" * 40) for i in range(10))
+    frames = {
+        "hello": Hello(v=1, token=token),
+        "hello-resume-10": Hello(v=1, token=token, resume=resume),
+        "ping": Ping(id=7),
+        "pong": Pong(),
+        "join-resume": Join(id=3, room="team-42", seq=1234, epoch="9f1c2e7a55d0b3e4"),
+        "send-100": Send(id=9, room="team-42", cid="c7d2a9e4-1", text="x" * 100),
+        "send-data": Send(id=9, room="team-42", cid="c7d2a9e4-2", data={"k": [1, 2.5, "x"]}),
+        "send-4096": Send(id=9, room="team-42", cid="c7d2a9e4-3", text="€" * 4096),
+        "receipt": Receipt(room="team-42", delivered=1234, read=1230),
+        "typing": Typing(room="team-42"),
+        "history": History(id=11, room="team-42", before=1200, limit=50),
+        "who-10": Who(id=18, users=tuple(f"user-{i}" for i in range(10))),
+        "kvput-10": KvPut(id=24, dev="phone-7f3a", items=writes),
+        "kvsync": KvSync(id=25, after=40, limit=100),
+    }
+    return {name: encode(f) for name, f in frames.items()}
 
 
 def decode(payload: bytes) -> None:

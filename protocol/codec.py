@@ -213,8 +213,14 @@ class _Schema:
 
 
 def _uint(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[int, int]:
-    if pos < end and buf[pos] < 24:
-        return buf[pos], pos + 1
+    b = buf[pos] if pos < end else -1
+    if 0 <= b < 24:
+        return b, pos + 1
+    if b == 0x1B and pos + 9 <= end:  # 8 bytes: a kv clock, a timestamp in ms << 10
+        value = int.from_bytes(buf[pos + 1 : pos + 9], "big")
+        if value > MAX_UINT:
+            raise _Refused("must be an unsigned integer up to 2^53-1")
+        return value, pos + 9
     major, value, pos = head(buf, pos, end)
     if major or value > MAX_UINT:
         raise _Refused("must be an unsigned integer up to 2^53-1")
@@ -369,9 +375,13 @@ def _read_field(
     seen: set[int],
 ) -> int:
     """Read one key and its value into ``fields``; the position after them."""
-    if pos < end and buf[pos] < 24:  # keys 0-23 are one byte: no head
-        key = buf[pos]
+    b = buf[pos] if pos < end else -1
+    if 0 <= b < 24:  # keys 0-23 are one byte, 24-255 two: no head for them
+        key = b
         pos += 1
+    elif b == 0x18 and pos + 1 < end:
+        key = buf[pos + 1]
+        pos += 2
     else:
         major, key, pos = head(buf, pos, end)
         if major:
