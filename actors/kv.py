@@ -14,11 +14,11 @@ import trio
 
 from actors.directory import ActorKind
 from actors.kvmap import KvMap
-from actors.messages import Detach, KvCommand, KvRequest, SessionLink
+from actors.messages import Detach, KvCommand, KvRequest, Refused, SessionLink, tell_session
 from actors.services import Services, read_until_stored
 from protocol.codec import encode
 from protocol.errors import ErrorCode
-from protocol.frames import Error, Frame, KvAck, KvChanged, KvPut, KvResult, KvSync
+from protocol.frames import Frame, KvAck, KvChanged, KvPut, KvResult, KvSync
 from protocol.limits import KV_PAGE
 from protocol.wsframe import server_frame
 from storage.write_behind import COMMITTED, Ticket
@@ -88,9 +88,8 @@ class Kv:
     def _put(self, link: SessionLink, put: KvPut) -> None:
         assert self.map is not None
         wb = self._s.write_behind
-        if not wb.has_capacity():
-            self._send(link, Error(code=ErrorCode.TRY_LATER, msg="storage is behind", id=put.id))
-            self._s.metrics.errors_by[ErrorCode.TRY_LATER].inc()
+        if not wb.has_capacity():  # through the session, as every refusal
+            tell_session(link, Refused(ErrorCode.TRY_LATER, "storage is behind", put.id, None))
             return
         now = self._s.now_ms()
         results: list[KvResult] = []
