@@ -14,6 +14,7 @@ from pathlib import Path
 import trio
 
 from server.tokens import issue_token
+from storage.store import redact_url
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -332,7 +333,7 @@ def cmd_store(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
         url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
         results = trio.run(run_store_bench, url, args.rows, args.batch)
-    print(f"store: {url.split('@')[-1]}, batches of {args.batch}")
+    print(f"store: {redact_url(url)}, batches of {args.batch}")
     for result in results:
         print(result.line())
     return 0

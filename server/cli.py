@@ -24,7 +24,7 @@ from server.config import (
     config_from_args,
 )
 from server.tokens import dev_secrets_path, issue_token, load_dev_secrets, token_verifier
-from storage.store import StorageConfigError
+from storage.store import StorageConfigError, redact_url
 
 log = logging.getLogger("parley")
 
@@ -174,7 +174,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             pass
 
     trio.run(migrate)
-    print(f"{args.database_url}: schema is up to date")
+    print(f"{redact_url(args.database_url)}: schema is up to date")
     return 0
 
 

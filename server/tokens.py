@@ -14,6 +14,7 @@ from jwt.algorithms import HMACAlgorithm
 from actors.services import TOKEN_LEEWAY, Claims
 from protocol.limits import is_user_id
 from storage.sqlite import sqlite_path
+from storage.store import StorageConfigError
 
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = TOKEN_LEEWAY
@@ -92,7 +93,7 @@ def dev_secrets_path(database_url: str) -> Path:
     """Beside the SQLite file; in the working directory for other databases."""
     try:
         return sqlite_path(database_url).parent / DEV_SECRETS_NAME
-    except Exception:
+    except StorageConfigError:  # not SQLite: no file to sit beside
         return Path(DEV_SECRETS_NAME)
 
 
