@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -26,7 +27,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_bench_parser(sub: "argparse._SubParsersAction[Any]") -> None:
     bench = sub.add_parser(
         "bench",
         help="run a benchmark (see BENCHMARKS.md)",
