@@ -31,6 +31,7 @@ from server.tokens import (
     dev_secrets_path,
     issue_token,
     load_dev_secrets,
+    token_subject,
     token_verifier,
 )
 from storage.store import StorageConfigError, redact_url
@@ -201,7 +202,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if not args.url.startswith(("ws://", "wss://")):
         raise UsageError(f"--url {args.url!r}: a WebSocket URL, like ws://127.0.0.1:8080/ws")
     token = args.token
-    if token is None:
+    if token is not None:
+        owner = token_subject(token)
+        if owner is None:
+            raise UsageError("--token is not a session token (make one with parley token USER)")
+        if owner != args.user:
+            raise UsageError(
+                f"--token is {owner}'s token, not {args.user}'s: pass --user {owner}, or a "
+                f"token made for {args.user}"
+            )
+    else:
         secrets = resolve_secrets(args.secret, None, args.database_url)
         try:
             token = issue_token(secrets.secret, args.user, DEFAULT_TTL)

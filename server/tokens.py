@@ -29,6 +29,17 @@ def issue_token(secret: str, user: str, ttl: int) -> str:
     return jwt.encode({"sub": user, "iat": now, "exp": now + ttl}, secret, algorithm=ALGORITHM)
 
 
+def token_subject(token: str) -> str | None:
+    """The user ``token`` names, read without checking it (only the server can): for a
+    client to catch a mix-up before it connects. None if it is no JWT with a subject."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return None
+    subject = claims.get("sub")
+    return subject if isinstance(subject, str) else None
+
+
 class _PreparedHMAC(HMACAlgorithm):
     """HS256 with the secret checked and prepared once, not on every decode.
 

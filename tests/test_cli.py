@@ -14,7 +14,7 @@ from loadtests.cli import free_port
 from protocol.client import open_client
 from server.cli import build_parser
 from server.config import SERVE_OPTIONS, config_from_args
-from server.tokens import DEV_SECRETS_NAME, load_dev_secrets, token_verifier
+from server.tokens import DEV_SECRETS_NAME, issue_token, load_dev_secrets, token_verifier
 from tests.helpers import SECRET, run_cli, run_server
 
 
@@ -135,6 +135,36 @@ def test_a_secret_may_start_with_a_dash(tmp_path: Path) -> None:
 def test_an_expired_token_is_never_printed(tmp_path: Path) -> None:
     result = run_cli("token", "alice", "--ttl", "-100", "--secret", SECRET, cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == ""
+
+
+def test_chat_refuses_a_token_of_another_user(tmp_path: Path) -> None:
+    dave = issue_token(SECRET, "dave", 3600)
+    # Refused before connecting: nothing listens at this URL.
+    url = f"ws://127.0.0.1:{free_port()}/ws"
+    result = run_cli("chat", "--user", "carol", "--room", "r", "--token", dave, "--url", url)
+    error = one_line_error(result)
+    assert "--token is dave's token, not carol's" in error
+    result = run_cli("chat", "--user", "carol", "--room", "r", "--token", "junk", "--url", url)
+    assert "not a session token" in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("token", "cause"),
+    [
+        (issue_token("another-secret-of-32-bytes-or-more-0123", "carol", 3600), "--secret="),
+        (issue_token(SECRET, "carol", -100), "make a new one"),
+    ],
+)
+async def test_chat_says_why_the_server_refused_its_token(
+    tmp_path: Path, token: str, cause: str
+) -> None:
+    async with run_server(tmp_path) as server:
+        command = ["chat", "--user", "carol", "--room", "r", "--url", server.url, "--token", token]
+        result = await trio.to_thread.run_sync(lambda: run_cli(*command))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "the server refused the token" in lines[0], result.stderr
+    assert cause in lines[0]
 
 
 def test_serve_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
