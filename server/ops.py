@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from protocol.errors import ErrorCode, sole_exception
 from server.admin import MAX_BODY_BYTES, admin_blueprint, error_body
 from server.node import Node
+from server.openapi import openapi_document
 
 log = logging.getLogger("parley.ops")
 
@@ -26,6 +27,7 @@ log = logging.getLogger("parley.ops")
 def create_ops_app(node: Node) -> QuartTrio:
     app = QuartTrio("parley.ops", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies: 413, never read
+    document = openapi_document(node.services.settings.limits)
 
     @app.before_request
     async def read_body() -> None:
@@ -49,6 +51,10 @@ def create_ops_app(node: Node) -> QuartTrio:
     async def metrics() -> Response:
         data = generate_latest(node.services.metrics.registry)
         return Response(data, content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json")
+    async def openapi() -> dict[str, Any]:
+        return document
 
     app.register_blueprint(admin_blueprint(node))
 
