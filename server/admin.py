@@ -69,8 +69,14 @@ def error_body(code: ErrorCode, message: str) -> dict[str, Any]:
     return {"error": {"code": int(code), "name": code.name, "message": message}}
 
 
+def http_status(code: ErrorCode) -> int:
+    """The status of a refusal: a code without its own is answered by its class (1xx:
+    the request is wrong, 2xx: not allowed, 3xx: not now), never as a fault of ours."""
+    return HTTP_STATUS.get(code) or {1: 400, 2: 403}.get(code // 100, 503)
+
+
 def _error(code: ErrorCode, message: str) -> tuple[dict[str, Any], int]:
-    return error_body(code, message), HTTP_STATUS.get(code, 500)
+    return error_body(code, message), http_status(code)
 
 
 def _invalid(message: str) -> AdminError:

@@ -10,7 +10,7 @@ from actors.directory import ActorKind
 from protocol.client import ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import Member, MemberOp, Message, ReceiptState
-from server.admin import MAX_BODY_BYTES, MAX_MEMBERS
+from server.admin import MAX_BODY_BYTES, MAX_MEMBERS, http_status
 from tests.helpers import ADMIN, RunningServer, run_server
 
 
@@ -274,6 +274,13 @@ async def test_admin_validation_errors(server: RunningServer) -> None:
             response = await http.post("/admin/rooms", content=raw)
             assert response.status_code == 400, (raw[:20], response.text)
             assert response.json()["error"]["name"] == "INVALID"
+
+
+def test_every_error_code_has_an_http_status_of_its_class() -> None:
+    for code in ErrorCode:
+        expected = {1: range(400, 500), 2: range(400, 500), 3: range(500, 600)}[code // 100]
+        assert http_status(code) in expected, code
+    assert http_status(ErrorCode.INTERNAL) == 500 and http_status(ErrorCode.BLOCKED) == 403
 
 
 async def test_admin_bodies_are_bounded(server: RunningServer) -> None:
