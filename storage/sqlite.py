@@ -92,8 +92,8 @@ def sqlite_path(url: str) -> Path:
     """``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db``
     absolute. Other spellings (``sqlite:/x.db``, ``sqlite:x.db``, a host, a query) are
     refused: each reads as something else to some other tool."""
-    parts = urlsplit(url)
-    if not url.lower().startswith("sqlite:///") or parts.query or parts.fragment:
+    # The prefix first: with no host, urlsplit cannot fail on a bracket.
+    if not url.lower().startswith("sqlite:///") or (parts := urlsplit(url)).query or parts.fragment:
         raise StorageConfigError(
             f"bad SQLite URL {redact_url(url)}: use sqlite:///relative.db (in the working "
             "directory) or sqlite:////absolute.db"

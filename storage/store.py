@@ -235,15 +235,16 @@ def check_database_url(url: str) -> None:
 
     A PostgreSQL URL without a database name would connect to the server's default
     database (the user's name, or ``PGDATABASE``) and create Parley's tables there."""
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:
-        raise StorageConfigError(f"bad database URL {redact_url(url)}: {exc}") from exc
-    if parts.scheme == "sqlite":
+    scheme = _scheme(url)
+    if scheme == "sqlite":
         from storage.sqlite import sqlite_path
 
         sqlite_path(url)
-    elif parts.scheme in POSTGRES_SCHEMES:
+    elif scheme in POSTGRES_SCHEMES:
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise StorageConfigError(f"bad database URL {redact_url(url)}: {exc}") from exc
         query = parse_qs(parts.query)
         named = parts.path.strip("/") or query.get("dbname") or query.get("database")
         if not named:
@@ -258,6 +259,10 @@ def check_database_url(url: str) -> None:
         )
 
 
+def _scheme(url: str) -> str:
+    return url.partition(":")[0].lower()
+
+
 @asynccontextmanager
 async def open_store(
     url: str, *, pool_size: int = 10, statement_timeout: float = 5.0
@@ -265,7 +270,7 @@ async def open_store(
     """Open the backend named by ``url``, with its migrations applied. ``pool_size``
     and ``statement_timeout`` (seconds) apply to PostgreSQL."""
     check_database_url(url)
-    if urlsplit(url).scheme == "sqlite":
+    if _scheme(url) == "sqlite":
         from storage.sqlite import open_sqlite_store
 
         async with open_sqlite_store(url) as store:

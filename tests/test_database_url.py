@@ -55,7 +55,15 @@ def test_a_postgres_database_may_be_named_in_the_query() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["sqlite:/x.db", "sqlite:x.db", "sqlite://host/x.db", "sqlite:///x.db?mode=ro", "sqlite:"],
+    [
+        "sqlite:/x.db",
+        "sqlite:x.db",
+        "sqlite://host/x.db",
+        "sqlite://[x/y.db",
+        "sqlite:///x.db?mode=ro",
+        "sqlite:///x.db#1",
+        "sqlite:",
+    ],
 )
 async def test_a_sqlite_url_must_say_what_it_means(url: str, tmp_path: Path) -> None:
     with pytest.raises(StorageConfigError) as caught:
