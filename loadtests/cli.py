@@ -10,10 +10,12 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from server.tokens import issue_token
+from storage.store import redact_url
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -25,7 +27,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_bench_parser(sub: "argparse._SubParsersAction[Any]") -> None:
     bench = sub.add_parser(
         "bench",
         help="run a benchmark (see BENCHMARKS.md)",
@@ -332,7 +334,7 @@ def cmd_store(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
         url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
         results = trio.run(run_store_bench, url, args.rows, args.batch)
-    print(f"store: {url.split('@')[-1]}, batches of {args.batch}")
+    print(f"store: {redact_url(url)}, batches of {args.batch}")
     for result in results:
         print(result.line())
     return 0

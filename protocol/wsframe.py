@@ -2,7 +2,7 @@
 
 A server-to-client frame is unmasked and, without per-connection compression, its bytes
 are the same for every recipient: the fan-out path builds it once with ``server_frame``
-and hands the same ``bytes`` object to every session (DESIGN.md, "encode once").
+and hands the same ``bytes`` object to every session ("encode once").
 ``parse_server_frames`` is the matching reader for load generators that cannot afford
 a full WebSocket client per connection.
 """

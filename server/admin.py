@@ -6,6 +6,8 @@ as JSON with the protocol's error code and an HTTP status to match.
 """
 
 import hmac
+import json
+import logging
 import secrets
 from typing import Any
 
@@ -29,7 +31,10 @@ from actors.room import Room
 from protocol.codec import from_fields
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.frames import RoomKind, Send
-from protocol.limits import DIRECT_PREFIX, is_room_id, is_user_id
+from protocol.limits import DIRECT_PREFIX, MAX_ROOM_PAGE, ROOM_PAGE, is_room_id, is_user_id
+from storage.store import StorageError, StorageUnavailable
+
+log = logging.getLogger("parley.admin")
 
 HTTP_STATUS = {
     ErrorCode.INVALID: 400,
@@ -39,10 +44,17 @@ HTTP_STATUS = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.ROOM_EXISTS: 409,
     ErrorCode.TRY_LATER: 503,
+    ErrorCode.INTERNAL: 500,
     ErrorCode.TIMEOUT: 504,
 }
 KINDS = {"open": RoomKind.OPEN, "private": RoomKind.PRIVATE}
-MAX_PAGE = 500
+MAX_PAGE = MAX_ROOM_PAGE
+MAX_MEMBERS = 1000  # user ids in one room creation; more are added one by one
+MAX_BODY_BYTES = 64 * 1024
+ROOM_RULE = "1-128 of A-Z a-z 0-9 _ . @ + = ~ : -"
+USER_RULE = "1-64 of A-Z a-z 0-9 _ . @ + = ~ -"
+CREATE_FIELDS = frozenset({"room", "kind", "owner", "members"})
+PUBLISH_FIELDS = frozenset({"text", "data", "cid"})
 
 
 class AdminError(Exception):
@@ -57,27 +69,58 @@ def error_body(code: ErrorCode, message: str) -> dict[str, Any]:
     return {"error": {"code": int(code), "name": code.name, "message": message}}
 
 
-def _error(code: ErrorCode, message: str) -> ResponseReturnValue:
-    return error_body(code, message), HTTP_STATUS.get(code, 500)
+def http_status(code: ErrorCode) -> int:
+    """The status of a refusal: a code without its own is answered by its class (1xx:
+    the request is wrong, 2xx: not allowed, 3xx: not now), never as a fault of ours."""
+    return HTTP_STATUS.get(code) or {1: 400, 2: 403}.get(code // 100, 503)
 
 
-def _room_id(room: str) -> str:
-    if not is_room_id(room):
-        raise AdminError(ErrorCode.INVALID, f"bad room id {room!r}")
+def _error(code: ErrorCode, message: str) -> tuple[dict[str, Any], int]:
+    return error_body(code, message), http_status(code)
+
+
+def _invalid(message: str) -> AdminError:
+    return AdminError(ErrorCode.INVALID, message)
+
+
+# Messages name the field and the rule, never the value: it may be 64 KiB of anything.
+
+
+def _room_id(room: object, field: str = "room") -> str:
+    if not isinstance(room, str) or not is_room_id(room):
+        raise _invalid(f"{field} must be a room id: {ROOM_RULE}")
     return room
 
 
-def _user_id(user: object) -> str:
+def _user_id(user: object, field: str = "user") -> str:
     if not isinstance(user, str) or not is_user_id(user):
-        raise AdminError(ErrorCode.INVALID, f"bad user id {user!r}")
+        raise _invalid(f"{field} must be a user id: {USER_RULE}")
     return user
 
 
-async def _body() -> dict[str, Any]:
-    data = await request.get_json(force=True, silent=True)
+async def _body(fields: frozenset[str]) -> dict[str, Any]:
+    """The request's JSON object, holding only ``fields``. Any content type is read as
+    JSON, so ``curl -d`` works."""
+    raw = await request.get_data()  # over MAX_CONTENT_LENGTH: 413 (server/ops.py)
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _invalid("the body must be a JSON object") from None
     if not isinstance(data, dict):
-        raise AdminError(ErrorCode.INVALID, "the body must be a JSON object")
+        raise _invalid("the body must be a JSON object")
+    if not data.keys() <= fields:
+        raise _invalid(f"unknown field; the fields are {', '.join(sorted(fields))}")
     return data
+
+
+def _page_limit(text: str) -> int:
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 0 < limit <= MAX_PAGE:
+        raise _invalid(f"limit must be an integer 1-{MAX_PAGE}")
+    return limit
 
 
 def admin_blueprint(node: Any) -> Blueprint:
@@ -101,7 +144,8 @@ def admin_blueprint(node: Any) -> Blueprint:
             or not token
             or not hmac.compare_digest(token.encode(), node.admin_token.encode())
         ):
-            return _error(ErrorCode.UNAUTHORIZED, "missing or wrong admin token")
+            body, status = _error(ErrorCode.UNAUTHORIZED, "missing or wrong admin token")
+            return body, status, {"WWW-Authenticate": 'Bearer realm="parley admin"'}
         return None
 
     @bp.errorhandler(AdminError)
@@ -112,22 +156,27 @@ def admin_blueprint(node: Any) -> Blueprint:
     async def request_failed(exc: RequestFailed) -> ResponseReturnValue:
         return _error(exc.code, exc.message)
 
+    @bp.errorhandler(StorageError)
+    async def storage_failed(exc: StorageError) -> ResponseReturnValue:
+        if isinstance(exc, StorageUnavailable):
+            return _error(ErrorCode.TRY_LATER, f"storage is unavailable: {exc}")
+        log.error("admin: %s %s: storage failed", request.method, request.path, exc_info=exc)
+        return _error(ErrorCode.INTERNAL, "storage failed; the node's log has the details")
+
     @bp.get("/stats")
     async def stats() -> ResponseReturnValue:
         return node.stats()  # type: ignore[no-any-return]
 
     @bp.get("/rooms")
     async def list_rooms() -> ResponseReturnValue:
-        try:
-            limit = int(request.args.get("limit", "100"))
-        except ValueError:
-            raise AdminError(ErrorCode.INVALID, "limit must be an integer") from None
-        if not 0 < limit <= MAX_PAGE:
-            raise AdminError(ErrorCode.INVALID, f"limit must be 1-{MAX_PAGE}")
+        limit = _page_limit(request.args.get("limit", str(ROOM_PAGE)))
         after = request.args.get("after")
-        rooms = await node.store.list_rooms(after, limit)
+        if after is not None:
+            _room_id(after, "after")
+        # One more than asked tells whether a next page exists: no link to an empty page.
+        rooms = await node.store.list_rooms(after, limit + 1)
         out = []
-        for r in rooms:
+        for r in rooms[:limit]:
             live: Room | None = directory.actor(ActorKind.ROOM, r.room)
             online = len(live.online_users()) if live is not None else 0
             seq = live.seq if live is not None and live.exists else r.seq
@@ -141,25 +190,27 @@ def admin_blueprint(node: Any) -> Blueprint:
                     "seq": seq,
                 }
             )
-        next_after = out[-1]["room"] if len(out) == limit else None
+        next_after = out[-1]["room"] if len(rooms) > limit else None
         return {"rooms": out, "next": next_after}
 
     @bp.post("/rooms")
     async def create_room() -> ResponseReturnValue:
-        body = await _body()
-        room = _room_id(body.get("room", ""))
+        body = await _body(CREATE_FIELDS)
+        room = _room_id(body.get("room"))
         if room.startswith(DIRECT_PREFIX):
-            raise AdminError(ErrorCode.INVALID, "direct rooms are opened by their two users")
-        kind = KINDS.get(body.get("kind", "open"))
-        if kind is None:
-            raise AdminError(ErrorCode.INVALID, "kind must be open or private")
+            raise _invalid("direct rooms are opened by their two users")
+        kind_name = body.get("kind", "open")
+        if not isinstance(kind_name, str) or kind_name not in KINDS:
+            raise _invalid("kind must be open or private")
+        kind = KINDS[kind_name]
         owner = body.get("owner")
         if owner is not None:
-            _user_id(owner)
+            _user_id(owner, "owner")
         members = body.get("members", [])
-        if not isinstance(members, list):
-            raise AdminError(ErrorCode.INVALID, "members must be a list of user ids")
-        everyone = tuple(dict.fromkeys([*([owner] if owner else []), *map(_user_id, members)]))
+        if not isinstance(members, list) or len(members) > MAX_MEMBERS:
+            raise _invalid(f"members must be a list of at most {MAX_MEMBERS} user ids")
+        named = [_user_id(m, "each of members") for m in members]
+        everyone = tuple(dict.fromkeys([*([owner] if owner else []), *named]))
         reply: Reply[None] = Reply()
         command = CreateRoom(kind=kind, owner=owner, members=everyone, reply=reply)
         await room_ask(room, command, reply)
@@ -180,6 +231,7 @@ def admin_blueprint(node: Any) -> Blueprint:
 
     @bp.put("/rooms/<room>/members/<user>")
     async def add_member(room: str, user: str) -> ResponseReturnValue:
+        _room_id(room)
         reply: Reply[None] = Reply()
         command = AddMember(by=None, user=_user_id(user), reply=reply)
         await room_ask(_room_id(room), command, reply)
@@ -187,6 +239,7 @@ def admin_blueprint(node: Any) -> Blueprint:
 
     @bp.delete("/rooms/<room>/members/<user>")
     async def remove_member(room: str, user: str) -> ResponseReturnValue:
+        _room_id(room)
         reply: Reply[None] = Reply()
         command = RemoveMember(by=None, user=_user_id(user), reply=reply)
         await room_ask(_room_id(room), command, reply)
@@ -194,8 +247,8 @@ def admin_blueprint(node: Any) -> Blueprint:
 
     @bp.post("/rooms/<room>/messages")
     async def publish(room: str) -> ResponseReturnValue:
-        body = await _body()
-        cid = body.get("cid") or f"admin-{secrets.token_hex(8)}"
+        body = await _body(PUBLISH_FIELDS)
+        cid = body.get("cid", f"admin-{secrets.token_hex(8)}")
         fields = {
             "id": 0,
             "room": room,

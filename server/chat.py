@@ -32,6 +32,18 @@ class ChatError(Exception):
     """Why the chat cannot go on; printed as one line."""
 
 
+def _refused(reason: str) -> str:
+    """Why the server refused the token, and what to do: its own words (PyJWT's) name
+    no cause a user can act on."""
+    if "expired" in reason:
+        return f"the server refused the token ({reason}): make a new one with parley token"
+    return (
+        f"the server refused the token ({reason}): it was likely made with another secret "
+        "than the server's; pass the server's secret as --secret=..., or run where "
+        "`parley serve --dev` runs"
+    )
+
+
 def _show(frame: object, out: TextIO) -> None:
     if isinstance(frame, Message):
         who = frame.user or "(server)"
@@ -165,6 +177,8 @@ async def run_chat(
                     return 0
                 print("* disconnected", file=err, flush=True)
             except ServerError as exc:
+                if exc.code is ErrorCode.UNAUTHORIZED:
+                    raise ChatError(_refused(exc.error.msg)) from None
                 if exc.code in FATAL:
                     raise ChatError(exc.error.msg) from None
                 print(f"* server refused ({exc.error.msg})", file=err, flush=True)

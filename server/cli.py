@@ -5,8 +5,9 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version
+from typing import Any, NoReturn
 
 import attrs
 import trio
@@ -19,20 +20,29 @@ from server.config import (
     SERVE_OPTIONS,
     STATEMENT_TIMEOUT,
     Config,
+    EnvError,
     Option,
     add_options,
     config_from_args,
+    non_negative_int,
+    positive_int,
 )
-from server.tokens import dev_secrets_path, issue_token, load_dev_secrets, token_verifier
-from storage.store import StorageConfigError
+from server.tokens import (
+    dev_secrets_path,
+    issue_token,
+    load_dev_secrets,
+    token_subject,
+    token_verifier,
+)
+from storage.store import StorageConfigError, redact_url
 
 log = logging.getLogger("parley")
 
 DEFAULT_TTL = 24 * 3600
 CLIENT_SECRET = Option(
     "--secret",
-    "HS256 key the server checks tokens with; unset: the one `serve --dev` keeps beside the "
-    "database",
+    "HS256 key the server checks tokens with, written --secret=VALUE; unset: the one "
+    "`serve --dev` keeps beside the database",
 )
 MIN_SECRET_BYTES = 32
 MIN_ADMIN_TOKEN_CHARS = 16
@@ -43,6 +53,49 @@ NO_SECRET = (
 
 class UsageError(Exception):
     """Bad configuration: printed without a traceback, exit status 2."""
+
+
+# What a builtin type's ValueError would say instead ("invalid literal for int() ...").
+_MUST: dict[object, str] = {int: "must be an integer", float: "must be a number"}
+
+
+def _checked(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``kind`` whose ValueError becomes a message naming the value, so argparse never
+    shows the function's name ("invalid _port value")."""
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError as exc:
+            must = _MUST.get(kind) or str(exc)
+            raise argparse.ArgumentTypeError(f"{must}, got {text!r}") from None
+
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """Errors in one line (``parley serve: --port: must be ...``), not a usage dump."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        if callable(kwargs.get("type")):
+            kwargs["type"] = _checked(kwargs["type"])
+        return super().add_argument(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        for value in vars(parsed).values():
+            if isinstance(value, EnvError):
+                self.error(value.message)
+        return parsed, rest
+
+    def error(self, message: str) -> NoReturn:
+        message = message.removeprefix("argument ")
+        if message.endswith(": expected one argument"):
+            flag = message.partition(":")[0].split("/")[-1]
+            message += f" (write a value that starts with '-' as {flag}=VALUE)"
+        self.exit(2, f"{self.prog}: {message}; see {self.prog} --help\n")
 
 
 USAGE_ERRORS: tuple[type[Exception], ...] = (UsageError, StorageConfigError)
@@ -149,7 +202,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if not args.url.startswith(("ws://", "wss://")):
         raise UsageError(f"--url {args.url!r}: a WebSocket URL, like ws://127.0.0.1:8080/ws")
     token = args.token
-    if token is None:
+    if token is not None:
+        owner = token_subject(token)
+        if owner is None:
+            raise UsageError("--token is not a session token (make one with parley token USER)")
+        if owner != args.user:
+            raise UsageError(
+                f"--token is {owner}'s token, not {args.user}'s: pass --user {owner}, or a "
+                f"token made for {args.user}"
+            )
+    else:
         secrets = resolve_secrets(args.secret, None, args.database_url)
         try:
             token = issue_token(secrets.secret, args.user, DEFAULT_TTL)
@@ -174,7 +236,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             pass
 
     trio.run(migrate)
-    print(f"{args.database_url}: schema is up to date")
+    print(f"{redact_url(args.database_url)}: schema is up to date")
     return 0
 
 
@@ -182,7 +244,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="parley",
         description="Parley: a realtime chat server (WebSocket + CBOR) on Trio.",
         epilog="An option whose help shows a PARLEY_* variable can also be set with it; "
@@ -208,7 +270,10 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     )
     token.add_argument("user", help="user id: 1-64 of A-Z a-z 0-9 _ . @ + = ~ -")
     token.add_argument(
-        "--ttl", type=int, default=DEFAULT_TTL, help=f"lifetime in seconds [default {DEFAULT_TTL}]"
+        "--ttl",
+        type=positive_int,
+        default=DEFAULT_TTL,
+        help=f"lifetime in seconds [default {DEFAULT_TTL}]",
     )
     add_options(token, (CLIENT_SECRET, DATABASE_URL, LOG_LEVEL), environ)
     token.set_defaults(func=cmd_token)
@@ -223,9 +288,12 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     chat.add_argument("--room", required=True, help="room to join; created if missing")
     chat.add_argument("--private", action="store_true", help="create the room as private")
     chat.add_argument(
-        "--history", type=int, default=20, help="messages to show on entry [default 20]"
+        "--history",
+        type=non_negative_int,
+        default=20,
+        help="messages to show on entry [default 20]",
     )
-    chat.add_argument("--token", help="session token [default: made with the secret]")
+    chat.add_argument("--token", help="session token for --user [default: made with the secret]")
     env = {} if environ is None else environ
     chat.add_argument(
         "--url",
@@ -271,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not all(isinstance(e, (*USAGE_ERRORS, *RUN_ERRORS)) for e in leaves):
             raise
         for leaf in dict.fromkeys(str(e) for e in leaves):
-            print(f"parley: {leaf}", file=sys.stderr)
+            print(f"parley {args.command}: {leaf}", file=sys.stderr)
         log.debug("details", exc_info=exc)
         return 2 if any(isinstance(e, USAGE_ERRORS) for e in leaves) else 1
     return code

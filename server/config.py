@@ -5,6 +5,7 @@ of them; ``parley serve --help`` prints it, README.md points at that.
 """
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from actors.kvmap import KvQuota
 from actors.quotas import QuotaSettings
 from actors.services import Settings
 from protocol.limits import Limits
+from storage.store import StorageConfigError, check_database_url
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
@@ -48,35 +50,47 @@ def _bool(text: str) -> bool:
         return True
     if value in FALSE:
         return False
-    raise ValueError(f"expected one of {sorted(TRUE | FALSE)}")
+    raise ValueError(f"must be one of {', '.join(sorted(TRUE | FALSE - {''}))}")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError("must be positive")
+# A type function raises ValueError saying what the value must be, without the value:
+# the flag's error adds "got 'VALUE'", the variable's error starts with VAR='VALUE'.
+
+
+def _integer(text: str, low: int, high: int | None, must: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(must) from None
+    if value < low or (high is not None and value > high):
+        raise ValueError(must)
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be 0 or more")
+def _number(text: str, low: float, *, strict: bool, must: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(must) from None
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise ValueError(must)
     return value
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, 1, None, "must be a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _integer(text, 0, None, "must be an integer 0 or more")
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise ValueError("must be positive")
-    return value
+    return _number(text, 0, strict=True, must="must be a positive number")
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
+    return _number(text, 0, strict=False, must="must be a number 0 or more")
 
 
 def _unset_if_empty(text: str) -> str | None:
@@ -85,10 +99,16 @@ def _unset_if_empty(text: str) -> str | None:
 
 
 def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be 0-65535")
-    return value
+    return _integer(text, 0, 65535, "must be an integer 0-65535")
+
+
+def _database_url(text: str) -> str:
+    try:
+        check_database_url(text)
+    except StorageConfigError as exc:
+        # Complete already, and shows the URL without its password.
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 _d = Settings()
@@ -101,9 +121,10 @@ DATABASE_URL = Option(
     "--database-url",
     "where messages are stored: sqlite:///relative.db, sqlite:////absolute.db or "
     "postgresql://user:password@host:5432/database",
+    _database_url,
 )
 DATABASE_POOL = Option(
-    "--database-pool", "PostgreSQL connections this node keeps at most", _positive_int
+    "--database-pool", "PostgreSQL connections this node keeps at most", positive_int
 )
 STATEMENT_TIMEOUT = Option(
     "--statement-timeout",
@@ -111,7 +132,10 @@ STATEMENT_TIMEOUT = Option(
     _positive_float,
 )
 SECRET = Option(
-    "--secret", "HS256 key that signs session tokens (required unless --dev)", _unset_if_empty
+    "--secret",
+    "HS256 key that signs session tokens, 32 bytes or more; write it --secret=VALUE, so "
+    "that one starting with '-' is not taken for an option (required unless --dev)",
+    _unset_if_empty,
 )
 DEV = Option(
     "--dev",
@@ -158,26 +182,26 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "client connections open at once, handshakes included; beyond, a new one is "
         "answered 503 and closed. Leave room under the open-file limit (ulimit -n) for "
         "the database, the ops endpoint and logs",
-        _positive_int,
+        positive_int,
     ),
     Option(
         "--max-connections-per-address",
         "client connections open at once from one IP address; beyond, a new one is "
         "answered 429 and closed (0: no limit; behind a proxy every client has the "
         "proxy's address)",
-        _non_negative_int,
+        non_negative_int,
     ),
-    Option("--max-frame-bytes", "largest client frame", _positive_int),
-    Option("--max-text-chars", "longest message text", _positive_int),
-    Option("--max-data-bytes", "largest message data map, encoded", _positive_int),
-    Option("--max-rooms-per-session", "rooms one session may subscribe to", _positive_int),
-    Option("--max-history-limit", "largest history page", _positive_int),
+    Option("--max-frame-bytes", "largest client frame", positive_int),
+    Option("--max-text-chars", "longest message text", positive_int),
+    Option("--max-data-bytes", "largest message data map, encoded", positive_int),
+    Option("--max-rooms-per-session", "rooms one session may subscribe to", positive_int),
+    Option("--max-history-limit", "largest history page", positive_int),
     Option("--rate", "frames per second a session may send, sustained", _positive_float),
-    Option("--burst", "frames a session may send at once", _positive_int),
+    Option("--burst", "frames a session may send at once", positive_int),
     Option(
         "--outbox-bytes",
         "bytes queued for one client before it is closed as a slow consumer (4005)",
-        _positive_int,
+        positive_int,
     ),
     Option("--ping-interval", "seconds of client silence before a ping", _positive_float),
     Option(
@@ -192,13 +216,13 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "its first byte before the session is closed (4004)",
         _positive_float,
     ),
-    Option("--history-buffer", "recent messages each active room keeps in memory", _positive_int),
+    Option("--history-buffer", "recent messages each active room keeps in memory", positive_int),
     Option(
         "--large-room",
         "rooms with more members than this tell joins and leaves only to the member "
         "concerned, publish an online count instead of members' presence, and receipt "
         "counts instead of members' receipts",
-        _positive_int,
+        positive_int,
     ),
     Option(
         "--receipt-interval",
@@ -220,12 +244,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "seconds after a user's last session closes before they are announced offline",
         _non_negative_float,
     ),
-    Option("--max-watches", "users one session may watch explicitly", _positive_int),
+    Option("--max-watches", "users one session may watch explicitly", positive_int),
     Option(
         "--max-sessions-per-user",
         "sessions one user may have open at once; a hello beyond gets error 210 and close "
         "4008 (0: no limit)",
-        _non_negative_int,
+        non_negative_int,
     ),
     Option(
         "--room-creations-per-hour",
@@ -233,19 +257,17 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "new); beyond, error 210",
         _positive_float,
     ),
-    Option("--room-creation-burst", "rooms one user may create at once", _positive_int),
+    Option("--room-creation-burst", "rooms one user may create at once", positive_int),
     Option(
         "--rooms-per-minute",
         "distinct rooms one session may name in its requests per minute; beyond, error 210",
-        _positive_int,
+        positive_int,
     ),
-    Option("--kv-key-bytes", "longest kv key, in UTF-8 bytes", _positive_int),
-    Option("--kv-value-bytes", "largest kv value, CBOR-encoded", _positive_int),
-    Option("--kv-batch", "most writes in one kvput frame", _positive_int),
-    Option("--kv-max-keys", "kv keys one user may hold (quota)", _positive_int),
-    Option(
-        "--kv-max-bytes", "bytes of kv keys and values one user may hold (quota)", _positive_int
-    ),
+    Option("--kv-key-bytes", "longest kv key, in UTF-8 bytes", positive_int),
+    Option("--kv-value-bytes", "largest kv value, CBOR-encoded", positive_int),
+    Option("--kv-batch", "most writes in one kvput frame", positive_int),
+    Option("--kv-max-keys", "kv keys one user may hold (quota)", positive_int),
+    Option("--kv-max-bytes", "bytes of kv keys and values one user may hold (quota)", positive_int),
     Option(
         "--kv-clock-skew",
         "seconds a kv write's clock may run ahead of the server's before it is refused",
@@ -260,7 +282,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "--kv-max-tombstones",
         "kv deletions remembered per user; beyond, the oldest are forgotten once older "
         "than --kv-tombstone-min-age",
-        _positive_int,
+        positive_int,
     ),
     Option(
         "--kv-tombstone-min-age",
@@ -271,7 +293,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option(
         "--max-replay",
         "most messages a resume replays; beyond it the client refetches",
-        _positive_int,
+        positive_int,
     ),
     Option(
         "--ack-mode",
@@ -283,15 +305,15 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option(
         "--write-queue-records",
         "records the write-behind queue holds before sends get TRY_LATER",
-        _positive_int,
+        positive_int,
     ),
-    Option("--write-queue-bytes", "bytes the write-behind queue holds", _positive_int),
-    Option("--write-batch", "most records stored in one transaction", _positive_int),
+    Option("--write-queue-bytes", "bytes the write-behind queue holds", positive_int),
+    Option("--write-batch", "most records stored in one transaction", positive_int),
     Option("--actor-idle", "seconds before an idle room or user actor stops", _positive_float),
     Option(
         "--storage-probe-interval",
         "seconds between storage health checks while idle (0: off)",
-        float,
+        _non_negative_float,
     ),
     Option(
         "--drain-timeout",
@@ -410,6 +432,14 @@ class Config:
         )
 
 
+@attrs.frozen
+class EnvError:
+    """The default of a flag whose ``PARLEY_*`` variable is wrong: an error only if the
+    command runs without the flag (which wins), reported by the command's parser."""
+
+    message: str
+
+
 def add_options(
     parser: argparse.ArgumentParser,
     options: Sequence[Option],
@@ -420,12 +450,7 @@ def add_options(
     for opt in options:
         default = opt.default
         if opt.env in env:
-            try:
-                default = opt.type(env[opt.env])
-            except ValueError as exc:
-                parser.error(f"{opt.env}={env[opt.env]!r}: {exc}")
-            if opt.choices and default not in opt.choices:
-                parser.error(f"{opt.env}={env[opt.env]!r}: choose from {', '.join(opt.choices)}")
+            default = _from_env(opt, env[opt.env])
         shown = "unset" if opt.default is None else repr(opt.default)
         help_text = f"{opt.help} [env {opt.env}; default {shown}]"
         if opt.type is _bool:
@@ -441,6 +466,18 @@ def add_options(
                 help=help_text,
                 metavar=None if opt.choices else opt.dest.upper(),
             )
+
+
+def _from_env(opt: Option, text: str) -> Any:
+    try:
+        value = opt.type(text)
+    except argparse.ArgumentTypeError as exc:
+        return EnvError(f"{opt.env}: {exc}")
+    except ValueError as exc:
+        return EnvError(f"{opt.env}={text!r}: {exc}")
+    if opt.choices and value not in opt.choices:
+        return EnvError(f"{opt.env}={text!r}: choose from {', '.join(opt.choices)}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -4,6 +4,7 @@ It is a quart-trio app served by hypercorn's trio worker inside the node's own t
 run, so handlers read node state directly and reach actors like sessions do.
 """
 
+import json
 import logging
 from typing import Any
 
@@ -13,14 +14,27 @@ from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, has_request_context, request, websocket
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from protocol.errors import ErrorCode, sole_exception
-from server.admin import admin_blueprint, error_body
+from server.admin import MAX_BODY_BYTES, admin_blueprint, error_body
 from server.node import Node
+from server.openapi import openapi_document
+
+log = logging.getLogger("parley.ops")
 
 
 def create_ops_app(node: Node) -> QuartTrio:
-    app = QuartTrio("parley.ops")
+    app = QuartTrio("parley.ops", static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies: 413, never read
+    document = openapi_document(node.services.settings.limits)
+
+    @app.before_request
+    async def read_body() -> None:
+        # Hypercorn 0.18 leaves a kept-alive connection hanging, neither answered nor
+        # closed, when a response goes out before the request's body has arrived (a 401,
+        # a 404, or a GET that ignores its body): the body is read first, everywhere.
+        await request.get_data()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -38,17 +52,43 @@ def create_ops_app(node: Node) -> QuartTrio:
         data = generate_latest(node.services.metrics.registry)
         return Response(data, content_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/openapi.json")
+    async def openapi() -> dict[str, Any]:
+        return document
+
     app.register_blueprint(admin_blueprint(node))
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> tuple[dict[str, Any], int]:
         path = request.path if has_request_context() else websocket.path
-        return error_body(ErrorCode.NOT_FOUND, f"no such endpoint: {path}"), 404
+        return error_body(ErrorCode.NOT_FOUND, f"no such endpoint: {path[:200]}"), 404
 
-    @app.errorhandler(405)
-    async def wrong_method(_: Exception) -> tuple[dict[str, Any], int]:
-        message = f"{request.method} is not allowed on {request.path}"
-        return error_body(ErrorCode.INVALID, message), 405
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        """Every other refusal of the HTTP layer (405, 413, 400 ...) in the error shape."""
+        status = exc.code or 400
+        code = ErrorCode.TOO_LARGE if status == 413 else ErrorCode.INVALID
+        message = exc.description or exc.name
+        if status == 405:
+            message = f"{request.method} is not allowed on {request.path[:200]}"
+        elif status == 413:
+            message = f"the body is larger than {MAX_BODY_BYTES} bytes"
+        body = Response(
+            json.dumps(error_body(code, message)), status=status, content_type="application/json"
+        )
+        if "Allow" in (headers := exc.get_response().headers):  # a 405 says what is allowed
+            body.headers["Allow"] = headers["Allow"]
+        if status == 413:
+            # The rest of the body stays unread, so the client must not send another
+            # request on this connection (and hypercorn will not close it by itself).
+            body.headers["Connection"] = "close"
+        return body
+
+    @app.errorhandler(Exception)
+    async def fault(exc: Exception) -> tuple[dict[str, Any], int]:
+        # A bug of ours: logged with its traceback, answered in the error shape.
+        log.error("%s %s failed", request.method, request.path[:200], exc_info=exc)
+        return error_body(ErrorCode.INTERNAL, "internal error; the node's log has details"), 500
 
     return app
 

@@ -14,6 +14,7 @@ from jwt.algorithms import HMACAlgorithm
 from actors.services import TOKEN_LEEWAY, Claims
 from protocol.limits import is_user_id
 from storage.sqlite import sqlite_path
+from storage.store import StorageConfigError
 
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = TOKEN_LEEWAY
@@ -26,6 +27,17 @@ def issue_token(secret: str, user: str, ttl: int) -> str:
         raise ValueError(f"bad user id {user!r}: 1-64 of A-Z a-z 0-9 _ . @ + = ~ -")
     now = int(time.time())
     return jwt.encode({"sub": user, "iat": now, "exp": now + ttl}, secret, algorithm=ALGORITHM)
+
+
+def token_subject(token: str) -> str | None:
+    """The user ``token`` names, read without checking it (only the server can): for a
+    client to catch a mix-up before it connects. None if it is no JWT with a subject."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return None
+    subject = claims.get("sub")
+    return subject if isinstance(subject, str) else None
 
 
 class _PreparedHMAC(HMACAlgorithm):
@@ -92,7 +104,7 @@ def dev_secrets_path(database_url: str) -> Path:
     """Beside the SQLite file; in the working directory for other databases."""
     try:
         return sqlite_path(database_url).parent / DEV_SECRETS_NAME
-    except Exception:
+    except StorageConfigError:  # not SQLite: no file to sit beside
         return Path(DEV_SECRETS_NAME)
 
 

@@ -56,6 +56,7 @@ from storage.store import (
     StoredPresence,
     UserSeen,
     UserSnapshot,
+    redact_url,
 )
 
 T = TypeVar("T")
@@ -646,19 +647,10 @@ async def _store_in(
     try:
         pool = await loop.run_aio_coroutine(connect())
     except (*_ERRORS, ValueError) as exc:
-        raise StorageConfigError(f"cannot use {_redact(url)}: {exc}") from exc
+        raise StorageConfigError(f"cannot use {redact_url(url)}: {exc}") from exc
     store = PostgresStore(loop, pool, url, statement_timeout)
     try:
         yield store
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await loop.run_aio_coroutine(store._close())
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password, for messages."""
-    head, at, tail = url.rpartition("@")
-    if not at or ":" not in head.split("//", 1)[-1]:
-        return url
-    scheme, _, creds = head.partition("//")
-    return f"{scheme}//{creds.split(':', 1)[0]}:***@{tail}"

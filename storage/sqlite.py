@@ -50,6 +50,7 @@ from storage.store import (
     StoredPresence,
     UserSeen,
     UserSnapshot,
+    redact_url,
 )
 
 T = TypeVar("T")
@@ -89,10 +90,14 @@ _UPSERT_USER = (
 
 def sqlite_path(url: str) -> Path:
     """``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db``
-    absolute."""
-    parts = urlsplit(url)
-    if parts.scheme != "sqlite" or parts.netloc or not parts.path.startswith("/"):
-        raise StorageConfigError(f"bad SQLite URL {url!r}: use sqlite:///path/to/file.db")
+    absolute. Other spellings (``sqlite:/x.db``, ``sqlite:x.db``, a host, a query) are
+    refused: each reads as something else to some other tool."""
+    # The prefix first: with no host, urlsplit cannot fail on a bracket.
+    if not url.lower().startswith("sqlite:///") or (parts := urlsplit(url)).query or parts.fragment:
+        raise StorageConfigError(
+            f"bad SQLite URL {redact_url(url)}: use sqlite:///relative.db (in the working "
+            "directory) or sqlite:////absolute.db"
+        )
     path = parts.path[1:]
     if not path or path == ":memory:":
         raise StorageConfigError("SQLite needs a file: the reader and writer share it")

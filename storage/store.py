@@ -6,10 +6,11 @@ activation, history and resume. Backends translate their own exceptions into the
 ``StorageError`` family at this boundary, so nothing above knows which database runs.
 """
 
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 
@@ -212,27 +213,72 @@ class Store(Protocol):
         """Raise ``StorageUnavailable`` unless the database answers."""
 
 
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: for every message and log line.
+
+    Everything between ``//`` and the last ``@`` counts as user information, so a
+    password holding ``/``, ``?`` or ``@`` is hidden too (at worst, more is hidden)."""
+    head, slashes, rest = url.partition("//")
+    userinfo, at, hosts = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if at and colon:
+        rest = f"{user}:***@{hosts}"
+    return head + slashes + _PASSWORD_PARAM.sub(r"\1***", rest)
+
+
+def check_database_url(url: str) -> None:
+    """Raise ``StorageConfigError`` unless ``url`` says plainly which database it means.
+
+    A PostgreSQL URL without a database name would connect to the server's default
+    database (the user's name, or ``PGDATABASE``) and create Parley's tables there."""
+    scheme = _scheme(url)
+    if scheme == "sqlite":
+        from storage.sqlite import sqlite_path
+
+        sqlite_path(url)
+    elif scheme in POSTGRES_SCHEMES:
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise StorageConfigError(f"bad database URL {redact_url(url)}: {exc}") from exc
+        query = parse_qs(parts.query)
+        named = parts.path.strip("/") or query.get("dbname") or query.get("database")
+        if not named:
+            raise StorageConfigError(
+                f"{redact_url(url)} names no database: add its name, as in "
+                "postgresql://user:password@host:5432/parley"
+            )
+    else:
+        raise StorageConfigError(
+            f"unsupported database URL {redact_url(url)}: use sqlite:///relative.db, "
+            "sqlite:////absolute.db or postgresql://user:password@host:5432/database"
+        )
+
+
+def _scheme(url: str) -> str:
+    return url.partition(":")[0].lower()
+
+
 @asynccontextmanager
 async def open_store(
     url: str, *, pool_size: int = 10, statement_timeout: float = 5.0
 ) -> AsyncIterator[Store]:
     """Open the backend named by ``url``, with its migrations applied. ``pool_size``
     and ``statement_timeout`` (seconds) apply to PostgreSQL."""
-    scheme = urlsplit(url).scheme
-    if scheme == "sqlite":
+    check_database_url(url)
+    if _scheme(url) == "sqlite":
         from storage.sqlite import open_sqlite_store
 
         async with open_sqlite_store(url) as store:
             yield store
-    elif scheme in ("postgresql", "postgres"):
+    else:
         from storage.postgres import open_postgres_store
 
         async with open_postgres_store(
             url, pool_size=pool_size, statement_timeout=statement_timeout
         ) as pg:
             yield pg
-    else:
-        raise StorageConfigError(
-            f"unsupported database URL {url!r}: use sqlite:///path/to/file.db or "
-            "postgresql://user:password@host:port/database"
-        )

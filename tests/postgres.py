@@ -109,17 +109,23 @@ class PrivatePostgres:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://parley@/{database}?host={self.dir}"
 
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """What ``sql`` prints, unaligned, as the superuser."""
+        psql = shutil.which("psql") or _binary("psql")
+        done = subprocess.run(
+            [psql, self.url(database), "-qAtc", sql],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return done.stdout.strip()
+
     def new_database(self) -> str:
         """The URL of a fresh, empty database."""
         self._databases += 1
         name = f"t{os.getpid()}_{self._databases}"
-        psql = shutil.which("psql") or _binary("psql")
-        subprocess.run(
-            [psql, self.url(), "-q", "-c", f"CREATE DATABASE {name}"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        self.psql(f"CREATE DATABASE {name}")
         return self.url(name)
 
     def destroy(self) -> None:

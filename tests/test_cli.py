@@ -14,7 +14,7 @@ from loadtests.cli import free_port
 from protocol.client import open_client
 from server.cli import build_parser
 from server.config import SERVE_OPTIONS, config_from_args
-from server.tokens import DEV_SECRETS_NAME, load_dev_secrets, token_verifier
+from server.tokens import DEV_SECRETS_NAME, issue_token, load_dev_secrets, token_verifier
 from tests.helpers import SECRET, run_cli, run_server
 
 
@@ -73,11 +73,98 @@ def test_environment_variables_configure_serve() -> None:
     assert not config.settings().durable_acks
 
 
-def test_a_bad_environment_value_names_the_variable() -> None:
-    result = run_cli("serve", env={"PARLEY_PORT": "eighty"})
-    assert result.returncode == 2 and "PARLEY_PORT" in result.stderr
-    result = run_cli("serve", env={"PARLEY_ACK_MODE": "maybe"})
-    assert result.returncode == 2 and "PARLEY_ACK_MODE" in result.stderr
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The error line of a command that must fail with exit status 2 and say why once."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["serve", "--port", "abc"], "parley serve: --port: must be an integer 0-65535, got 'abc'"),
+        (["serve", "--ops-port", "70000"], "--ops-port: must be an integer 0-65535, got '70000'"),
+        (["serve", "--rate", "nan"], "--rate: must be a positive number, got 'nan'"),
+        (["serve", "--storage-probe-interval", "x"], "must be a number 0 or more, got 'x'"),
+        (["serve", "--dev", "--log-level", "loud"], "--log-level: invalid choice: 'loud'"),
+        (["token", "alice", "--ttl", "-100"], "--ttl: must be a positive integer, got '-100'"),
+        (["token", "alice", "--ttl", "0"], "--ttl: must be a positive integer, got '0'"),
+        (["chat", "--user", "a", "--room", "r", "--history", "x"], "--history: must be"),
+        (["chat", "--user", "a"], "parley chat: the following arguments are required: --room"),
+        (["bench", "fanout", "--receivers", "x"], "--receivers: must be an integer, got 'x'"),
+        (["migrate", "--database-url", "sqlite:x.db"], "--database-url: bad SQLite URL"),
+    ],
+)
+def test_a_bad_flag_is_one_clear_line(args: list[str], line: str) -> None:
+    error = one_line_error(run_cli(*args))
+    assert line in error
+    assert error.endswith("--help")
+    assert "invalid" not in error.replace("invalid choice", "")  # argparse's type names
+
+
+def test_a_bad_environment_value_is_one_clear_line(tmp_path: Path) -> None:
+    result = run_cli("serve", env={"PARLEY_PORT": "abc"}, cwd=tmp_path)
+    assert one_line_error(result).startswith(
+        "parley serve: PARLEY_PORT='abc': must be an integer 0-65535"
+    )
+    result = run_cli("serve", env={"PARLEY_ACK_MODE": "maybe"}, cwd=tmp_path)
+    assert "PARLEY_ACK_MODE='maybe': choose from durable, sequenced" in one_line_error(result)
+    url = "postgresql://parley:hunter2@db:5432"
+    result = run_cli("migrate", env={"PARLEY_DATABASE_URL": url}, cwd=tmp_path)
+    error = one_line_error(result)
+    assert "PARLEY_DATABASE_URL: postgresql://parley:***@db:5432 names no database" in error
+    # The flag wins, even over a wrong variable; other commands do not read it.
+    result = run_cli("serve", "--port", "1", "--secret=short", env={"PARLEY_PORT": "abc"})
+    assert "at least 32 bytes" in one_line_error(result)
+    result = run_cli("token", "alice", "--secret", SECRET, env={"PARLEY_PORT": "abc"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_secret_may_start_with_a_dash(tmp_path: Path) -> None:
+    secret = "-" + SECRET
+    result = run_cli("token", "alice", f"--secret={secret}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert token_verifier(secret)(result.stdout.strip()).user == "alice"
+    error = one_line_error(run_cli("token", "alice", "--secret", secret, cwd=tmp_path))
+    assert "--secret=VALUE" in error
+    assert "--secret=VALUE" in " ".join(run_cli("serve", "--help").stdout.split())
+
+
+def test_an_expired_token_is_never_printed(tmp_path: Path) -> None:
+    result = run_cli("token", "alice", "--ttl", "-100", "--secret", SECRET, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+
+
+def test_chat_refuses_a_token_of_another_user(tmp_path: Path) -> None:
+    dave = issue_token(SECRET, "dave", 3600)
+    # Refused before connecting: nothing listens at this URL.
+    url = f"ws://127.0.0.1:{free_port()}/ws"
+    result = run_cli("chat", "--user", "carol", "--room", "r", "--token", dave, "--url", url)
+    error = one_line_error(result)
+    assert "--token is dave's token, not carol's" in error
+    result = run_cli("chat", "--user", "carol", "--room", "r", "--token", "junk", "--url", url)
+    assert "not a session token" in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("token", "cause"),
+    [
+        (issue_token("another-secret-of-32-bytes-or-more-0123", "carol", 3600), "--secret="),
+        (issue_token(SECRET, "carol", -100), "make a new one"),
+    ],
+)
+async def test_chat_says_why_the_server_refused_its_token(
+    tmp_path: Path, token: str, cause: str
+) -> None:
+    async with run_server(tmp_path) as server:
+        command = ["chat", "--user", "carol", "--room", "r", "--url", server.url, "--token", token]
+        result = await trio.to_thread.run_sync(lambda: run_cli(*command))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "the server refused the token" in lines[0], result.stderr
+    assert cause in lines[0]
 
 
 def test_serve_refuses_to_start_without_a_secret(tmp_path: Path) -> None:

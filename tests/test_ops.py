@@ -10,7 +10,8 @@ from actors.directory import ActorKind
 from protocol.client import ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import Member, MemberOp, Message, ReceiptState
-from tests.helpers import RunningServer, run_server
+from server.admin import MAX_BODY_BYTES, MAX_MEMBERS, http_status
+from tests.helpers import ADMIN, RunningServer, run_server
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -147,10 +148,15 @@ async def test_full_write_queue_refuses_sends_and_fails_readiness(tmp_path: Path
 
 async def test_admin_needs_the_token(server: RunningServer) -> None:
     async with server.http(admin=False) as http:
-        assert (await http.get("/admin/stats")).status_code == 401
-        wrong = await http.get("/admin/stats", headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 401
-        assert wrong.json()["error"]["code"] == 108
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": ADMIN}):
+            response = await http.post("/admin/rooms", json={"room": 123}, headers=headers)
+            assert response.status_code == 401  # before the body is looked at
+            assert response.json()["error"] == {
+                "code": 108,
+                "name": "UNAUTHORIZED",
+                "message": "missing or wrong admin token",
+            }
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 async def test_admin_api_is_off_without_a_token(tmp_path: Path) -> None:
@@ -158,6 +164,7 @@ async def test_admin_api_is_off_without_a_token(tmp_path: Path) -> None:
         async with server.http() as http:
             response = await http.get("/admin/stats")
         assert response.status_code == 403
+        assert response.json()["error"]["name"] == "FORBIDDEN"
 
 
 async def test_admin_rooms_members_and_publish(server: RunningServer) -> None:
@@ -225,23 +232,103 @@ async def test_unknown_endpoints_answer_json(server: RunningServer) -> None:
 
 
 async def test_admin_validation_errors(server: RunningServer) -> None:
+    too_many = [f"u{i}" for i in range(MAX_MEMBERS + 1)]
     async with server.http() as http:
         cases = [
             ("post", "/admin/rooms", {"room": "bad room"}, 400),
             ("post", "/admin/rooms", {"room": "dm:a:b"}, 400),
             ("post", "/admin/rooms", {"room": "x", "kind": "secret"}, 400),
             ("post", "/admin/rooms", {"room": "x", "members": ["ok", "not ok"]}, 400),
+            ("post", "/admin/rooms", {"room": 123}, 400),  # answered 500
+            ("post", "/admin/rooms", {"room": "x", "kind": []}, 400),  # answered 500
+            ("post", "/admin/rooms", {"room": "x", "owner": 5}, 400),
+            ("post", "/admin/rooms", {"room": "x", "members": "alice"}, 400),
+            ("post", "/admin/rooms", {"room": "x", "members": [None]}, 400),
+            ("post", "/admin/rooms", {"room": "x", "members": too_many}, 400),
+            ("post", "/admin/rooms", {"room": "x", "colour": "red"}, 400),
+            ("post", "/admin/rooms", ["x"], 400),
+            ("post", "/admin/rooms", None, 400),
             ("post", "/admin/rooms/missing/messages", {"text": "hi"}, 404),
             ("post", "/admin/rooms/x/messages", {"text": 5}, 400),
             ("post", "/admin/rooms/x/messages", {}, 400),
+            ("post", "/admin/rooms/x/messages", {"text": "hi", "cid": 0}, 400),
+            ("post", "/admin/rooms/x/messages", {"text": "hi", "data": []}, 400),
+            ("post", "/admin/rooms/x/messages", {"text": "hi", "user": "alice"}, 400),
+            ("post", "/admin/rooms/x/messages", {"text": "x" * 5000}, 413),
+            ("post", "/admin/rooms/bad room/messages", {"text": "hi"}, 400),
             ("get", "/admin/rooms/missing", None, 404),
+            ("get", "/admin/rooms/bad room", None, 400),
             ("put", "/admin/rooms/missing/members/bob", None, 404),
+            ("put", "/admin/rooms/bad room/members/bob", None, 400),
+            ("delete", "/admin/rooms/x/members/not ok", None, 400),
             ("get", "/admin/rooms?limit=0", None, 400),
+            ("get", "/admin/rooms?limit=x", None, 400),
+            ("get", "/admin/rooms?after=bad room", None, 400),
         ]
         for method, url, body, status in cases:
             response = await http.request(method, url, json=body)
             assert response.status_code == status, (method, url, response.text)
-            assert "code" in response.json()["error"]
+            error = response.json()["error"]
+            assert error["code"] in {102, 103, 201} and len(error["message"]) < 200, error
+        for raw in (b"{", b"[" * 60_000, '{"room": "\u00e9"}'.encode("latin-1"), b""):
+            response = await http.post("/admin/rooms", content=raw)
+            assert response.status_code == 400, (raw[:20], response.text)
+            assert response.json()["error"]["name"] == "INVALID"
+
+
+def test_every_error_code_has_an_http_status_of_its_class() -> None:
+    for code in ErrorCode:
+        expected = {1: range(400, 500), 2: range(400, 500), 3: range(500, 600)}[code // 100]
+        assert http_status(code) in expected, code
+    assert http_status(ErrorCode.INTERNAL) == 500 and http_status(ErrorCode.BLOCKED) == 403
+
+
+async def test_admin_bodies_are_bounded(server: RunningServer) -> None:
+    async with server.http() as http:
+        response = await http.post("/admin/rooms/x/messages", content=b" " * (MAX_BODY_BYTES + 1))
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == 103
+    async with server.http() as http:  # a fresh connection: the last one is closed
+        assert (await http.get("/admin/stats")).status_code == 200
+
+
+async def test_admin_room_pages_end_without_an_empty_page(server: RunningServer) -> None:
+    async with server.http() as http:
+        for room in ("a", "b", "c"):
+            assert (await http.post("/admin/rooms", json={"room": room})).status_code == 201
+        whole = (await http.get("/admin/rooms?limit=3")).json()
+        assert [r["room"] for r in whole["rooms"]] == ["a", "b", "c"]
+        assert whole["next"] is None  # was "c", which led to an empty page
+        first = (await http.get("/admin/rooms?limit=2")).json()
+        assert ([r["room"] for r in first["rooms"]], first["next"]) == (["a", "b"], "b")
+        last = (await http.get(f"/admin/rooms?limit=2&after={first['next']}")).json()
+        assert ([r["room"] for r in last["rooms"]], last["next"]) == (["c"], None)
+
+
+async def test_a_body_that_arrives_after_a_refusal_does_not_hang_the_connection(
+    server: RunningServer,
+) -> None:
+    """Hypercorn left a kept-alive connection unanswered when the response (here a 401)
+    went out before the request's body had arrived."""
+    host, port = server.addresses.ops
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        body = b'{"room": "late"}'
+        head = f"POST /admin/rooms HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        await stream.send_all(head.encode())
+        received = b""
+        with trio.move_on_after(0.3):  # the server may answer before the body comes
+            received += await stream.receive_some()
+        await trio.sleep(0.3)  # and have finished with the request by then
+        await stream.send_all(body)
+        await trio.sleep(0.1)  # the body and the next request in separate reads
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(10):
+            while not received.endswith(b'{"status":"OK"}\n'):  # the answer to the GET
+                chunk = await stream.receive_some()
+                assert chunk, f"the connection was closed: {received!r}"
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 401") and b"HTTP/1.1 200" in received
 
 
 async def test_a_request_waiting_on_storage_does_not_look_idle(tmp_path: Path) -> None:
