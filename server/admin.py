@@ -129,8 +129,18 @@ def admin_blueprint(node: Any) -> Blueprint:
     timeout = node.services.settings.request_timeout
     directory = node.directory
 
-    async def room_ask(room: str, command: object, reply: Reply[Any]) -> Any:
+    async def room_ask(
+        room: str, command: object, reply: Reply[Any], *, creating: bool = False
+    ) -> Any:
         with answer_within(timeout):
+            # As for clients: a room that does not exist costs no actor.
+            if not creating:
+                try:
+                    found = await node.services.rooms.exists(room)
+                except StorageError as exc:
+                    raise RequestFailed(ErrorCode.TRY_LATER, "storage unavailable") from exc
+                if not found:
+                    raise RequestFailed(ErrorCode.NOT_FOUND, "no such room")
             return await ask(directory, ActorKind.ROOM, room, command, reply)
 
     @bp.before_request
@@ -213,7 +223,7 @@ def admin_blueprint(node: Any) -> Blueprint:
         everyone = tuple(dict.fromkeys([*([owner] if owner else []), *named]))
         reply: Reply[None] = Reply()
         command = CreateRoom(kind=kind, owner=owner, members=everyone, reply=reply)
-        await room_ask(room, command, reply)
+        await room_ask(room, command, reply, creating=True)
         return {
             "room": room,
             "kind": kind.name.lower(),

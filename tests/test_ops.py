@@ -274,6 +274,9 @@ async def test_admin_validation_errors(server: RunningServer) -> None:
             response = await http.post("/admin/rooms", content=raw)
             assert response.status_code == 400, (raw[:20], response.text)
             assert response.json()["error"]["name"] == "INVALID"
+    # The room that does not exist was looked up (once in storage), not started.
+    assert len(server.node.services.rooms) == 1
+    assert server.node.directory.count(ActorKind.ROOM) == 0
 
 
 def test_every_error_code_has_an_http_status_of_its_class() -> None:
