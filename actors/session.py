@@ -122,6 +122,12 @@ BUSY_RECHECK = 1.0  # seconds between keep-alive checks while a request is runni
 # frames at the frame rate would hold most of a core.
 RATE_BYTES = 4096
 
+
+def frame_cost(size: int) -> int:
+    """Rate tokens a client frame of ``size`` bytes takes."""
+    return 1 + size // RATE_BYTES
+
+
 # One empty set for every session that watches nobody: frozenset() makes a new one.
 _NOBODY: frozenset[str] = frozenset()
 
@@ -183,7 +189,7 @@ class Session:
         # Every frame counts against the rate limit, before anything is decoded; before
         # hello nothing but a hello is decoded at all. The type and id are read alone
         # (peek) to answer the others.
-        if not self._bucket.take(trio.current_time(), 1 + len(payload) // RATE_BYTES):
+        if not self._bucket.take(trio.current_time(), frame_cost(len(payload))):
             self._error(ErrorCode.RATE_LIMITED, "slow down", request_id=peek(payload)[1])
             return
         if self.user is None:

@@ -13,7 +13,7 @@ from typing import TextIO
 import trio
 from trio_websocket import ConnectionRejected, HandshakeError
 
-from protocol.client import Disconnected, ParleyClient, ServerError, open_client
+from protocol.client import Disconnected, ParleyClient, ServerError, TokenSource, open_client
 from protocol.errors import ErrorCode
 from protocol.frames import Error, Goaway, Joined, Member, MemberOp, Message
 
@@ -61,8 +61,10 @@ def _show(frame: object, out: TextIO) -> None:
 
 
 async def _enter(client: ParleyClient, room: str, private: bool) -> Joined:
+    # Without a position: a room resumed by hello has replayed what was missed already
+    # (a join with the old position would be answered "not recovered": it went out).
     try:
-        return await client.join(room)
+        return await client.join(room, resume=False)
     except ServerError as exc:
         if exc.code is not ErrorCode.NOT_FOUND:
             raise
@@ -118,6 +120,7 @@ async def _converse(
 async def _session(
     url: str,
     token: str,
+    new_token: TokenSource | None,
     user: str,
     room: str,
     private: bool,
@@ -128,7 +131,7 @@ async def _session(
 ) -> bool:
     """One connection; True when the user is done."""
     out, err = sys.stdout, sys.stderr
-    async with open_client(url, token, resume=positions) as client:
+    async with open_client(url, token, resume=positions, refresh=new_token) as client:
         first = room not in positions
         joined = await _enter(client, room, private)
         if reconnecting:
@@ -146,9 +149,17 @@ async def _session(
 
 
 async def run_chat(
-    url: str, token: str, user: str, room: str, *, private: bool = False, history: int = 20
+    url: str,
+    token: str | TokenSource,
+    user: str,
+    room: str,
+    *,
+    private: bool = False,
+    history: int = 20,
 ) -> int:
-    """Chat until end of input; the exit status."""
+    """Chat until end of input; the exit status. ``token`` is a token, or a function
+    that makes one: then each connection gets a new one, refreshed before it expires."""
+    fixed, new_token = (token, None) if isinstance(token, str) else ("", token)
     err = sys.stderr
     positions: dict[str, tuple[int, str]] = {}
     send_lines, lines = trio.open_memory_channel[str](100)
@@ -161,7 +172,8 @@ async def run_chat(
             try:
                 done = await _session(
                     url,
-                    token,
+                    fixed if new_token is None else await new_token(),
+                    new_token,
                     user,
                     room,
                     private,

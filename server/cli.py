@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
+from protocol.client import TokenSource
 from server.chat import ChatError
 from server.config import (
     DATABASE_POOL,
@@ -39,6 +40,7 @@ from storage.store import StorageConfigError, redact_url
 log = logging.getLogger("parley")
 
 DEFAULT_TTL = 24 * 3600
+CHAT_TTL = 15 * 60  # chat refreshes its tokens, so they can be short-lived
 CLIENT_SECRET = Option(
     "--secret",
     "HS256 key the server checks tokens with, written --secret=VALUE; unset: the one "
@@ -152,6 +154,7 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from actors.session import frame_cost
     from server.node import serve
 
     config: Config = config_from_args(args)
@@ -162,6 +165,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if not config.dev and config.secret is None:
         raise UsageError(NO_SECRET)  # serve never falls back to the kept dev secret
+    largest = frame_cost(config.max_frame_bytes)
+    if config.burst < largest:
+        raise UsageError(
+            f"--burst {config.burst} is below the {largest} rate tokens a frame of "
+            f"--max-frame-bytes takes (one, and one per full 4 KiB): such frames would "
+            f"never pass; raise --burst or lower --max-frame-bytes"
+        )
     secrets = resolve_secrets(
         config.secret, config.admin_token, config.database_url, dev=config.dev
     )
@@ -211,15 +221,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 f"--token is {owner}'s token, not {args.user}'s: pass --user {owner}, or a "
                 f"token made for {args.user}"
             )
+        source: str | TokenSource = token
     else:
+        # With the secret, chat makes its own short-lived tokens and refreshes them.
         secrets = resolve_secrets(args.secret, None, args.database_url)
         try:
-            token = issue_token(secrets.secret, args.user, DEFAULT_TTL)
+            issue_token(secrets.secret, args.user, CHAT_TTL)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+
+        async def new_token() -> str:
+            return issue_token(secrets.secret, args.user, CHAT_TTL)
+
+        source = new_token
     return trio.run(
         lambda: run_chat(
-            args.url, token, args.user, args.room, private=args.private, history=args.history
+            args.url, source, args.user, args.room, private=args.private, history=args.history
         )
     )
 

@@ -358,3 +358,10 @@ def test_the_connection_limits_are_options() -> None:
     assert (config.max_connections, config.max_connections_per_address) == (500, 0)
     assert run_cli("serve", env={"PARLEY_MAX_CONNECTIONS": "0"}).returncode == 2
     assert run_cli("serve", env={"PARLEY_MAX_CONNECTIONS_PER_ADDRESS": "-1"}).returncode == 2
+
+
+def test_a_burst_too_small_for_the_largest_frame_is_refused(tmp_path: Path) -> None:
+    result = run_cli("serve", "--dev", "--burst", "10", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--burst 10 is below the 17 rate tokens" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
