@@ -139,6 +139,42 @@ CloseFn = Callable[[CloseCode, str], None]
 
 
 class Session:
+    # Slots: a session has over 30 attributes, past which CPython's instance dicts stop
+    # sharing their keys: 1.4 KiB more per idle session (BENCHMARKS.md, "Idle sessions").
+    __slots__ = (
+        "_alive_state",
+        "_blocks_known",
+        "_bucket",
+        "_close_connection",
+        "_due",
+        "_errors",
+        "_expires",
+        "_following",
+        "_kv",
+        "_metrics",
+        "_named",
+        "_quiet_since",
+        "_rosters",
+        "_s",
+        "_settings",
+        "_timer",
+        "_unfollow_fns",
+        "_watched",
+        "blocks",
+        "busy",
+        "closing",
+        "ended",
+        "going_away",
+        "id",
+        "last_inbound",
+        "link",
+        "opened_at",
+        "outbox",
+        "peer",
+        "rooms",
+        "user",
+    )
+
     def __init__(self, services: Services, outbox: Outbox, close: CloseFn, peer: str) -> None:
         self._s = services
         self._settings = services.settings
@@ -342,16 +378,20 @@ class Session:
 
     # --- rooms named --------------------------------------------------------------------
 
-    async def _existing_room(self, room: str) -> None:
-        """Refuse a request about a room beyond the quota of rooms named per minute, or
-        about a room that does not exist, which must cost no actor (actors.room_lookup)."""
+    def _room_known(self, room: str) -> bool | None:
+        """Count ``room`` among the rooms named this minute (refused beyond the quota);
+        whether it exists, if known without a lookup: True when its actor runs, the
+        usual case."""
         self._name_room(room)
-        rooms = self._s.rooms
-        known = rooms.known(room)
+        return self._s.rooms.known(room)
+
+    async def _look_up(self, room: str, known: bool | None) -> None:
+        """Refuse a request about a room that does not exist, which must cost no actor
+        (actors.room_lookup); ``known`` is what ``_room_known`` said."""
         if known is None:
             try:
                 with trio.fail_after(self._settings.request_timeout):
-                    known = await rooms.exists(room)
+                    known = await self._s.rooms.exists(room)
             except (StorageError, trio.TooSlowError) as exc:
                 raise RequestFailed(ErrorCode.TRY_LATER, "storage unavailable; retry") from exc
         if not known:
@@ -508,13 +548,16 @@ class Session:
             room = direct_room_id(self.user, frame.user)
             return await self._attach(frame.id, room, AttachMode.DIRECT)
         if type(frame) is History:
-            await self._existing_room(frame.room)
+            if (known := self._room_known(frame.room)) is not True:
+                await self._look_up(frame.room, known)
             return await self._history(frame)
         if type(frame) is Leave:
-            await self._existing_room(frame.room)
+            if (known := self._room_known(frame.room)) is not True:
+                await self._look_up(frame.room, known)
             return await self._member(frame.id, frame.room, self.user, remove=True)
         if type(frame) is Invite:
-            await self._existing_room(frame.room)
+            if (known := self._room_known(frame.room)) is not True:
+                await self._look_up(frame.room, known)
             return await self._member(frame.id, frame.room, frame.user, remove=False)
         if type(frame) is Unsubscribe:
             return await self._unsubscribe(frame)
@@ -522,11 +565,13 @@ class Session:
             return await self._rooms(frame)
         if type(frame) is Receipt:
             assert self.link is not None
-            await self._existing_room(frame.room)
+            if (known := self._room_known(frame.room)) is not True:
+                await self._look_up(frame.room, known)
             command = MarkReceipt(link=self.link, receipt=frame)
             return await self._tell(self._s.directory.ref(ActorKind.ROOM, frame.room), command)
         if type(frame) is Typing:
-            await self._existing_room(frame.room)
+            if (known := self._room_known(frame.room)) is not True:
+                await self._look_up(frame.room, known)
             return await self._typing(frame)
         if type(frame) is KvPut or type(frame) is KvSync:
             assert self.user is not None and self.link is not None
@@ -536,7 +581,8 @@ class Session:
             ref = self._s.directory.ref(ActorKind.KV, self.user)
             return await self._tell(ref, KvRequest(self.link, frame))
         if type(frame) is Receipts:
-            await self._existing_room(frame.room)
+            if (known := self._room_known(frame.room)) is not True:
+                await self._look_up(frame.room, known)
             return await self._receipts(frame)
         if type(frame) is Who:
             items = await self._presence_of(frame.users)
@@ -631,7 +677,8 @@ class Session:
     async def _publish(self, send: Send) -> None:
         if self.going_away:
             raise RequestFailed(ErrorCode.TRY_LATER, "server is going away; reconnect")
-        await self._existing_room(send.room)
+        if (known := self._room_known(send.room)) is not True:
+            await self._look_up(send.room, known)
         if send.retry and await self._ack_stored(send):
             return
         ref = self._s.directory.ref(ActorKind.ROOM, send.room)
@@ -662,7 +709,8 @@ class Session:
     ) -> None:
         assert self.link is not None
         if mode is AttachMode.JOIN or mode is AttachMode.RESUME:
-            await self._existing_room(room)
+            if (known := self._room_known(room)) is not True:
+                await self._look_up(room, known)
         else:  # creates the room: no lookup, but it is a room named all the same
             self._name_room(room)
         limit = self._settings.limits.max_rooms_per_session
