@@ -909,14 +909,19 @@ class Session:
         reply: Reply[Ticket] = Reply()
         command = ChangeBlock(other=frame.user, blocked=blocked, reply=reply)
         ticket: Ticket = await self._ask(ActorKind.USER, self.user, command, reply)
+        # Their direct room must refuse from now on, and none is started for it: one
+        # running is told at once; one that starts once the block is stored reads it; one
+        # that started in between (and read storage without it) is told after the commit.
+        room = direct_room_id(self.user, frame.user)
+        block = SetBlock(user=self.user, blocked=blocked, ticket=ticket)
+        before = self._s.directory.get(ActorKind.ROOM, room)
+        if before is not None:
+            await self._tell(before, block)
         stored: Reply[None] = Reply()
         ticket.then(stored.set, None)
         with answer_within(self._settings.request_timeout):
             await stored.wait()
-        # Their direct room must refuse from now on: one that starts from here reads the
-        # block from storage; one running is told. None is started for it.
-        room = direct_room_id(self.user, frame.user)
-        ref = self._s.directory.get(ActorKind.ROOM, room)
-        if ref is not None:
-            await self._tell(ref, SetBlock(user=self.user, blocked=blocked, ticket=ticket))
+        after = self._s.directory.get(ActorKind.ROOM, room)
+        if after is not None and after is not before:
+            await self._tell(after, block)
         self._send(Ok(id=frame.id))
