@@ -152,6 +152,7 @@ class Room:
         self._ring: deque[_Entry] = deque()
         self._by_cid: dict[tuple[str | None, str], _Entry] = {}
         self._last_ticket = COMMITTED  # the newest record this room queued for storage
+        self._block_ticket = COMMITTED  # the newest block between a direct room's users
         self.receipts = RoomReceipts(key)
         self.blockers: frozenset[str] = frozenset()  # direct room: who blocks the other
         self._user_subs: dict[str, int] = {}  # subscribed sessions per user
@@ -285,7 +286,12 @@ class Room:
         self._trim()
         if self.receipts.unsaved:
             self._store_receipts()
-        if self.subs or not self._last_ticket.committed or self.receipts.unsaved:
+        if (
+            self.subs
+            or not self._last_ticket.committed
+            or not self._block_ticket.committed
+            or self.receipts.unsaved
+        ):
             return False  # a reload now could miss records still queued
         return self._s.directory.try_retire(ActorKind.ROOM, self.key)
 
@@ -549,7 +555,9 @@ class Room:
         pair = direct_room_users(self.key)
         if pair is None or cmd.user not in pair:
             return
-        self._last_ticket = cmd.ticket  # not retired (and reloaded) before it is stored
+        # Not retired (and reloaded) before the block is stored; kept apart from the
+        # room's own newest record, which may be newer than the block's.
+        self._block_ticket = cmd.ticket
         if cmd.blocked:
             self.blockers = self.blockers | {cmd.user}
             self._typers.clear()

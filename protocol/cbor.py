@@ -231,6 +231,8 @@ def walk_payload(buf: bytes, pos: int, end: int, levels: int) -> int:
                     bad_frame("duplicate map key in a payload")
                 keys.add(text)
             continue
+        if major == 6:
+            bad_frame("CBOR tags are not accepted")
         if is_key:
             invalid("payload map keys must be text")
         if major <= 1:
@@ -250,8 +252,6 @@ def walk_payload(buf: bytes, pos: int, end: int, levels: int) -> int:
                 keys = (set() if items > 2 else _ONE_KEY) if major == MAP else None
                 if len(stack) >= levels:
                     sizes = _PAYLOAD_LEAF_SIZES
-        elif major == 6:
-            bad_frame("CBOR tags are not accepted")
         else:
             _check_simple(buf[start] & 31, arg)
 

@@ -12,7 +12,7 @@ decode: one pass over the frame (``protocol.codec`` has the entry points).
 import typing
 from collections.abc import Callable
 from enum import IntEnum
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import cbor2
@@ -71,6 +71,13 @@ class _Schema:
     shared: str | None = None  # items of a page take this field from the frame
 
 
+def _wrong(major: int, expected: str) -> NoReturn:
+    """Refuse a value of the wrong type: 102, but a tag is refused as such (100)."""
+    if major == 6:
+        bad_frame("CBOR tags are not accepted")
+    raise _Refused(expected)
+
+
 def _uint(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[int, int]:
     b = buf[pos] if pos < end else -1
     if 0 <= b < 24:
@@ -82,7 +89,7 @@ def _uint(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[int, i
         return value, pos + 9
     major, value, pos = head(buf, pos, end)
     if major or value > MAX_UINT:
-        raise _Refused("must be an unsigned integer up to 2^53-1")
+        _wrong(major, "must be an unsigned integer up to 2^53-1")
     return value, pos
 
 
@@ -91,14 +98,14 @@ def _text(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[str, i
         return read_text(buf, pos + 1, end, buf[pos] - 0x60)
     major, n, pos = head(buf, pos, end)
     if major != TEXT:
-        raise _Refused("must be text")
+        _wrong(major, "must be text")
     return read_text(buf, pos, end, n)
 
 
 def _bool(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[bool, int]:
     major, value, pos = head(buf, pos, end)
     if major != 7 or value not in (20, 21):
-        raise _Refused("must be true or false")
+        _wrong(major, "must be true or false")
     return value == 21, pos
 
 
@@ -136,7 +143,7 @@ def _container(
     before any element is read; and where its elements start."""
     found, n, pos = head(buf, pos, end)
     if found != major:
-        raise _Refused("must be an array" if major == ARRAY else "must be a map")
+        _wrong(found, "must be an array" if major == ARRAY else "must be a map")
     container_size(major, n, pos, end)
     if cap is not None and limits is not None and n > cap[0](limits):
         raise _Refused(f"holds more than {cap[0](limits)} {cap[2]}", cap[1])
@@ -181,7 +188,7 @@ def _text_map(value: Reader, cap: Cap | None) -> Reader:
 def _seq_epoch(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[Any, int]:
     major, n, pos = head(buf, pos, end)
     if major != ARRAY or n != 2:
-        raise _Refused("values must be [seq, epoch]")
+        _wrong(major, "values must be [seq, epoch]")
     seq, pos = _uint(buf, pos, end, limits)
     epoch, pos = _text(buf, pos, end, limits)
     return (seq, epoch), pos
@@ -194,7 +201,7 @@ def _payload(*, must_be_map: bool) -> Reader:
         if pos >= end:
             raise Truncated
         if must_be_map and buf[pos] >> 5 != MAP:
-            raise _Refused("must be a map")
+            _wrong(buf[pos] >> 5, "must be a map")
         start = pos
         if limits is None:
             pos = walk_payload(buf, pos, end, MAX_DATA_DEPTH)
@@ -218,7 +225,7 @@ def _read_map(
     """The fields of an item map (``items`` elements), by ``schema``."""
     major, n, pos = head(buf, pos, end)
     if major != MAP:
-        raise _Refused("must be a map")
+        _wrong(major, "must be a map")
     container_size(major, n, pos, end)
     fields: dict[str, Any] = {}
     seen: set[int] = set()
@@ -261,8 +268,6 @@ def _read_field(
     try:
         fields[name], pos = read(buf, pos, end, limits)
     except _Refused as exc:
-        if buf[pos] >> 5 == 6:  # a tag is refused as such wherever it stands
-            bad_frame("CBOR tags are not accepted")
         exc.reason = f"{name} {exc.reason}"
         raise
     return pos
@@ -289,7 +294,7 @@ def decode_frame(payload: bytes, schemas: dict[int, "_Schema"], limits: Limits |
     schema: _Schema | None = None
     fields: dict[str, Any] = {}
     seen: set[int] = set()
-    later: list[tuple[int, int]] = []  # keys met before the type (key 0), and where
+    later: list[int] = []  # where fields met before the type (key 0) start: 45 at most
     try:
         while n and schema is None:
             n -= 1
@@ -297,11 +302,14 @@ def decode_frame(payload: bytes, schemas: dict[int, "_Schema"], limits: Limits |
             major, key, pos = head(buf, pos, end)
             if major:
                 bad_frame("map keys of a frame must be unsigned integers")
+            if key in seen:
+                bad_frame("duplicate map key")
+            seen.add(key)
             if key != TYPE_KEY:
-                later.append((key, start))
+                if key in _FIELD_KEYS:  # unknown keys are walked over, not remembered
+                    later.append(start)
                 pos = skip(buf, pos, end, FRAME_LEVELS - 1)
                 continue
-            seen.add(TYPE_KEY)
             major, kind, pos = head(buf, pos, end)
             if major:
                 bad_frame("the frame type (key 0) must be an unsigned integer")
@@ -322,11 +330,9 @@ def decode_frame(payload: bytes, schemas: dict[int, "_Schema"], limits: Limits |
                 raise
         if pos != end:
             bad_frame("bytes after the frame's CBOR item")
-        for key, start in later:
-            if key in schema.readers or key in seen:  # else unknown, walked over already
+        for start in later:
+            if _key_at(buf, start, end) in schema.readers:  # else walked over already
                 _read_field(buf, start, end, schema, limits, fields, seen)
-            else:
-                seen.add(key)
         _check_required(schema, fields)
         if schema.shared is not None:  # a page: its messages take the page's room
             room = fields[schema.shared]
@@ -335,14 +341,27 @@ def decode_frame(payload: bytes, schemas: dict[int, "_Schema"], limits: Limits |
     except _Refused as exc:
         assert schema is not None
         error = RemoteProtocolError(exc.code, f"{schema.name}: {exc.reason}")
-        error.request_id = fields.get("id")
-        if error.request_id is None:  # before the type, maybe
-            error.request_id = next((_id_at(buf, at, end) for k, at in later if k == 1), None)
+        error.request_id = _request_id(buf, end, fields, later)
         raise error from None
     except RemoteProtocolError as exc:
-        exc.request_id = fields.get("id")
+        exc.request_id = _request_id(buf, end, fields, later)
         raise
     return frame
+
+
+def _key_at(buf: bytes, pos: int, end: int) -> int:
+    return head(buf, pos, end)[1]
+
+
+def _request_id(buf: bytes, end: int, fields: dict[str, Any], later: list[int]) -> int | None:
+    """The id read so far: as a field, or among the keys before the type."""
+    request_id: int | None = fields.get("id")
+    if request_id is None:
+        for start in later:
+            _, key, pos = head(buf, start, end)
+            if key == 1:
+                return _id_at(buf, pos, end)
+    return request_id
 
 
 def _reader_for(cls: type, name: str, hint: Any) -> Reader:
@@ -381,6 +400,7 @@ def _build(schema: _Schema, fields: dict[str, Any], pos: int) -> tuple[Any, int]
 
 
 _PAYLOADS = {"data", "value"}
+_FIELD_KEYS = frozenset(FIELD_KEYS.values())
 _SHARED: dict[type, str] = {Page: "room"}
 _CAPS: dict[tuple[type, str], Cap] = {
     (Hello, "resume"): (lambda lim: lim.max_rooms_per_session, ErrorCode.TOO_LARGE, "rooms"),

@@ -425,6 +425,26 @@ def test_refusals(payload: bytes, code: ErrorCode) -> None:
 def test_refusal_names_the_request_id() -> None:
     assert refused(cbor2.dumps({0: 15, 1: 42, 2: "r", 6: "c"})).request_id == 42
     assert refused(cbor2.dumps({0: 99, 1: 43})).request_id == 43
+    # Keys in any order: the id before the type, after a refused field, or before a
+    # fault in the CBOR itself.
+    assert refused(cbor2.dumps({1: 44, 0: 11, 2: 5})).request_id == 44
+    assert refused(cbor2.dumps({0: 11, 2: 5, 99: [1, 2], 1: 45})).request_id == 45
+    assert refused(bytes.fromhex("a301182e000b02c100")).request_id == 46  # a tag: 100
+    assert refused(cbor2.dumps({0: 11, 2: "r", 1: 2**53})).request_id is None  # not an id
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        cbor2.dumps({0: 34, 1: 1, 33: ["bob", cbor2.CBORTag(1, 0)]}),  # in an array
+        cbor2.dumps({0: 1, 9: "t", 10: 1, 11: {"r": cbor2.CBORTag(1, 0)}}),  # a resume value
+        cbor2.dumps({0: 1, 9: "t", 10: 1, 11: {"r": [cbor2.CBORTag(1, 0), "e"]}}),
+        cbor2.dumps({0: 15, 1: 1, 2: "r", 6: "c", 8: {cbor2.CBORTag(1, 0): 1}}),  # a data key
+        cbor2.dumps({0: 50, 1: 1, 39: "d", 17: [{36: cbor2.CBORTag(1, 0), 38: 1}]}),
+    ],
+)
+def test_a_tag_is_refused_as_such_wherever_it_stands(payload: bytes) -> None:
+    assert refused(payload).code is ErrorCode.BAD_FRAME
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,18 @@
 """Typing indicators and blocking, end to end."""
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from actors.directory import ActorKind
+from actors.messages import SetBlock
 from protocol.client import ParleyClient, ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import Member, Message, Presence, Status, Typing, TypingOp
+from storage.write_behind import COMMITTED
 from tests.helpers import RunningServer, memory_node, run_server
 
 
@@ -184,3 +188,32 @@ async def test_in_a_blocked_direct_room_only_history_is_left(server: RunningServ
                 assert refused.value.code is ErrorCode.BLOCKED
             page = await client.history(room)
             assert [m.text for m in page.items] == ["hello"]
+
+
+async def test_a_block_never_lets_a_room_retire_with_a_message_unstored(tmp_path: Path) -> None:
+    """A block reaches a running direct room with its own record's ticket, which may
+    be older than (or, told after its commit, already past) a message the room has
+    queued: that message must still hold the room until it is stored."""
+    async with run_server(tmp_path, actor_idle=0.05) as server:
+        async with server.client("alice") as alice, server.client("bob") as bob:
+            room = (await alice.direct("bob")).room
+            await bob.next_event(Member)
+            await bob.unsubscribe(room)
+            await alice.unsubscribe(room)
+            blocker = sqlite3.connect(tmp_path / "parley.db", isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")  # storage stalls: the message stays queued
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(alice.send, room, "queued")
+                    live = server.node.directory.actor(ActorKind.ROOM, room)
+                    with trio.fail_after(10):
+                        while live.seq < 1:  # noqa: ASYNC110 - the room's own progress
+                            await trio.sleep(0.01)
+                    ref = server.node.directory.get(ActorKind.ROOM, room)
+                    assert ref is not None
+                    await ref.send(SetBlock(user="alice", blocked=True, ticket=COMMITTED))
+                    await trio.sleep(0.5)  # ten idle periods of the room
+                    assert server.node.directory.actor(ActorKind.ROOM, room) is live
+                    blocker.execute("ROLLBACK")
+            finally:
+                blocker.close()

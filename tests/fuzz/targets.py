@@ -7,7 +7,7 @@ protocol's own refusals) when a property breaks.
 from collections.abc import Callable
 
 from protocol.codec import decode_client, decode_server, encode, peek
-from protocol.errors import RemoteProtocolError
+from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.frames import Frame
 from protocol.limits import MAX_UINT, Limits
 from protocol.wsserver import ClientFrames, Close, Failed, Message
@@ -25,7 +25,11 @@ def decoder(data: bytes) -> None:
         frame: Frame = decode_client(data, LIMITS)
     except RemoteProtocolError as exc:
         assert len(exc.message) < 300, exc.message
-        assert exc.request_id is None or 0 <= exc.request_id <= MAX_UINT
+        # The id named is the frame's: what peek reads, unless the decode stopped at a
+        # fault in the CBOR before reaching it.
+        assert exc.request_id in (request_id, None), (exc.request_id, request_id)
+        if exc.code is not ErrorCode.BAD_FRAME:
+            assert exc.request_id == request_id, (exc.request_id, request_id)
     else:
         assert kind == frame.TYPE
         again = encode(frame)
