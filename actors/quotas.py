@@ -1,12 +1,16 @@
-"""Per-user quotas of one node: sessions open at once, rooms created over time.
+"""Per-user quotas of one node: sessions open at once, rooms created over time, distinct
+rooms named in requests per minute.
 
-Both are kept here rather than in the User actor because they are checked where a
-session cannot wait for an actor: a hello, and a room creating itself. Each check is
-a dict lookup, run on the node's trio thread. Refusals are counted in
-``parley_quota_refusals_total`` by quota.
+They are kept here rather than in the User actor because they are checked where a
+session cannot wait for an actor: a hello, a request naming a room, a room creating
+itself. Each check is a dict lookup, run on the node's trio thread. Refusals are counted
+in ``parley_quota_refusals_total`` by quota. Rooms named are counted per user, not per
+session: a client that reconnects (with a fresh resume list each time) must not get a
+fresh allowance of storage lookups for rooms that do not exist.
 
-A user's creation bucket is kept only while it is not full: a user who has not created
-a room for a while costs nothing here (``_sweep``).
+A user's creation bucket is kept only while it is not full, and their rooms named only
+for the current minute: a user who has not done either for a while costs nothing here
+(``_sweep``).
 """
 
 import attrs
@@ -23,7 +27,7 @@ class QuotaSettings:
     max_sessions_per_user: int = 10  # 0: no limit
     room_creations_per_hour: float = 60.0  # create, and direct with someone new
     room_creation_burst: int = 30
-    rooms_per_minute: int = 300  # distinct rooms one session may name in a minute
+    rooms_per_minute: int = 300  # distinct rooms one user may name in requests in a minute
 
 
 class UserQuotas:
@@ -31,10 +35,12 @@ class UserQuotas:
         self.settings = settings
         self._sessions: dict[str, int] = {}
         self._creations: dict[str, TokenBucket] = {}
+        self._named: dict[str, tuple[float, set[str]]] = {}  # user -> (minute's end, rooms)
         self._since_sweep = 0
         refusals = metrics.quota_refusals
         self._sessions_refused = refusals.labels(quota="sessions_per_user")
         self._creations_refused = refusals.labels(quota="room_creations")
+        self._named_refused = refusals.labels(quota="rooms_per_minute")
 
     def open_session(self, user: str) -> bool:
         """Count a session of ``user``, unless they have the most already."""
@@ -70,7 +76,27 @@ class UserQuotas:
             self._sweep(now)
         return True
 
+    def name_room(self, user: str, room: str) -> bool:
+        """Count ``room`` among the distinct rooms ``user`` named this minute, unless
+        that would be more than the quota."""
+        named = self._named.get(user)
+        if named is not None and room in named[1]:
+            return True
+        now = trio.current_time()
+        if named is None or now >= named[0]:
+            named = self._named[user] = (now + 60.0, set())
+            self._since_sweep += 1
+            if self._since_sweep >= SWEEP_EVERY:
+                self._sweep(now)
+        if len(named[1]) >= self.settings.rooms_per_minute:
+            self._named_refused.inc()
+            return False
+        named[1].add(room)
+        return True
+
     def _sweep(self, now: float) -> None:
         self._since_sweep = 0
         for user in [u for u, b in self._creations.items() if b.full(now)]:
             del self._creations[user]
+        for user in [u for u, (ends, _) in self._named.items() if now >= ends]:
+            del self._named[user]

@@ -152,7 +152,6 @@ class Session:
         "_following",
         "_kv",
         "_metrics",
-        "_named",
         "_quiet_since",
         "_rosters",
         "_s",
@@ -209,8 +208,6 @@ class Session:
         self._rosters: dict[str, frozenset[str]] = {}  # small room -> members followed
         self._watched = _NOBODY  # replaced, not mutated: most sessions watch nobody
         self._kv = False  # has spoken to the user's kv actor, which may follow it
-        # The distinct rooms named this minute, and when the minute ends; made on demand.
-        self._named: tuple[float, set[str]] | None = None
 
     # --- driven by the connection -----------------------------------------------------
 
@@ -398,18 +395,11 @@ class Session:
             raise RequestFailed(ErrorCode.NOT_FOUND, "no such room")
 
     def _name_room(self, room: str) -> None:
-        """Count ``room`` among the distinct rooms this session named this minute."""
-        named = self._named
-        if named is not None and room in named[1]:
-            return
-        now = trio.current_time()
-        if named is None or now >= named[0]:
-            named = self._named = (now + 60.0, set())
-        limit = self._settings.quotas.rooms_per_minute
-        if len(named[1]) >= limit:
-            self._metrics.quota_refusals.labels(quota="rooms_per_minute").inc()
+        """Count ``room`` among the distinct rooms the user named this minute."""
+        assert self.user is not None
+        if not self._s.quotas.name_room(self.user, room):
+            limit = self._settings.quotas.rooms_per_minute
             raise RequestFailed(ErrorCode.QUOTA_EXCEEDED, f"over {limit} rooms named in a minute")
-        named[1].add(room)
 
     # --- presence -----------------------------------------------------------------------
 
@@ -917,11 +907,23 @@ class Session:
         before = self._s.directory.get(ActorKind.ROOM, room)
         if before is not None:
             await self._tell(before, block)
+        # At the commit, whether or not this session is still there to see it.
+        ticket.then(_tell_a_newer_room, (self._s.directory, room, block, before))
         stored: Reply[None] = Reply()
         ticket.then(stored.set, None)
         with answer_within(self._settings.request_timeout):
             await stored.wait()
-        after = self._s.directory.get(ActorKind.ROOM, room)
-        if after is not None and after is not before:
-            await self._tell(after, block)
         self._send(Ok(id=frame.id))
+
+
+def _tell_a_newer_room(args: tuple[Any, str, SetBlock, object]) -> None:
+    """A block is stored: tell the direct room if an actor for it started since the block
+    was made (it may have read storage without the block). Runs in the write-behind's
+    commit; a room whose mailbox is full this instant misses it until it restarts."""
+    directory, room, block, before = args
+    after = directory.get(ActorKind.ROOM, room)
+    if after is not None and after is not before:
+        try:
+            after.send_nowait(block)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            log.warning("block of %s not told to room %r: its mailbox is full", block.user, room)

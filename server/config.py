@@ -260,7 +260,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--room-creation-burst", "rooms one user may create at once", positive_int),
     Option(
         "--rooms-per-minute",
-        "distinct rooms one session may name in its requests per minute; beyond, error 210",
+        "distinct rooms one user may name in requests per minute, over all their sessions "
+        "and reconnects; beyond, error 210",
         positive_int,
     ),
     Option("--kv-key-bytes", "longest kv key, in UTF-8 bytes", positive_int),

@@ -65,6 +65,8 @@ async def test_rooms_created_per_user(tmp_path: Path) -> None:
 
 
 async def test_distinct_rooms_named_per_minute(tmp_path: Path) -> None:
+    """Per user, over sessions and reconnects: a client reconnecting with a new resume
+    list of made-up rooms each time must not get a new allowance of storage reads."""
     async with run_server(tmp_path, rooms_per_minute=3) as server:
         async with server.client("alice") as alice:
             for room in ("a", "b", "c"):
@@ -74,10 +76,40 @@ async def test_distinct_rooms_named_per_minute(tmp_path: Path) -> None:
             with pytest.raises(ServerError) as refused:
                 await alice.history("d")
             assert refused.value.code is ErrorCode.QUOTA_EXCEEDED
-        async with server.raw() as ws:  # the quota is per session
-            await ws.send_message(encode(Hello(v=1, token=server.token("alice"))))
-            assert isinstance(await next_frame(ws), Welcome)
-        assert (await refusals(server))["rooms_per_minute"] == 1
+        resume = {"e": (1, "x"), "f": (1, "x")}
+        async with server.client("alice", resume=resume) as again:  # a reconnect
+            with pytest.raises(ServerError) as refused:
+                await again.history("d")
+            assert refused.value.code is ErrorCode.QUOTA_EXCEEDED
+            await again.send("b", "named already: free")
+        async with server.client("bob") as bob:  # another user is not concerned
+            await bob.create("d")
+        found = await refusals(server)
+        assert found["rooms_per_minute"] == 4  # d, the two resumed, d again
+        async with server.http(admin=False) as http:
+            text = (await http.get("/metrics")).text
+        missing = [
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "parley_room_lookups_total" and s.labels["result"] == "missing"
+        ]
+        assert missing in ([], [0])  # none of the refused names was looked up in storage
+
+
+async def test_rooms_named_are_forgotten_after_their_minute(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    quotas = UserQuotas(QuotaSettings(rooms_per_minute=2), Metrics())
+    assert quotas.name_room("alice", "a") and quotas.name_room("alice", "b")
+    assert not quotas.name_room("alice", "c")
+    assert quotas.name_room("alice", "a")  # named already
+    await trio.sleep(60)
+    assert quotas.name_room("alice", "c")
+    await trio.sleep(60)
+    for i in range(SWEEP_EVERY):  # new minutes for others: the ended ones are swept
+        quotas.name_room(f"u{i}", "r")
+    assert "alice" not in quotas._named
 
 
 async def test_creation_buckets_are_forgotten_once_full(autojump_clock: trio.abc.Clock) -> None:

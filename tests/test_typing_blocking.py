@@ -9,6 +9,7 @@ import trio.testing
 
 from actors.directory import ActorKind
 from actors.messages import SetBlock
+from actors.session import _tell_a_newer_room
 from protocol.client import ParleyClient, ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import Member, Message, Presence, Status, Typing, TypingOp
@@ -217,3 +218,22 @@ async def test_a_block_never_lets_a_room_retire_with_a_message_unstored(tmp_path
                     blocker.execute("ROLLBACK")
             finally:
                 blocker.close()
+
+
+async def test_a_room_started_while_a_block_was_stored_is_told_at_the_commit(
+    server: RunningServer,
+) -> None:
+    """A direct room whose actor started between a block and its commit read storage
+    without the block: the commit tells it (``_tell_a_newer_room``), and only it."""
+    async with server.client("alice") as alice, server.client("mallory") as mallory:
+        room = (await mallory.direct("alice")).room
+        directory = server.node.directory
+        running = directory.get(ActorKind.ROOM, room)
+        block = SetBlock(user="alice", blocked=True, ticket=COMMITTED)
+        _tell_a_newer_room((directory, room, block, running))  # the same actor: told already
+        await mallory.send(room, "still open")
+        _tell_a_newer_room((directory, room, block, None))  # started since: told now
+        with pytest.raises(ServerError) as refused:
+            await mallory.send(room, "blocked")
+        assert refused.value.code is ErrorCode.BLOCKED
+        await alice.history(room)
