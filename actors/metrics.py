@@ -144,7 +144,8 @@ class Metrics:
         )
         self.quota_refusals = Counter(
             "parley_quota_refusals_total",
-            "Requests refused by a quota (sessions_per_user, room_creations, rooms_per_minute)",
+            "Requests refused by a quota (sessions_per_user, room_creations, rooms_per_minute, "
+            "blocks)",
             ["quota"],
             registry=r,
         )

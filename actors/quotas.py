@@ -28,6 +28,7 @@ class QuotaSettings:
     room_creations_per_hour: float = 60.0  # create, and direct with someone new
     room_creation_burst: int = 30
     rooms_per_minute: int = 300  # distinct rooms one user may name in requests in a minute
+    max_blocks_per_user: int = 1000
 
 
 class UserQuotas:
@@ -59,6 +60,11 @@ class UserQuotas:
 
     def sessions(self, user: str) -> int:
         return self._sessions.get(user, 0)
+
+    def may_create_room(self, user: str) -> bool:
+        """Whether ``user`` has a room creation left, without spending it."""
+        bucket = self._creations.get(user)
+        return bucket is None or bucket.tokens(trio.current_time()) >= 1
 
     def create_room(self, user: str) -> bool:
         """Spend one of ``user``'s room creations, if they have one left."""

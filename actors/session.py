@@ -266,8 +266,12 @@ class Session:
         """Whether a WebSocket ping may be answered: it takes a rate token."""
         return self._bucket.take(trio.current_time())
 
-    def on_text(self) -> None:
-        self._error(ErrorCode.BAD_FRAME, "text messages are not part of the protocol")
+    def on_text(self, size: int) -> None:
+        """A text message: refused, after it takes its rate tokens like any frame."""
+        if not self._bucket.take(trio.current_time(), frame_cost(size)):
+            self._error(ErrorCode.RATE_LIMITED, "slow down")
+        else:
+            self._error(ErrorCode.BAD_FRAME, "text messages are not part of the protocol")
 
     def goaway(self, message: str, delay_ms: int) -> None:
         """The node is draining: tell the client to reconnect elsewhere."""
@@ -386,13 +390,16 @@ class Session:
         """Refuse a request about a room that does not exist, which must cost no actor
         (actors.room_lookup); ``known`` is what ``_room_known`` said."""
         if known is None:
-            try:
-                with trio.fail_after(self._settings.request_timeout):
-                    known = await self._s.rooms.exists(room)
-            except (StorageError, trio.TooSlowError) as exc:
-                raise RequestFailed(ErrorCode.TRY_LATER, "storage unavailable; retry") from exc
+            known = await self._exists(room)
         if not known:
             raise RequestFailed(ErrorCode.NOT_FOUND, "no such room")
+
+    async def _exists(self, room: str) -> bool:
+        try:
+            with trio.fail_after(self._settings.request_timeout):
+                return await self._s.rooms.exists(room)
+        except (StorageError, trio.TooSlowError) as exc:
+            raise RequestFailed(ErrorCode.TRY_LATER, "storage unavailable; retry") from exc
 
     def _name_room(self, room: str) -> None:
         """Count ``room`` among the distinct rooms the user named this minute."""
@@ -701,8 +708,16 @@ class Session:
         if mode is AttachMode.JOIN or mode is AttachMode.RESUME:
             if (known := self._room_known(room)) is not True:
                 await self._look_up(room, known)
-        else:  # creates the room: no lookup, but it is a room named all the same
-            self._name_room(room)
+        elif (known := self._room_known(room)) is not True and not (
+            self._s.quotas.may_create_room(self.link.user)
+        ):
+            # Out of creations: no actor is started for a room that would be a new one.
+            if known is False or not await self._exists(room):
+                self._metrics.quota_refusals.labels(quota="room_creations").inc()
+                per_hour = self._settings.quotas.room_creations_per_hour
+                raise RequestFailed(
+                    ErrorCode.QUOTA_EXCEEDED, f"over {per_hour:g} rooms created per hour"
+                )
         limit = self._settings.limits.max_rooms_per_session
         new = room not in self.rooms
         if new and len(self.rooms) >= limit:

@@ -22,6 +22,10 @@ class TokenBucket:
         self._tokens = tokens - cost
         return True
 
+    def tokens(self, now: float) -> float:
+        """Tokens there are now, without taking any."""
+        return min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+
     def full(self, now: float) -> bool:
         """Whether the bucket holds its whole burst (forgetting it would change nothing)."""
         return self._tokens + (now - self._stamp) * self.rate >= self.burst

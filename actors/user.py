@@ -34,6 +34,7 @@ from actors.messages import (
 )
 from actors.presence import presence_note
 from actors.services import Services, read_until_stored
+from protocol.errors import ErrorCode
 from protocol.frames import Status
 from storage.store import BlockChanged, UserSeen
 from storage.write_behind import COMMITTED, Ticket
@@ -192,6 +193,11 @@ class User:
 
     def _block(self, command: ChangeBlock) -> None:
         other = command.other
+        limit = self._s.settings.quotas.max_blocks_per_user
+        if command.blocked and other not in self.blocks and len(self.blocks) >= limit:
+            # Each block copies the set and tells every session: bounded like the rest.
+            self._s.metrics.quota_refusals.labels(quota="blocks").inc()
+            return command.reply.fail(ErrorCode.QUOTA_EXCEEDED, f"at most {limit} blocks")
         if command.blocked:
             self.blocks = self.blocks | {other}
         else:

@@ -244,7 +244,9 @@ def _read_field(
     fields: dict[str, Any],
     seen: set[int],
 ) -> int:
-    """Read one key and its value into ``fields``; the position after them."""
+    """Read one key and its value into ``fields``; the position after them. ``seen``:
+    the keys met so far that ``fields`` does not show (unknown ones, and any before the
+    type), to refuse a second of them."""
     b = buf[pos] if pos < end else -1
     if 0 <= b < 24:  # keys 0-23 are one byte, 24-255 two: no head for them
         key = b
@@ -263,7 +265,7 @@ def _read_field(
         seen.add(key)
         return skip(buf, pos, end, schema.levels)  # unknown keys are ignored
     name, read = found
-    if name in fields:
+    if name in fields or (seen and key in seen):
         bad_frame("duplicate map key")
     try:
         fields[name], pos = read(buf, pos, end, limits)
@@ -330,9 +332,9 @@ def decode_frame(payload: bytes, schemas: dict[int, "_Schema"], limits: Limits |
                 raise
         if pos != end:
             bad_frame("bytes after the frame's CBOR item")
-        for start in later:
+        for start in later:  # a second of these was refused in the loop above
             if _key_at(buf, start, end) in schema.readers:  # else walked over already
-                _read_field(buf, start, end, schema, limits, fields, seen)
+                _read_field(buf, start, end, schema, limits, fields, set())
         _check_required(schema, fields)
         if schema.shared is not None:  # a page: its messages take the page's room
             room = fields[schema.shared]

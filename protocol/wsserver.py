@@ -364,7 +364,7 @@ class HandshakeError(Exception):
         self.status = status
         self.headers = headers
 
-    def response(self, request: bytes) -> bytes:
+    def response(self, request: bytes | bytearray) -> bytes:
         """The answer to ``request``, the bytes that raised this."""
         head = request.lstrip(b"\r\n").startswith(b"HEAD ")  # its answer has no body
         return http_response(self.status, f"{self}\n", self.headers, body=not head)
@@ -399,24 +399,34 @@ class Upgrade:
     rest: bytes
 
 
-def parse_upgrade(data: bytes, path: str | None = None) -> Upgrade | None:
+def parse_upgrade(
+    data: bytes | bytearray, path: str | None = None, searched: int = 0
+) -> Upgrade | None:
     """The upgrade request at the start of ``data``; None while it is incomplete.
-    Raises ``HandshakeError`` for anything else: a request for another ``path`` than
-    the one given is answered 404 whatever it is, a request for it that is no upgrade
-    426 (400 for a broken one)."""
-    end = _HEAD_END.search(data)
+    ``searched``: bytes of ``data`` a call before looked at already (a head arriving in
+    many reads is not searched from its start each time). Raises ``HandshakeError`` for
+    anything else: a request for another ``path`` than the one given is answered 404
+    whatever it is, a request for it that is no upgrade 426 (400 for a broken one)."""
+    end = _HEAD_END.search(data, max(0, searched - 3))
     if (end.end() if end else len(data)) > MAX_HEAD:  # complete or not
         raise HandshakeError("request head too large", 431)
     if end is None:
         return None
-    lines = _LINE_END.split(data[: end.start()].lstrip(b"\r\n"))
+    lines = _LINE_END.split(bytes(data[: end.start()]).lstrip(b"\r\n"))
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         raise HandshakeError("Bad HTTP message")
     method, target, version = parts
-    if version != b"HTTP/1.1":
-        raise HandshakeError("Bad HTTP message")
     if not target or _BAD_TARGET.search(target):
+        raise HandshakeError("Bad HTTP message")
+    if path is not None:  # first: any other path is 404, whatever the rest
+        try:
+            asked = urlsplit(target.decode("ascii")).path
+        except ValueError:
+            raise HandshakeError("bad request target") from None
+        if asked != path:
+            raise HandshakeError(f"not found: connect to {path}", 404)
+    if version != b"HTTP/1.1":
         raise HandshakeError("Bad HTTP message")
     headers: dict[bytes, bytes] = {}
     connection: list[bytes] = []
@@ -436,13 +446,6 @@ def parse_upgrade(data: bytes, path: str | None = None) -> Upgrade | None:
         headers[name] = value
     if b"host" not in headers:  # HTTP/1.1 requires it (h11 refused such a request)
         raise HandshakeError("Bad HTTP message")
-    if path is not None:
-        try:
-            asked = urlsplit(target.decode("ascii")).path
-        except ValueError:
-            raise HandshakeError("bad request target") from None
-        if asked != path:
-            raise HandshakeError(f"not found: connect to {path}", 404)
     if method != b"GET":
         raise HandshakeError("Request method must be GET", 405, [("allow", "GET")])
     if b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0":
@@ -456,7 +459,7 @@ def parse_upgrade(data: bytes, path: str | None = None) -> Upgrade | None:
         raise HandshakeError("Missing header, 'Sec-WebSocket-Key'")
     if headers.get(b"upgrade", b"").lower() != b"websocket":
         raise HandshakeError("Missing header, 'Upgrade: websocket'", *_UPGRADE_REQUIRED)
-    return Upgrade(target.decode("ascii"), key, tuple(subprotocols), data[end.end() :])
+    return Upgrade(target.decode("ascii"), key, tuple(subprotocols), bytes(data[end.end() :]))
 
 
 def accept_response(key: bytes, subprotocol: str | None) -> bytes:

@@ -32,6 +32,7 @@ from protocol.codec import from_fields
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.frames import RoomKind, Send
 from protocol.limits import DIRECT_PREFIX, MAX_ROOM_PAGE, ROOM_PAGE, is_room_id, is_user_id
+from protocol.validate import ROOM_RULE, USER_RULE
 from storage.store import StorageError, StorageUnavailable
 
 log = logging.getLogger("parley.admin")
@@ -51,8 +52,6 @@ KINDS = {"open": RoomKind.OPEN, "private": RoomKind.PRIVATE}
 MAX_PAGE = MAX_ROOM_PAGE
 MAX_MEMBERS = 1000  # user ids in one room creation; more are added one by one
 MAX_BODY_BYTES = 64 * 1024
-ROOM_RULE = "1-128 of A-Z a-z 0-9 _ . @ + = ~ : -"
-USER_RULE = "1-64 of A-Z a-z 0-9 _ . @ + = ~ -"
 CREATE_FIELDS = frozenset({"room", "kind", "owner", "members"})
 PUBLISH_FIELDS = frozenset({"text", "data", "cid"})
 

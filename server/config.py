@@ -264,6 +264,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "and reconnects; beyond, error 210",
         positive_int,
     ),
+    Option("--max-blocks-per-user", "users one user may block; beyond, error 210", positive_int),
     Option("--kv-key-bytes", "longest kv key, in UTF-8 bytes", positive_int),
     Option("--kv-value-bytes", "largest kv value, CBOR-encoded", positive_int),
     Option("--kv-batch", "most writes in one kvput frame", positive_int),
@@ -367,6 +368,7 @@ class Config:
     room_creations_per_hour: float = _quota.room_creations_per_hour
     room_creation_burst: int = _quota.room_creation_burst
     rooms_per_minute: int = _quota.rooms_per_minute
+    max_blocks_per_user: int = _quota.max_blocks_per_user
     kv_key_bytes: int = _l.kv_key_bytes
     kv_value_bytes: int = _l.kv_value_bytes
     kv_batch: int = _l.kv_batch
@@ -419,6 +421,7 @@ class Config:
                 room_creations_per_hour=self.room_creations_per_hour,
                 room_creation_burst=self.room_creation_burst,
                 rooms_per_minute=self.rooms_per_minute,
+                max_blocks_per_user=self.max_blocks_per_user,
             ),
             kv_quota=quota,
             actor_idle=self.actor_idle,

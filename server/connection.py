@@ -55,15 +55,16 @@ SUBPROTOCOL = "parley.v1"
 async def _handshake(stream: trio.abc.Stream) -> bytes | None:
     """Accept a WebSocket upgrade on /ws, answer anything else with an HTTP error. The
     bytes the client sent after its request (frames already), or None if refused."""
-    data = b""
+    data = bytearray()  # a head trickling in is neither copied nor searched over again
     with trio.move_on_after(HANDSHAKE_TIMEOUT):
         while True:
             chunk = await stream.receive_some(RECEIVE_BYTES)
             if not chunk:
                 return None
+            searched = len(data)
             data += chunk
             try:
-                upgrade = parse_upgrade(data, WS_PATH)
+                upgrade = parse_upgrade(data, WS_PATH, searched)
             except HandshakeError as exc:
                 await stream.send_all(exc.response(data))
                 return None
@@ -310,7 +311,7 @@ class Connection:
                     continue  # we are closing: the rest is ignored
                 assert isinstance(event, Message)
                 if event.text:
-                    session.on_text()
+                    session.on_text(len(event.data))
                 else:
                     await session.on_message(event.data)
             elif kind is Ping:

@@ -60,8 +60,13 @@ async def test_rooms_created_per_user(tmp_path: Path) -> None:
                 assert refused.value.code is ErrorCode.QUOTA_EXCEEDED
             await alice.direct("bob")  # an existing one is not
             await alice.join("one")
+            with pytest.raises(ServerError) as refused:
+                await alice.create("one")  # exists: that is the answer, not the quota
+            assert refused.value.code is ErrorCode.ROOM_EXISTS
             await bob.create("bobs")  # bob has his own quota
+        # Out of creations, a new room's name started no actor: the session refused it.
         assert (await refusals(server))["room_creations"] == 2
+        assert len(server.node.services.rooms) == 2  # looked up, found missing, refused
 
 
 async def test_distinct_rooms_named_per_minute(tmp_path: Path) -> None:
@@ -122,3 +127,18 @@ async def test_creation_buckets_are_forgotten_once_full(autojump_clock: trio.abc
     await trio.sleep(1.0)  # every bucket is full again
     assert quotas.create_room("last")  # the creation that sweeps
     assert list(quotas._creations) == ["last"]
+
+
+async def test_blocks_per_user(tmp_path: Path) -> None:
+    async with run_server(tmp_path, max_blocks_per_user=2) as server:
+        async with server.client("alice") as alice:
+            await alice.block("m1")
+            await alice.block("m2")
+            with pytest.raises(ServerError) as refused:
+                await alice.block("m3")
+            assert refused.value.code is ErrorCode.QUOTA_EXCEEDED
+            await alice.block("m2")  # blocked already: nothing new
+            await alice.unblock("m1")
+            await alice.block("m3")
+            assert await alice.blocks() == ("m2", "m3")
+        assert (await refusals(server))["blocks"] == 1

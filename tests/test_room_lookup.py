@@ -1,17 +1,24 @@
 """actors/room_lookup.py end to end: naming a room that does not exist costs no actor,
 and every refusal counts against the error budget, whoever raised it."""
 
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.directory import ActorKind
+from actors.directory import ActorKind, Directory
+from actors.metrics import Metrics
+from actors.room_lookup import RoomLookup
 from protocol.client import ServerError
 from protocol.codec import encode
 from protocol.errors import CloseCode, ErrorCode
 from protocol.frames import Error, Hello, Send
+from storage.sqlite import open_sqlite_store
 from tests.helpers import RunningServer, next_frame, run_server
 
 
@@ -106,3 +113,49 @@ async def test_a_room_that_does_not_come_to_exist_retires_at_once(server: Runnin
         with trio.fail_after(5):
             while rooms_running(server):  # noqa: ASYNC110 - the actor's own decision
                 await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def lookup_over_sqlite(tmp_path: Path, **options: Any) -> AsyncIterator[RoomLookup]:
+    metrics = Metrics()
+    async with (
+        open_sqlite_store(f"sqlite:///{tmp_path / 'rooms.db'}") as store,
+        trio.open_nursery() as nursery,
+    ):
+        yield RoomLookup(Directory(nursery, metrics, mailbox_size=8), store, metrics, **options)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_miss_read_while_a_room_was_created_is_not_cached(tmp_path: Path) -> None:
+    """The read began before the room was created (and stored): its "no" may be stale."""
+    async with lookup_over_sqlite(tmp_path, concurrent_reads=1) as lookup:
+        answers: list[bool] = []
+        async with trio.open_nursery() as nursery:
+            async with lookup._reads:  # the one read slot is taken: the lookup waits
+                nursery.start_soon(lambda: _append(answers, lookup.exists("r")))
+                await trio.testing.wait_all_tasks_blocked()
+                lookup.created("r")
+        assert answers == [False]  # storage has no such room yet, and said so
+        assert lookup.known("r") is None and len(lookup) == 0  # but that was not kept
+        assert not await lookup.exists("other")
+        assert lookup.known("other") is False  # a read with no creation meanwhile is
+
+
+async def test_a_cached_miss_expires(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    async with lookup_over_sqlite(tmp_path, ttl=60.0) as lookup:
+        assert not await lookup.exists("r")
+        await trio.sleep(59)
+        assert lookup.known("r") is False
+        await trio.sleep(1)
+        assert lookup.known("r") is None and len(lookup) == 0
+
+
+async def test_the_cache_keeps_the_newest_misses(tmp_path: Path) -> None:
+    async with lookup_over_sqlite(tmp_path, cache_size=3) as lookup:
+        for room in "abcd":
+            assert not await lookup.exists(room)
+        assert [lookup.known(r) for r in "abcd"] == [None, False, False, False]
+
+
+async def _append(out: list[bool], answer: Awaitable[bool]) -> None:
+    out.append(await answer)

@@ -502,3 +502,13 @@ async def test_tokens_without_expiry_are_refused_unless_allowed(
             await ws.send_message(encode(Hello(v=1, token=forever)))
             welcome = await next_frame(ws)
             assert isinstance(welcome, Welcome) and welcome.expires is None
+
+
+async def test_text_messages_take_rate_tokens_too(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    async with memory_node(tmp_path, rate=0.01, burst=3) as mem, mem.connect() as ws:
+        for _ in range(4):
+            await ws.send_message("not CBOR")
+        codes = [(await next_frame(ws)).code for _ in range(4)]  # type: ignore[attr-defined]
+        assert codes == [ErrorCode.BAD_FRAME] * 3 + [ErrorCode.RATE_LIMITED]

@@ -301,7 +301,20 @@ def test_the_path_is_checked_before_what_the_request_is() -> None:
     assert wsserver.parse_upgrade(request(line=b"GET /ws?client=ios HTTP/1.1"), "/ws")
     assert wsserver.parse_upgrade(request(line=b"GET http://x/ws HTTP/1.1"), "/ws")
     assert status_of(request(line=b"GET //[x HTTP/1.1"))[:2] == (400, "bad request target")
-    assert status_of(request(drop="host", line=b"GET /other HTTP/1.1"))[0] == 400
+    # Whatever the rest of the request: no Host, HTTP/1.0, a broken header line.
+    assert status_of(request(drop="host", line=b"GET /other HTTP/1.1"))[0] == 404
+    assert status_of(b"GET /other HTTP/1.0\r\n\r\n")[0] == 404
+    assert status_of(b"GET /other HTTP/1.1\r\nno colon here\r\n\r\n")[0] == 404
+    assert status_of(b"GET /ws HTTP/1.0\r\nHost: x\r\n\r\n")[0] == 400
+
+
+def test_a_head_trickled_in_is_searched_once() -> None:
+    """The end of the head is looked for in what arrived since the last read (and the 3
+    bytes before): a 16 KiB head sent a byte at a time is not searched 16,000 times over."""
+    data = request()
+    assert wsserver.parse_upgrade(data[:-1], "/ws", 0) is None
+    assert wsserver.parse_upgrade(data, "/ws", len(data) - 1) is not None  # \n\r\n|\n
+    assert wsserver.parse_upgrade(data, "/ws", len(data) - 2) is not None
 
 
 def test_statuses_of_refused_requests_for_the_path() -> None:
