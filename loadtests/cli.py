@@ -341,13 +341,16 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from loadtests.decodebench import run_decode_bench
+    from loadtests.decodebench import Cost, run_decode_bench
 
-    costs = run_decode_bench(args.rounds, progress=lambda m: print(m, file=sys.stderr))
-    for cost in costs:
-        print(cost.line())
-    worst = max(costs, key=lambda c: c.ns_per_byte if c.size > 4096 else 0)
-    print(f"worst per byte (frames over 4 KiB): {worst.name}, {worst.ns_per_byte:.0f} ns/B")
+    groups = run_decode_bench(args.rounds, progress=lambda m: print(m, file=sys.stderr))
+    for group, costs in groups.items():
+        print(f"{group}:\n{Cost.HEADER}")
+        for cost in costs:
+            print(cost.line())
+    every = [c for costs in groups.values() for c in costs]
+    worst = max(every, key=lambda c: c.ns_per_byte if c.size > 4096 else 0)
+    print(f"worst per byte (frames over 4 KiB): {worst.name}, {worst.ns_per_byte:.0f} ns/byte")
     return 0
 
 

@@ -200,9 +200,10 @@ async def run_chat(
                 ) from None
             except (OSError, HandshakeError, Disconnected) as exc:
                 if not connected_once and delay == FIRST_DELAY:
+                    again = "" if input_ended.is_set() else " Retrying."
                     print(
                         f"* cannot reach {url} ({exc or type(exc).__name__}); is "
-                        "`parley serve` running? Retrying.",
+                        f"`parley serve` running?{again}",
                         file=err,
                         flush=True,
                     )
@@ -211,7 +212,8 @@ async def run_chat(
             if input_ended.is_set():  # Ctrl-D while disconnected: quit now
                 unsent = lines.statistics().current_buffer_used
                 if unsent:
-                    print(f"* {unsent} lines typed while disconnected were not sent", file=err)
+                    what = "1 line was" if unsent == 1 else f"{unsent} lines were"
+                    print(f"* {what} not sent: no connection", file=err)
                 nursery.cancel_scope.cancel()
-                return 0
+                return 1 if unsent else 0
             delay = min(MAX_DELAY, delay * 2)

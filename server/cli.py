@@ -13,6 +13,8 @@ import attrs
 import trio
 
 from protocol.client import TokenSource
+from protocol.limits import is_room_id
+from protocol.validate import ROOM_RULE
 from server.chat import ChatError
 from server.config import (
     DATABASE_POOL,
@@ -43,8 +45,8 @@ DEFAULT_TTL = 24 * 3600
 CHAT_TTL = 15 * 60  # chat refreshes its tokens, so they can be short-lived
 CLIENT_SECRET = Option(
     "--secret",
-    "HS256 key the server checks tokens with, written --secret=VALUE; unset: the one "
-    "`serve --dev` keeps beside the database",
+    "HS256 key the server checks tokens with (32 bytes or more), written --secret=VALUE; "
+    "unset: the one `serve --dev` keeps beside the database",
 )
 MIN_SECRET_BYTES = 32
 MIN_ADMIN_TOKEN_CHARS = 16
@@ -175,10 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     secrets = resolve_secrets(
         config.secret, config.admin_token, config.database_url, dev=config.dev
     )
-    if config.dev:
-        log.warning("dev mode: admin token %s", secrets.admin_token)
-        log.warning("dev mode: make a client token with: parley token <user>")
-    elif secrets.admin_token is None:
+    if not config.dev and secrets.admin_token is None:
         log.info("admin API off (no --admin-token)")
     tune_gc()
     verifier = token_verifier(secrets.secret, require_exp=not config.allow_tokens_without_exp)
@@ -209,6 +208,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from server.chat import run_chat
 
+    if not is_room_id(args.room):
+        raise UsageError(f"--room: a room id is {ROOM_RULE}")
     if not args.url.startswith(("ws://", "wss://")):
         raise UsageError(f"--url {args.url!r}: a WebSocket URL, like ws://127.0.0.1:8080/ws")
     token = args.token

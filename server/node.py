@@ -323,7 +323,10 @@ async def serve(
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     except OSError as exc:
         where = f"{config.host}:{config.port}"
-        raise OSError(exc.errno, f"cannot listen for clients on {where}: {exc.strerror}") from exc
+        raise OSError(
+            f"cannot listen for clients on {where}: {exc.strerror}; another port: --port N "
+            "(or PARLEY_PORT)"
+        ) from exc
     client = listeners[0].socket.getsockname()[:2]
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if files != resource.RLIM_INFINITY and config.max_connections + FILES_BESIDES_CLIENTS > files:
@@ -350,6 +353,9 @@ async def serve(
                 if handle_signals:
                     nursery.start_soon(_watch_signals, shutdown)
                 log.info("parley serving ws://%s:%d/ws; ops on http://%s:%d", *client, *ops)
+                if config.dev:  # once it serves: a start that failed printed no secrets
+                    log.warning("dev mode: admin token %s", admin_token)
+                    log.warning("dev mode: make a client token with: parley token <user>")
                 task_status.started((node, Addresses(client, ops)))
                 await shutdown.wait()
                 log.info("shutting down")

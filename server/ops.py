@@ -119,7 +119,8 @@ async def serve_ops(
         except OSError as exc:
             where = f"{host}:{node.config.ops_port}"
             raise OSError(
-                exc.errno, f"cannot listen for operators on {where}: {exc.strerror}"
+                f"cannot listen for operators on {where}: {exc.strerror}; another port: "
+                "--ops-port N (or PARLEY_OPS_PORT)"
             ) from exc
         bound = binds[0].rsplit("//", 1)[-1]
         bound_host, _, bound_port = bound.rpartition(":")

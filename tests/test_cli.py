@@ -2,6 +2,7 @@
 
 import functools
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -274,9 +275,9 @@ async def test_dev_server_and_token_agree_with_no_setup(tmp_path: Path) -> None:
                 )
             )
         with trio.fail_after(30):
-            while b"serving" not in log.read_bytes():  # noqa: ASYNC110 - another process
+            while b"admin token" not in log.read_bytes():  # noqa: ASYNC110 - another process
                 await trio.sleep(0.05)
-        assert b"admin token" in log.read_bytes()
+        assert b"serving" in log.read_bytes()  # the secrets are shown once it serves
         token = (
             await trio.to_thread.run_sync(lambda: run_cli("token", "bob", cwd=tmp_path))
         ).stdout.strip()
@@ -365,3 +366,35 @@ def test_a_burst_too_small_for_the_largest_frame_is_refused(tmp_path: Path) -> N
     assert result.returncode == 2
     assert "--burst 10 is below the 17 rate tokens" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_port_in_use_says_which_flag_moves_it_and_prints_no_secret(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--dev", "--host", "127.0.0.1", "--port", str(port), cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"cannot listen for clients on 127.0.0.1:{port}" in result.stderr
+    assert "--port N (or PARLEY_PORT)" in result.stderr and "Errno" not in result.stderr
+    assert "admin token" not in result.stderr
+
+
+def test_chat_that_could_not_send_what_was_typed_fails() -> None:
+    """Input ended while no server answered: the lines were lost, and the exit status
+    says so (a script piping into chat must not take it for success)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again: nothing listens there
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "server.cli", "chat", "--user", "alice", "--room", "lobby"),
+            *("--url", f"ws://127.0.0.1:{port}/ws", f"--secret={SECRET}"),
+        ],
+        input="lost?\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "1 line was not sent" in result.stderr

@@ -1,6 +1,6 @@
 """Fuzz one target with atheris (libFuzzer), coverage-guided over the protocol package.
 
-    .venv/bin/pip install -e '.[fuzz]'
+    .venv/bin/pip install -c constraints.txt -e '.[fuzz]'
     .venv/bin/python -m tests.fuzz.run decoder -max_total_time=600
     .venv/bin/python -m tests.fuzz.run wsframes -max_total_time=600 -max_len=8192
 
@@ -29,7 +29,11 @@ def main(argv: list[str]) -> int:
     try:
         import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
     except ImportError:
-        print("fuzzing needs atheris: .venv/bin/pip install -e '.[fuzz]'", file=sys.stderr)
+        print(
+            "fuzzing needs atheris: .venv/bin/pip install -c constraints.txt -e '.[fuzz]', "
+            "then run this with .venv/bin/python",
+            file=sys.stderr,
+        )
         return 2
     name, options = argv[0], argv[1:]
     with atheris.instrument_imports(include=["protocol"]):
