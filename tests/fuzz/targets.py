@@ -6,13 +6,16 @@ protocol's own refusals) when a property breaks.
 
 from collections.abc import Callable
 
+import attrs
+
 from protocol.codec import decode_client, decode_server, encode, peek
 from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.frames import Frame
+from protocol.frames import CLIENT_FRAMES, Frame
 from protocol.limits import MAX_UINT, Limits
 from protocol.wsserver import ClientFrames, Close, Failed, Message
 
 LIMITS = Limits()
+_WITHOUT_ID = {c.TYPE for c in CLIENT_FRAMES if "id" not in attrs.fields_dict(c)}  # type: ignore[arg-type]
 WS_LIMIT = 4096  # a small message limit, so inputs reach it
 
 
@@ -26,9 +29,9 @@ def decoder(data: bytes) -> None:
     except RemoteProtocolError as exc:
         assert len(exc.message) < 300, exc.message
         # The id named is the frame's: what peek reads, unless the decode stopped at a
-        # fault in the CBOR before reaching it.
+        # fault in the CBOR before reaching it, or the frame's type has no id (hello).
         assert exc.request_id in (request_id, None), (exc.request_id, request_id)
-        if exc.code is not ErrorCode.BAD_FRAME:
+        if exc.code is not ErrorCode.BAD_FRAME and kind not in _WITHOUT_ID:
             assert exc.request_id == request_id, (exc.request_id, request_id)
     else:
         assert kind == frame.TYPE
