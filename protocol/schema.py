@@ -324,10 +324,12 @@ def decode_frame(payload: bytes, schemas: dict[int, "_Schema"], limits: Limits |
             start = pos
             try:
                 pos = _read_field(buf, pos, end, schema, limits, fields, seen)
-            except _Refused:
+            except (_Refused, RemoteProtocolError) as exc:
                 # The id, if it comes later: walk the keys from here (and not again over
-                # those read already), to name the request in the error.
-                if "id" not in fields:
+                # those read already), to name the request in the error; not past a
+                # fault in the CBOR itself.
+                bad_cbor = isinstance(exc, RemoteProtocolError) and exc.code is ErrorCode.BAD_FRAME
+                if "id" not in fields and not bad_cbor:
                     fields["id"] = _find_keys(buf, start, end, n - i, (1,)).get(1)
                 raise
         if pos != end:
