@@ -716,8 +716,12 @@ class Room:
         return attached(True, tuple(e.frame for e in ring), (since + 1, start - 1))
 
     def _creations_used_up(self) -> tuple[ErrorCode, str]:
-        per_hour = self._s.settings.quotas.room_creations_per_hour
-        return ErrorCode.QUOTA_EXCEEDED, f"over {per_hour:g} rooms created per hour"
+        q = self._s.settings.quotas
+        message = (
+            f"rooms created: {q.room_creation_burst} at once, "
+            f"{q.room_creations_per_hour:g} per hour; try later"
+        )
+        return ErrorCode.QUOTA_EXCEEDED, message
 
     def _create(self, kind: RoomKind, owner: str | None, members: tuple[str, ...]) -> Ticket:
         self._s.rooms.created(self.key)

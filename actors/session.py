@@ -714,9 +714,11 @@ class Session:
             # Out of creations: no actor is started for a room that would be a new one.
             if known is False or not await self._exists(room):
                 self._metrics.quota_refusals.labels(quota="room_creations").inc()
-                per_hour = self._settings.quotas.room_creations_per_hour
+                q = self._settings.quotas
                 raise RequestFailed(
-                    ErrorCode.QUOTA_EXCEEDED, f"over {per_hour:g} rooms created per hour"
+                    ErrorCode.QUOTA_EXCEEDED,
+                    f"rooms created: {q.room_creation_burst} at once, "
+                    f"{q.room_creations_per_hour:g} per hour; try later",
                 )
         limit = self._settings.limits.max_rooms_per_session
         new = room not in self.rooms
@@ -758,8 +760,11 @@ class Session:
                 self._metrics.frames_out_by[Message].inc(len(replay))
             for frame in attached.state:
                 outbox.append_direct(frame)
-            added = self._set_roster(room, attached.members)
-            presence = self._presence_frame(added) if added else None
+            self._set_roster(room, attached.members)
+            # Every online member, even one followed already (another room, a watch):
+            # a client may keep who is online per room.
+            others = attached.members - {self.link.user} if attached.members else None
+            presence = self._presence_frame(others) if others else None
             if presence is not None:
                 outbox.append_direct(presence)
         finally:

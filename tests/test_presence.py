@@ -174,6 +174,26 @@ async def test_a_member_added_later_is_followed(server: RunningServer) -> None:
         await until_seen(alice, "carol", Status.AWAY)
 
 
+async def test_subscribing_lists_every_online_member(server: RunningServer) -> None:
+    """Even members whose presence the session follows already (a room shared before):
+    the list is the room's, so a client may keep who is online per room."""
+    async with (
+        server.client("x") as x,
+        server.client("y") as y,
+        server.client("z") as z,
+    ):
+        await x.create("r1")
+        await y.join("r1")
+        await x.create("r2")
+        await z.join("r2")
+        await y.join("r2")
+        with trio.fail_after(10):
+            listed = await y.next_event(PresenceList)
+            while {p.user for p in listed.items} != {"x", "z"}:  # the one for r2
+                listed = await y.next_event(PresenceList)
+        assert {p.status for p in listed.items} == {Status.ONLINE}
+
+
 async def test_an_idle_users_actor_hibernates_and_presence_stays_right(
     tmp_path: Path,
 ) -> None:
