@@ -10,7 +10,8 @@ fresh allowance of storage lookups for rooms that do not exist.
 
 A user's creation bucket is kept only while it is not full, and their rooms named only
 for the current minute: a user who has not done either for a while costs nothing here
-(``_sweep``).
+(``_sweep``). ``QuotaSettings`` also holds how many users one may block, which the User
+actor checks.
 """
 
 import attrs
@@ -19,7 +20,7 @@ import trio
 from actors.metrics import Metrics
 from actors.token_bucket import TokenBucket
 
-SWEEP_EVERY = 1024  # creations between sweeps of the full buckets
+SWEEP_EVERY = 1024  # creations (or new minutes of rooms named) between sweeps
 
 
 @attrs.frozen(kw_only=True)

@@ -28,4 +28,4 @@ class TokenBucket:
 
     def full(self, now: float) -> bool:
         """Whether the bucket holds its whole burst (forgetting it would change nothing)."""
-        return self._tokens + (now - self._stamp) * self.rate >= self.burst
+        return self.tokens(now) >= self.burst

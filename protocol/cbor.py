@@ -61,8 +61,6 @@ ARRAY = 4
 TEXT = 3
 BYTES = 2
 NULL = 0xF6
-FALSE = 0xF4
-TRUE = 0xF5
 
 
 class Raw:

@@ -223,10 +223,7 @@ def _read_map(
     buf: bytes, pos: int, end: int, schema: _Schema, limits: Limits | None
 ) -> tuple[dict[str, Any], int]:
     """The fields of an item map (``items`` elements), by ``schema``."""
-    major, n, pos = head(buf, pos, end)
-    if major != MAP:
-        _wrong(major, "must be a map")
-    container_size(major, n, pos, end)
+    n, pos = _container(buf, pos, end, limits, MAP, None)
     fields: dict[str, Any] = {}
     seen: set[int] = set()
     for _ in range(n):
@@ -389,7 +386,7 @@ def _reader_for(cls: type, name: str, hint: Any) -> Reader:
         return _array(_text, cap)
     if origin is tuple:
         item = _item_schema(args[0], _SHARED.get(cls))
-        if item.shared is not None:  # built by _decode, which has the shared field
+        if item.shared is not None:  # built by decode_frame, which has the shared field
             return _array(lambda b, p, e, lim: _read_map(b, p, e, item, lim), cap)
         return _array(lambda b, p, e, lim: _build(item, *_read_map(b, p, e, item, lim)), cap)
     if hint == dict[str, int]:
