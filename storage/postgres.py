@@ -9,9 +9,11 @@ queue keeps the batch and retries); anything else is a ``StorageError``.
 
 The schema is the SQLite one in PostgreSQL types (``storage/migrations/postgres``).
 Migrations run under an advisory lock, so nodes (or ``parley migrate``) starting
-together apply each once. Until rooms are sequenced in Redis, one node serves a
-database: ``begin_run`` takes a second advisory lock for the node's lifetime, and a
-second node is refused, as the SQLite lock file does.
+together apply each once. A node alone on its database (no Redis) takes a second
+advisory lock for its lifetime in ``begin_run``, and a second such node is refused, as
+the SQLite lock file does. Nodes of a cluster share the database instead: each actor
+is fenced (``claim``, and the token check in ``write_batch``), so a node that lost an
+actor to another cannot write for it.
 """
 
 import asyncio
@@ -40,6 +42,8 @@ from storage.rows import (
 )
 from storage.store import (
     BlockChanged,
+    Claim,
+    Fence,
     KvChange,
     KvCompacted,
     KvSnapshot,
@@ -47,6 +51,7 @@ from storage.store import (
     ReceiptUpsert,
     Record,
     RoomCreated,
+    RoomReleased,
     RoomSnapshot,
     RoomSummary,
     RunInfo,
@@ -178,21 +183,40 @@ class PostgresStore:
 
     # --- runs -------------------------------------------------------------------------
 
-    async def begin_run(self) -> RunInfo:
-        await self._take_node_lock()
+    async def begin_run(self, *, shared: bool = False) -> RunInfo:
+        if not shared:
+            await self._take_node_lock()
 
         async def begin(conn: Conn) -> RunInfo:
             run = await conn.fetchval(
                 "INSERT INTO runs (started_at) VALUES ($1) RETURNING id", _now_ms()
             )
+            if shared:
+                return RunInfo(run=run, rotated_rooms=0)  # claim() rotates, room by room
             # One node per database (NODE_LOCK), so any dirty room is a crashed run's.
             status = await conn.execute(
-                "UPDATE rooms SET epoch = substr(md5(random()::text || clock_timestamp()::text),"
-                " 1, 16), dirty_run = NULL WHERE dirty_run IS NOT NULL"
+                f"UPDATE rooms SET epoch = {_NEW_EPOCH}, dirty_run = NULL"
+                " WHERE dirty_run IS NOT NULL"
             )
             return RunInfo(run=run, rotated_rooms=int(status.split()[-1]))
 
         return await self._write(begin)
+
+    async def claim(self, kind: str, key: str, run: int) -> Claim:
+        async def take(conn: Conn) -> Claim:
+            token = await conn.fetchval(_CLAIM, kind, key)
+            rotated = False
+            if kind == "room":
+                status = await conn.execute(
+                    f"UPDATE rooms SET epoch = {_NEW_EPOCH}, dirty_run = NULL"
+                    " WHERE id = $1 AND dirty_run IS NOT NULL AND dirty_run <> $2",
+                    key,
+                    run,
+                )
+                rotated = status.split()[-1] != "0"
+            return Claim(token=token, rotated=rotated)
+
+        return await self._write(take)
 
     async def _take_node_lock(self) -> None:
         if self._holder is not None:
@@ -295,7 +319,10 @@ class PostgresStore:
 
         return await self._write(load)
 
-    async def write_batch(self, records: Sequence[Record]) -> None:
+    async def write_batch(
+        self, records: Sequence[Record], fences: Sequence[Fence | None] = ()
+    ) -> frozenset[Fence]:
+        distinct = {f for f in fences if f is not None}
         # Messages, receipts and last-seen rows touch nothing the other kinds do, so
         # each goes in once per batch, whatever it is interleaved with: messages and
         # receipts by COPY into a staging table, last-seen rows in one executemany (in
@@ -310,7 +337,10 @@ class PostgresStore:
             else:
                 bucket.append(record)
 
-        async def write(conn: Conn) -> None:
+        async def write(conn: Conn) -> frozenset[Fence]:
+            stale = await _stale_fences(conn, distinct) if distinct else frozenset()
+            if stale:
+                _leave_out(stale, records, fences, loose, ordered)
             if loose[Message]:
                 rows = [message_row(m) for m in loose[Message]]
                 await _copy_in(conn, "messages", _MESSAGE_ROW, rows, _MESSAGES_FROM_STAGING)
@@ -335,12 +365,18 @@ class PostgresStore:
                     await conn.executemany(_UPSERT_KV_HEAD, [(u, r, 0) for u, r in heads.items()])
                 elif kind is KvCompacted:
                     await _kv_compacted(conn, cast(list[KvCompacted], batch))
+                elif kind is RoomReleased:
+                    await conn.executemany(
+                        "UPDATE rooms SET dirty_run = NULL WHERE id = $1 AND dirty_run = $2",
+                        [(r.room, r.run) for r in cast(list[RoomReleased], batch)],
+                    )
                 else:
                     raise TypeError(f"not a record: {kind!r}")
+            return stale
 
         # A large batch (a backlog after an outage) may take longer than a statement.
         bound = self._timeout * (3 + len(records) / 1000)
-        await self._on_conn(write, transaction=True, bound=bound)
+        return await self._on_conn(write, transaction=True, bound=bound)
 
     # --- reads ------------------------------------------------------------------------
 
@@ -509,6 +545,42 @@ async def _copy_in(
     await conn.execute(f"DELETE FROM {staging}")
 
 
+async def _stale_fences(conn: Conn, fences: set[Fence]) -> frozenset[Fence]:
+    """The fences of ``fences`` that a newer claim replaced. FOR SHARE: a claim of one
+    of these actors waits until this transaction ends."""
+    pairs = {(f.kind, f.key) for f in fences}
+    rows = await conn.fetch(
+        "SELECT f.kind, f.key, f.token FROM fences f"
+        " JOIN unnest($1::text[], $2::text[]) AS u(kind, key) USING (kind, key)"
+        " FOR SHARE OF f",
+        [k for k, _ in pairs],
+        [k for _, k in pairs],
+    )
+    current = {(kind, key): token for kind, key, token in rows}
+    return frozenset(f for f in fences if current.get((f.kind, f.key)) != f.token)
+
+
+def _leave_out(
+    stale: frozenset[Fence],
+    records: Sequence[Record],
+    fences: Sequence[Fence | None],
+    loose: dict[type, list[Any]],
+    ordered: list[Record],
+) -> None:
+    """Sort the batch again without the records of ``stale`` fences."""
+    for kept in loose.values():
+        kept.clear()
+    ordered.clear()
+    for i, record in enumerate(records):
+        if i < len(fences) and fences[i] in stale:
+            continue
+        bucket = loose.get(type(record))
+        if bucket is None:
+            ordered.append(record)
+        else:
+            bucket.append(record)
+
+
 async def _rooms_created(conn: Conn, records: list[RoomCreated]) -> None:
     await conn.executemany(
         "INSERT INTO rooms (id, kind, owner, epoch, created_at, dirty_run)"
@@ -534,6 +606,11 @@ async def _kv_compacted(conn: Conn, records: list[KvCompacted]) -> None:
         )
 
 
+_CLAIM = (
+    "INSERT INTO fences (kind, key, token) VALUES ($1, $2, 1) ON CONFLICT (kind, key)"
+    " DO UPDATE SET token = fences.token + 1 RETURNING token"
+)
+_NEW_EPOCH = "substr(md5(random()::text || clock_timestamp()::text), 1, 16)"
 _HOLDS_NODE_LOCK = (
     "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0"
     " AND objid = $1 AND objsubid = 1 AND pid = pg_backend_pid() AND granted"

@@ -34,6 +34,8 @@ from storage.rows import (
 )
 from storage.store import (
     BlockChanged,
+    Claim,
+    Fence,
     KvChange,
     KvCompacted,
     KvSnapshot,
@@ -41,6 +43,7 @@ from storage.store import (
     ReceiptUpsert,
     Record,
     RoomCreated,
+    RoomReleased,
     RoomSnapshot,
     RoomSummary,
     RunInfo,
@@ -203,7 +206,10 @@ class SqliteStore:
 
     # --- runs -------------------------------------------------------------------------
 
-    async def begin_run(self) -> RunInfo:
+    async def begin_run(self, *, shared: bool = False) -> RunInfo:
+        if shared:
+            raise StorageConfigError("SQLite serves one node: a cluster needs PostgreSQL")
+
         def begin(conn: sqlite3.Connection) -> RunInfo:
             cur = conn.execute(
                 "INSERT INTO runs (started_at) VALUES (?)", (int(time.time() * 1000),)
@@ -272,7 +278,13 @@ class SqliteStore:
 
         return await self._run(self._transaction(load), self._write_limiter)
 
-    async def write_batch(self, records: Sequence[Record]) -> None:
+    async def claim(self, kind: str, key: str, run: int) -> Claim:
+        # One node per file (the lock file): nobody else holds anything to fence off.
+        return Claim(token=1, rotated=False)
+
+    async def write_batch(
+        self, records: Sequence[Record], fences: Sequence[Fence | None] = ()
+    ) -> frozenset[Fence]:
         def write(conn: sqlite3.Connection) -> None:
             # Runs of one record type go through executemany; order across runs is kept
             # so that an add and a remove of the same member land in the order made.
@@ -318,10 +330,16 @@ class SqliteStore:
                             "UPDATE kv_heads SET floor_hlc = ?, floor_dev = ? WHERE user = ?",
                             (r.floor_hlc, r.floor_dev, r.user),
                         )
+                elif kind is RoomReleased:
+                    conn.executemany(
+                        "UPDATE rooms SET dirty_run = NULL WHERE id = ? AND dirty_run = ?",
+                        [(r.room, r.run) for r in cast(Iterable[RoomReleased], run)],
+                    )
                 else:
                     raise TypeError(f"not a record: {kind!r}")
 
         await self._run(self._transaction(write), self._write_limiter)
+        return frozenset()
 
     # --- reads ------------------------------------------------------------------------
 

@@ -96,10 +96,20 @@ class KvCompacted:
     floor_dev: str
 
 
+@attrs.frozen(kw_only=True)
+class RoomReleased:
+    """A cluster node let ``room`` go with everything it wrote stored: the next node to
+    take it keeps its epoch (``Store.claim``)."""
+
+    room: str
+    run: int
+
+
 #: What the write-behind queue persists. A message is stored as its own frame.
 Record = (
     Message
     | RoomCreated
+    | RoomReleased
     | MemberChanged
     | ReceiptUpsert
     | UserSeen
@@ -161,6 +171,28 @@ class RoomSummary:
     seq: int
 
 
+@attrs.define(eq=False)
+class Fence:
+    """An actor's claim on its rows when several nodes share the database.
+
+    ``Store.claim`` hands out a new ``token`` for ``(kind, key)`` each time a node takes
+    the actor. ``write_batch`` refuses, in the batch's own transaction, every record
+    written under a token that is no longer the newest, and names its fence: a stale
+    owner's writes never land, whatever it still believes. ``stale`` is then set, for the
+    actor to see."""
+
+    kind: str
+    key: str
+    token: int
+    stale: bool = False
+
+
+@attrs.frozen
+class Claim:
+    token: int
+    rotated: bool  # a room got a new epoch: its last holder never let it go cleanly
+
+
 @attrs.frozen(kw_only=True)
 class RunInfo:
     run: int
@@ -170,8 +202,15 @@ class RunInfo:
 class Store(Protocol):
     """What Parley needs from a database. All methods may raise ``StorageError``."""
 
-    async def begin_run(self) -> RunInfo:
-        """Record that this node starts; give new epochs to rooms a crashed run wrote."""
+    async def begin_run(self, *, shared: bool = False) -> RunInfo:
+        """Record that this node starts. Alone on the database (not ``shared``): give new
+        epochs to rooms a crashed run wrote. Shared by a cluster: ``claim`` does that, room
+        by room, as nodes take them."""
+
+    async def claim(self, kind: str, key: str, run: int) -> Claim:
+        """Take actor ``(kind, key)`` for ``run``: a new fencing token, after which every
+        write under an older token is refused. A room still marked by another run, which
+        may have delivered messages it never stored, gets a new epoch."""
 
     async def end_run(self, run: int) -> None:
         """Record a clean stop: everything ``run`` wrote is stored."""
@@ -182,8 +221,13 @@ class Store(Protocol):
     async def room_exists(self, room: str) -> bool:
         """Whether ``room`` was created (a read with no side effect, unlike load_room)."""
 
-    async def write_batch(self, records: Sequence[Record]) -> None:
-        """Store ``records`` in one transaction, in order. Idempotent per message seq."""
+    async def write_batch(
+        self, records: Sequence[Record], fences: Sequence[Fence | None] = ()
+    ) -> frozenset[Fence]:
+        """Store ``records`` in one transaction, in order. Idempotent per message seq.
+
+        ``fences[i]`` (if given) is the claim record ``i`` was written under: records of a
+        stale fence are left out, and the stale fences returned."""
 
     async def fetch_messages(self, room: str, lo: int, hi: int) -> list[Message]:
         """Messages with ``lo <= seq <= hi``, ascending."""

@@ -8,8 +8,12 @@ themselves: while one commits, the next accumulates, so a busy node commits larg
 batches and an idle one commits at once.
 
 A failed batch stays at the head of the queue and is retried with backoff; nothing is
-dropped. The queue is bounded in records and bytes: when ``has_capacity`` is False,
-actors refuse new writes with a "try later" error instead of growing without limit.
+dropped. In a cluster a record may carry its actor's ``Fence``: storage refuses the
+records of a fence a newer owner replaced, and their tickets are refused instead of
+committed (``Ticket.otherwise``), so no ack is ever given for them.
+
+The queue is bounded in records and bytes: when ``has_capacity`` is False, actors
+refuse new writes with a "try later" error instead of growing without limit.
 """
 
 import itertools
@@ -22,40 +26,70 @@ import attrs
 import trio
 from prometheus_client import Histogram
 
-from storage.store import Record, StorageError, Store
+from storage.store import Fence, Record, StorageError, Store
 
 log = logging.getLogger(__name__)
 
 
-class Ticket:
-    """The fate of one queued record: ``committed`` once its batch is stored."""
+Callback = tuple[Callable[[Any], None], Any]
 
-    __slots__ = ("_callbacks", "committed")
+
+class Ticket:
+    """The fate of one queued record: ``committed`` once its batch is stored, or
+    ``refused`` if storage turned it down (its actor's fence went stale)."""
+
+    __slots__ = ("_callbacks", "_fallbacks", "committed", "refused")
 
     def __init__(self, committed: bool = False) -> None:
         self.committed = committed
-        self._callbacks: list[tuple[Callable[[Any], None], Any]] | None = None
+        self.refused = False
+        self._callbacks: list[Callback] | None = None
+        self._fallbacks: list[Callback] | None = None
 
     def then(self, fn: Callable[[Any], None], arg: Any) -> None:
         """Call ``fn(arg)`` once the record is committed (now, if it already is)."""
         if self.committed:
             fn(arg)
+        elif self.refused:
+            return
         elif self._callbacks is None:
             self._callbacks = [(fn, arg)]
         else:
             self._callbacks.append((fn, arg))
 
+    def otherwise(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Call ``fn(arg)`` if the record is refused (now, if it already was)."""
+        if self.refused:
+            fn(arg)
+        elif self.committed:
+            return
+        elif self._fallbacks is None:
+            self._fallbacks = [(fn, arg)]
+        else:
+            self._fallbacks.append((fn, arg))
+
     def _commit(self) -> None:
         self.committed = True
         callbacks, self._callbacks = self._callbacks, None
-        if callbacks:
-            for fn, arg in callbacks:
-                try:
-                    fn(arg)
-                except Exception:
-                    # A bug in whoever waited must not stop the flusher, and with it
-                    # every other ack on the node.
-                    log.exception("write-behind: a commit callback failed")
+        self._fallbacks = None
+        _call(callbacks)
+
+    def _refuse(self) -> None:
+        self.refused = True
+        fallbacks, self._fallbacks = self._fallbacks, None
+        self._callbacks = None
+        _call(fallbacks)
+
+
+def _call(callbacks: list[Callback] | None) -> None:
+    if callbacks:
+        for fn, arg in callbacks:
+            try:
+                fn(arg)
+            except Exception:
+                # A bug in whoever waited must not stop the flusher, and with it
+                # every other ack on the node.
+                log.exception("write-behind: a commit callback failed")
 
 
 #: The ticket of anything read back from storage.
@@ -89,7 +123,7 @@ class WriteBehind:
         self.max_bytes = max_bytes
         self.batch_records = batch_records
         self._flush_seconds = flush_seconds
-        self._queue: deque[tuple[Record, Ticket, int]] = deque()
+        self._queue: deque[tuple[Record, Ticket, int, Fence | None]] = deque()
         self._bytes = 0
         self._enqueued = 0  # records ever enqueued
         self._committed = 0  # records ever committed; the queue holds the difference
@@ -102,10 +136,11 @@ class WriteBehind:
     def has_capacity(self) -> bool:
         return len(self._queue) < self.max_records and self._bytes < self.max_bytes
 
-    def enqueue(self, record: Record, size: int = 128) -> Ticket:
-        """Queue ``record`` (about ``size`` bytes). Never blocks; check ``has_capacity``."""
+    def enqueue(self, record: Record, size: int = 128, fence: Fence | None = None) -> Ticket:
+        """Queue ``record`` (about ``size`` bytes), written under ``fence`` if given.
+        Never blocks; check ``has_capacity``."""
         ticket = Ticket()
-        self._queue.append((record, ticket, size))
+        self._queue.append((record, ticket, size, fence))
         self._bytes += size
         self._enqueued += 1
         self._wakeup.set()
@@ -142,8 +177,12 @@ class WriteBehind:
                 await self._wakeup.wait()
             batch = list(itertools.islice(self._queue, self.batch_records))
             started = trio.current_time()
+            fences = [fence for _, _, _, fence in batch]
             try:
-                await self._store.write_batch([record for record, _, _ in batch])
+                stale = await self._store.write_batch(
+                    [record for record, _, _, _ in batch],
+                    fences if any(fences) else (),
+                )
             except Exception as exc:  # StorageError, or a bug: either way, keep the data
                 backoff = min(5.0, max(0.1, backoff * 2))
                 self._note_failure(exc, backoff)
@@ -152,7 +191,7 @@ class WriteBehind:
             backoff = 0.0
             if self._flush_seconds is not None:
                 self._flush_seconds.observe(trio.current_time() - started)
-            self._complete(len(batch))
+            self._complete(len(batch), stale)
 
     def _note_failure(self, exc: Exception, retry_in: float) -> None:
         if self._failing_since is None:
@@ -167,7 +206,7 @@ class WriteBehind:
             exc_info=not isinstance(exc, StorageError),  # a bug deserves its traceback
         )
 
-    def _complete(self, n: int) -> None:
+    def _complete(self, n: int, stale: frozenset[Fence]) -> None:
         if self._failing_since is not None:
             log.info(
                 "write-behind recovered after %.1fs", trio.current_time() - self._failing_since
@@ -176,10 +215,16 @@ class WriteBehind:
         self._last_error = None
         self._flushes += 1
         queue = self._queue
+        for lost in stale:
+            log.warning("%s %r: another node took it; writes refused", lost.kind, lost.key)
+            lost.stale = True
         for _ in range(n):
-            _, ticket, size = queue.popleft()
+            _, ticket, size, fence = queue.popleft()
             self._bytes -= size
-            ticket._commit()
+            if fence is not None and fence.stale:
+                ticket._refuse()
+            else:
+                ticket._commit()
         self._committed += n
         if self._flushed_waiters:
             still = []
