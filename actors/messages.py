@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from actors.directory import ActorKind, Directory
-from actors.outbox import Outbox
+from actors.outbox import Sink
 from protocol.errors import ErrorCode
 from protocol.frames import (
     Frame,
@@ -123,7 +123,7 @@ class SessionLink:
 
     id: str
     user: str
-    outbox: Outbox
+    outbox: Sink
     inbox: Callable[["SessionEvent"], None]
 
 
@@ -161,7 +161,17 @@ class Refused:
     room: str | None
 
 
-SessionEvent = RoomDropped | Roster | BlocksChanged | Refused
+@attrs.frozen
+class ActorMoved:
+    """An actor the session depends on (a room it subscribes to, its user, its kv map)
+    now runs on another node, or its node is gone: the session ends with close code
+    4009 and its client resumes, reaching the actor where it runs now."""
+
+    kind: str
+    key: str
+
+
+SessionEvent = RoomDropped | Roster | BlocksChanged | Refused | ActorMoved
 
 
 def tell_session(link: SessionLink, event: SessionEvent) -> None:
@@ -205,6 +215,7 @@ class Attached:
     cursor: tuple[int, int] = (0, 0)  # the user's own (delivered, read)
     state: tuple[bytes, ...] = ()  # frames after the replay: receipt state, online count
     members: frozenset[str] | None = None  # a small room's members (see Roster)
+    pub: int = 0  # the room's broadcasts so far: another node relays only later ones
 
 
 @attrs.frozen
@@ -328,6 +339,11 @@ class FlushState:
     reply: Reply[None]
 
 
+@attrs.frozen
+class Moved:
+    """This node no longer runs the actor (placement gave it to another node)."""
+
+
 RoomCommand = (
     Attach
     | Detach
@@ -342,6 +358,7 @@ RoomCommand = (
     | SetTyping
     | SetBlock
     | FlushState
+    | Moved
 )
 
 # --- users --------------------------------------------------------------------------
@@ -389,3 +406,28 @@ class KvRequest:
 
 
 KvCommand = KvRequest | Detach
+
+
+def request_id(record: object) -> int | None:
+    """The client's request id a command answers, for a refusal."""
+    if type(record) is Publish:
+        return record.send.id
+    if type(record) is MarkReceipt:
+        return record.receipt.id
+    if type(record) is SetTyping:
+        return record.id
+    if type(record) is KvRequest:
+        return record.frame.id
+    return None
+
+
+def refuse(record: object, code: ErrorCode, message: str, room: str | None = None) -> None:
+    """Answer a command that cannot be handled, whichever way it expects its answer."""
+    reply = getattr(record, "reply", None)
+    if isinstance(reply, Reply):
+        reply.fail(code, message)
+        return
+    link = getattr(record, "link", None)
+    rid = request_id(record)
+    if isinstance(link, SessionLink) and rid is not None:
+        link.inbox(Refused(code, message, rid, room))

@@ -38,6 +38,16 @@ class Pump(Protocol):
         """Write ``outbox``'s pending bytes soon."""
 
 
+class Sink(Protocol):
+    """Where actors put a session's frames: its ``Outbox``, or on another node's actor a
+    stand-in that sends them there (``actors.cluster.GhostOutbox``)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def append(self, data: bytes) -> None: ...
+
+
 class Outbox:
     __slots__ = (
         "_final",

@@ -34,8 +34,10 @@ from collections import deque
 import attrs
 import trio
 
+from actors.cluster import GhostOutbox
 from actors.directory import ActorKind
 from actors.messages import (
+    ActorMoved,
     AddMember,
     Attach,
     Attached,
@@ -47,6 +49,7 @@ from actors.messages import (
     HistoryPlan,
     HistoryQuery,
     MarkReceipt,
+    Moved,
     Publish,
     ReceiptQuery,
     Refused,
@@ -58,9 +61,10 @@ from actors.messages import (
     SessionLink,
     SetBlock,
     SetTyping,
+    refuse,
     tell_session,
 )
-from actors.outbox import Outbox
+from actors.outbox import Sink
 from actors.receipts import RoomReceipts
 from actors.services import Services, read_until_stored
 from actors.timers import Timer
@@ -83,7 +87,7 @@ from protocol.frames import (
 )
 from protocol.limits import MAX_CURSORS, MAX_RECEIPT_RANGE, direct_room_users
 from protocol.wsframe import server_frame
-from storage.store import MemberChanged, RoomCreated, RoomSnapshot
+from storage.store import Fence, MemberChanged, RoomCreated, RoomReleased, RoomSnapshot
 from storage.write_behind import COMMITTED, Ticket
 
 log = logging.getLogger(__name__)
@@ -148,7 +152,7 @@ class Room:
         self.members: set[str] = set()
         self.seq = 0
         self.delivered = 0  # highest seq fanned out
-        self.subs: dict[Outbox, _Sub] = {}
+        self.subs: dict[Sink, _Sub] = {}
         self._ring: deque[_Entry] = deque()
         self._by_cid: dict[tuple[str | None, str], _Entry] = {}
         self._last_ticket = COMMITTED  # the newest record this room queued for storage
@@ -164,6 +168,14 @@ class Room:
         self._counts_cache: tuple[int, int, bytes] | None = None  # (seq, version, frame)
         self._timer: Timer | None = None  # the tick the node's timer task will send
         self._timer_at = 0.0
+        # In a cluster: the room's claim on its rows, the subscribers of this node (the
+        # fan-out loop), how many subscribe through other nodes (they get each event
+        # from one publish, ``actors.cluster``), and how many such publishes so far.
+        self._fence: Fence | None = None
+        self._locals = self.subs if services.cluster is None else {}
+        self._remote = 0
+        self._pub = 0
+        self.released = COMMITTED  # the record that lets the room go, once retired
 
     def online_users(self) -> set[str]:
         """Users with a live subscribed session here."""
@@ -183,6 +195,8 @@ class Room:
                 self._arm(self._wake_at(quiet_since + idle))
                 command = await inbox.receive()
                 now = trio.current_time()
+                if self._fence is not None and (self._fence.stale or type(command) is Moved):
+                    return await self._step_down(command, inbox)
                 if self._turn(command, inbox):
                     quiet_since = now
                 self._on_timer(now)
@@ -233,6 +247,17 @@ class Room:
             # Storage must hold all the crashed room sequenced before we read it back.
             await self._s.write_behind.wait_flushed()
         store, run, recent = self._s.store, self._s.run, self._s.settings.history_buffer
+        if self._s.cluster is not None:
+            # Before reading: whatever a former owner stored is then in the snapshot, and
+            # whatever it still tries to store is refused.
+            claim = await read_until_stored(
+                f"claim of room {self.key!r}", lambda: store.claim("room", self.key, run)
+            )
+            self._fence = Fence("room", self.key, claim.token)
+            if claim.rotated:
+                log.warning(
+                    "room %r: its last node stopped without letting it go: new epoch", self.key
+                )
         snapshot = await read_until_stored(
             f"room {self.key!r}", lambda: store.load_room(self.key, run, recent)
         )
@@ -276,6 +301,27 @@ class Room:
             self._fan_out(frame, Message)
         log.info("room %r restarted; %d subscribers kept", self.key, len(self.subs))
 
+    async def _step_down(
+        self, command: object, inbox: trio.MemoryReceiveChannel[RoomCommand | _Tick]
+    ) -> None:
+        """Another node runs the room now: its subscribers resume there; what is queued
+        here is refused; then the room retires, whatever it still has unstored (storage
+        refuses it anyway)."""
+        log.warning("room %r: another node took it; stepping down", self.key)
+        for sub in self.subs.values():
+            tell_session(sub.link, ActorMoved("room", self.key))
+        self.subs.clear()
+        self._locals.clear()
+        self._remote = 0
+        while True:
+            if not isinstance(command, (_Tick, Moved)):
+                refuse(
+                    command, ErrorCode.TRY_LATER, "the room moved to another node; retry", self.key
+                )
+            if self._s.directory.try_retire(ActorKind.ROOM, self.key):
+                return
+            command = await inbox.receive()
+
     def _prune(self) -> None:
         """Drop subscribers whose session ended without a Detach reaching us."""
         for outbox in [ob for ob in self.subs if ob.closed]:
@@ -293,16 +339,31 @@ class Room:
             or self.receipts.unsaved
         ):
             return False  # a reload now could miss records still queued
-        return self._s.directory.try_retire(ActorKind.ROOM, self.key)
+        if not self._s.directory.try_retire(ActorKind.ROOM, self.key):
+            return False
+        if self._fence is not None:
+            record = RoomReleased(room=self.key, run=self._s.run)
+            self.released = self._s.write_behind.enqueue(record, fence=self._fence)
+        return True
 
-    def _subscribe(self, outbox: Outbox, sub: _Sub) -> None:
+    def _subscribe(self, outbox: Sink, sub: _Sub) -> None:
         self.subs[outbox] = sub
+        if self._locals is not self.subs:
+            if type(outbox) is GhostOutbox:
+                self._remote += 1
+            else:
+                self._locals[outbox] = sub
         user = sub.link.user
         self._user_subs[user] = self._user_subs.get(user, 0) + 1
         self._online_changed()
 
-    def _unsubscribe(self, outbox: Outbox) -> None:
+    def _unsubscribe(self, outbox: Sink) -> None:
         sub = self.subs.pop(outbox)
+        if self._locals is not self.subs:
+            if type(outbox) is GhostOutbox:
+                self._remote -= 1
+            else:
+                del self._locals[outbox]
         user = sub.link.user
         left = self._user_subs[user] - 1
         if left:
@@ -375,7 +436,7 @@ class Room:
         write_behind = self._s.write_behind
         if write_behind.has_capacity():
             for record in self.receipts.take_unsaved():
-                self._last_ticket = write_behind.enqueue(record)
+                self._last_ticket = write_behind.enqueue(record, fence=self._fence)
         else:
             self._schedule(store=True)  # storage is behind: keep them for later
 
@@ -432,6 +493,8 @@ class Room:
         write_behind = self._s.write_behind
         if not write_behind.has_capacity():
             return self._refuse(cmd, ErrorCode.TRY_LATER, "storage is behind; retry later")
+        if self._fence is not None and not self._s.cluster.placement.valid():  # type: ignore[union-attr]
+            return self._refuse(cmd, ErrorCode.TRY_LATER, "the cluster is unreachable; retry")
         self.seq = seq = self.seq + 1
         message = Message(
             room=self.key,
@@ -443,7 +506,7 @@ class Room:
             data=send.data,
         )
         frame = server_frame(encode(message))
-        ticket = self._last_ticket = write_behind.enqueue(message, len(frame) + 64)
+        ticket = self._last_ticket = write_behind.enqueue(message, len(frame) + 64, self._fence)
         entry = _Entry(message, frame, ticket)
         self._ring.append(entry)
         self._by_cid[user, send.cid] = entry
@@ -471,12 +534,18 @@ class Room:
             self._s.metrics.frames_out_by[Sent].inc()
         elif cmd.reply is not None:
             ticket.then(cmd.reply.set, (message.seq, message.ts))
+        if self._fence is not None:
+            # Refused by storage: another node took the room. The sender retries there.
+            ticket.otherwise(self._refuse_moved, cmd)
 
     def _refuse(self, cmd: Publish, code: ErrorCode, message: str) -> None:
         if cmd.link is not None:
             self._error_to(cmd.link, code, message, cmd.send.id)
         elif cmd.reply is not None:
             cmd.reply.fail(code, message)
+
+    def _refuse_moved(self, cmd: Publish) -> None:
+        self._refuse(cmd, ErrorCode.TRY_LATER, "the room moved to another node; retry")
 
     def _error_to(self, link: SessionLink, code: ErrorCode, message: str, id: int | None) -> None:
         """Through the session, which counts it against the client's error budget."""
@@ -495,7 +564,7 @@ class Room:
             return ErrorCode.BLOCKED, _blocked_message(user, self.blockers)
         return None
 
-    def _ok_to(self, outbox: Outbox, id: int | None) -> None:
+    def _ok_to(self, outbox: Sink, id: int | None) -> None:
         if id is not None:
             outbox.append(server_frame(encode(Ok(id=id))))
             self._s.metrics.frames_out_by[Ok].inc()
@@ -565,9 +634,12 @@ class Room:
             self.blockers = self.blockers - {cmd.user}
 
     def _fan_out(self, frame: bytes, kind: type[Frame]) -> None:
-        subs = self.subs
+        subs = self._locals
         for outbox in subs:
             outbox.append(frame)
+        if self._remote:
+            self._pub += 1
+            self._s.cluster.broadcast(self.key, self._pub, frame)  # type: ignore[union-attr]
         n = len(subs)
         if n:
             metrics = self._s.metrics
@@ -655,6 +727,7 @@ class Room:
             self._subscribe(outbox, _Sub(cmd.link, cmd.since if replayed else self.seq))  # type: ignore[arg-type]
         attached = attrs.evolve(
             attached,
+            pub=self._pub,
             cursor=self.receipts.cursor(user),
             state=self._state_frames(),
             members=frozenset(self.members) if self._small() else None,
@@ -739,14 +812,14 @@ class Room:
             members=members,
             run=self._s.run,
         )
-        self._last_ticket = self._s.write_behind.enqueue(record)
+        self._last_ticket = self._s.write_behind.enqueue(record, fence=self._fence)
         return self._last_ticket
 
     def _add_member(self, user: str, by: str | None) -> Ticket:
         was_small = self._small()
         self.members.add(user)
         record = MemberChanged(room=self.key, user=user, added=True, ts=self._s.now_ms())
-        self._last_ticket = self._s.write_behind.enqueue(record)
+        self._last_ticket = self._s.write_behind.enqueue(record, fence=self._fence)
         event = Member(room=self.key, user=user, op=MemberOp.ADDED, kind=self.kind, by=by)
         if self._small():
             self._fan_out(server_frame(encode(event)), Member)
@@ -790,7 +863,7 @@ class Room:
         self.receipts.forget(user)
         self._typers.pop(user, None)
         record = MemberChanged(room=self.key, user=user, added=False, ts=self._s.now_ms())
-        ticket = self._last_ticket = self._s.write_behind.enqueue(record)
+        ticket = self._last_ticket = self._s.write_behind.enqueue(record, fence=self._fence)
         event = Member(room=self.key, user=user, op=MemberOp.REMOVED, kind=self.kind, by=cmd.by)
         frame = server_frame(encode(event))
         if self._small():

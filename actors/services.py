@@ -3,7 +3,7 @@
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 import trio
@@ -52,6 +52,9 @@ class Settings:
     kv_quota: KvQuota = attrs.field(factory=KvQuota)
     quotas: QuotaSettings = attrs.field(factory=QuotaSettings)
 
+
+if TYPE_CHECKING:
+    from actors.cluster import Cluster
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -103,3 +106,4 @@ class Services:
     hlc: Clock = attrs.field(factory=Clock)  # the node's hybrid logical clock, for kv
     pump: Pump | None = None  # writes outboxes to sockets (actors.pump); None: writers do
     timers: Timers = attrs.field(factory=Timers)  # sessions' keep-alive; the node runs it
+    cluster: "Cluster | None" = None  # in a cluster (Redis): how to reach other nodes

@@ -27,6 +27,7 @@ import trio
 
 from actors.directory import ActorKind
 from actors.messages import (
+    ActorMoved,
     AddMember,
     Attach,
     Attached,
@@ -304,6 +305,9 @@ class Session:
                 self._blocks_known.set()
         elif type(event) is Refused:
             self._error(event.code, event.message, request_id=event.id, room=event.room)
+        elif type(event) is ActorMoved:
+            # Its client resumes, and reaches the actor on the node that runs it now.
+            self.close(CloseCode.MOVED, f"{event.kind} {event.key} moved; reconnect and resume")
 
     async def detach(self) -> None:
         """Leave every room and the user actor; called once the connection is over, under

@@ -56,6 +56,43 @@ class ReplyRef:
     id: int
 
 
+@attrs.frozen
+class Command:
+    """For actor ``(kind, key)`` on the node this is sent to; ``hops``: nodes it went
+    through, so that two nodes that each think the other owns it stop passing it on."""
+
+    kind: str
+    key: str
+    record: Any
+    hops: int = 0
+
+
+@attrs.frozen
+class Answer:
+    """The answer to request ``id``: ``value``, or the refusal ``code``."""
+
+    id: int
+    value: Any = None
+    code: ErrorCode | None = None
+    message: str = ""
+
+
+@attrs.frozen
+class ToSession:
+    """Frames for session ``id`` of the node this is sent to, in order."""
+
+    id: str
+    frames: tuple[bytes, ...]
+
+
+@attrs.frozen
+class Notify:
+    """An event for session ``id``'s inbox."""
+
+    id: str
+    event: Any
+
+
 class Exits(Protocol):
     """What a sending node does with what cannot cross."""
 
@@ -84,7 +121,9 @@ def _registry(modules: Iterable[Any], extra: Iterable[type]) -> dict[str, type]:
     return found
 
 
-_CLASSES = _registry([messages, frames], [LinkRef, ReplyRef, ErrorCode])
+_CLASSES = _registry(
+    [messages, frames], [LinkRef, ReplyRef, Command, Answer, ToSession, Notify, ErrorCode]
+)
 # A link holds process-local objects: it is swapped (for a LinkRef), never sent as such.
 del _CLASSES["SessionLink"]
 _FIELDS = {

@@ -58,6 +58,7 @@ class CloseCode(IntEnum):
     TOO_MANY_ERRORS = 4006
     TOKEN_EXPIRED = 4007
     TOO_MANY_SESSIONS = 4008
+    MOVED = 4009
 
 
 class ProtocolError(Exception):

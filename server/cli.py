@@ -160,10 +160,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.node import serve
 
     config: Config = config_from_args(args)
-    if config.redis_url:
+    if config.redis_url and config.database_url.lower().startswith("sqlite"):
         raise UsageError(
-            "--redis-url: the Redis bus for many nodes is not in this version yet; "
-            "unset it to run a single node with the in-process bus"
+            "--redis-url: a cluster shares one PostgreSQL database; SQLite serves a single "
+            "node. Give --database-url postgresql://..., or unset --redis-url"
         )
     if not config.dev and config.secret is None:
         raise UsageError(NO_SECRET)  # serve never falls back to the kept dev secret

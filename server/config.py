@@ -160,9 +160,15 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     STATEMENT_TIMEOUT,
     Option(
         "--redis-url",
-        "Redis URL for a multi-node bus; refused for now: not in this version yet "
-        "(unset: in-process bus)",
+        "Redis URL (redis://[:password@]host[:port][/db] or unix:///path): run as one node "
+        "of a cluster sharing this Redis and a PostgreSQL database (unset: a single node)",
         _unset_if_empty,
+    ),
+    Option(
+        "--cluster-lease",
+        "seconds a node owns its actors without renewing; a dead node's are taken over "
+        "after this long",
+        _positive_float,
     ),
     SECRET,
     Option(
@@ -335,6 +341,7 @@ class Config:
     database_pool: int = 10
     statement_timeout: float = 5.0
     redis_url: str | None = None
+    cluster_lease: float = 5.0
     secret: str | None = None
     admin_token: str | None = None
     allow_tokens_without_exp: bool = False

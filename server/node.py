@@ -19,22 +19,29 @@ clean stop; otherwise the next start gives its rooms new epochs.
 
 import logging
 import os
+import re
 import resource
+import secrets
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import attrs
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from actors.cluster import Cluster
 from actors.directory import ActorKind, Directory
 from actors.kv import Kv
 from actors.messages import FlushState, Reply, RequestFailed, deliver
 from actors.metrics import Metrics
+from actors.placement import Placement
 from actors.pump import WritePump
 from actors.quotas import UserQuotas
+from actors.remote import Placed
 from actors.room import Room
 from actors.room_lookup import RoomLookup
 from actors.services import Claims, Services
@@ -44,6 +51,8 @@ from protocol.errors import CloseCode
 from server.config import Config
 from server.connection import Admission, Connection
 from storage.bus import InProcessBus
+from storage.redis_bus import RedisBus
+from storage.redis_conn import Redis, Subscriber, open_redis
 from storage.store import StorageError, Store, open_store
 from storage.write_behind import WriteBehind
 
@@ -75,6 +84,7 @@ class Node:
     deadline: float | None = None  # when a drain must be over, flush included
     storage_error: str | None = None  # from the periodic probe
     admin_token: str | None = None
+    placement: Placement | None = None
     admission: Admission = attrs.field(
         default=attrs.Factory(
             lambda self: Admission(
@@ -120,6 +130,10 @@ class Node:
         elif fill >= 0.5:
             degraded = True
             reasons.append(f"write-behind: backlog at {fill:.0%} of capacity")
+        bus_error = self._bus_error()
+        if bus_error is not None:
+            degraded = True
+            reasons.append(f"bus: {bus_error}")
         status = "Failed" if failed else "Degraded" if degraded else "OK"
         checks: dict[str, object] = {
             "storage": {
@@ -132,11 +146,28 @@ class Node:
                 "max_records": wb.max_records,
                 "max_bytes": wb.max_bytes,
             },
-            "bus": {"ok": True, "kind": "in-process"},
+            "bus": self._bus_check(),
             "draining": self.draining,
             "connections": {"open": admission.open, "max": admission.max_total},
         }
         return Readiness(status, tuple(reasons), checks)
+
+    def _bus_error(self) -> str | None:
+        cluster = self.services.cluster
+        if cluster is None:
+            return None
+        if not cluster.redis.connected:
+            return f"Redis unreachable ({cluster.redis.error}); sends to other nodes refused"
+        if cluster.placement.error is not None:
+            return cluster.placement.error
+        return None
+
+    def _bus_check(self) -> dict[str, object]:
+        cluster = self.services.cluster
+        if cluster is None:
+            return {"ok": True, "kind": "in-process"}
+        error = self._bus_error()
+        return {"ok": error is None, "kind": "redis", "node": cluster.node, "error": error}
 
     def stats(self) -> dict[str, object]:
         users = list(self.directory.actors(ActorKind.USER))
@@ -229,11 +260,34 @@ class Node:
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
 
 
+def node_name() -> str:
+    """This node's id in a cluster: readable in logs, unique across restarts."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40]
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 @asynccontextmanager
 async def open_node(
     config: Config, verify_token: Callable[[str], Claims], admin_token: str | None = None
 ) -> AsyncIterator[tuple[Node, trio.Nursery]]:
     """A running node without listeners, and the nursery its connections belong in."""
+    async with AsyncExitStack() as stack:
+        redis = None
+        if config.redis_url is not None:
+            redis = await stack.enter_async_context(
+                open_redis(config.redis_url, timeout=min(2.0, config.cluster_lease / 3))
+            )
+        async with _open_node(config, verify_token, admin_token, redis) as opened:
+            yield opened
+
+
+@asynccontextmanager
+async def _open_node(
+    config: Config,
+    verify_token: Callable[[str], Claims],
+    admin_token: str | None,
+    redis: tuple[Redis, Subscriber] | None,
+) -> AsyncIterator[tuple[Node, trio.Nursery]]:
     metrics = Metrics()
     settings = config.settings()
     async with open_store(
@@ -241,7 +295,7 @@ async def open_node(
         pool_size=config.database_pool,
         statement_timeout=config.statement_timeout,
     ) as store:
-        run = await store.begin_run()
+        run = await store.begin_run(shared=redis is not None)
         if run.rotated_rooms:
             log.warning(
                 "the previous run did not stop cleanly: %d rooms get a new epoch "
@@ -277,10 +331,35 @@ async def open_node(
                 pump=pump,
                 timers=timers,
             )
-            directory.register(ActorKind.ROOM, lambda key, old: Room(key, services, old))
-            directory.register(ActorKind.USER, lambda key, old: User(key, services, old))
-            directory.register(ActorKind.KV, lambda key, old: Kv(key, services, old))
-            node = Node(config, services, store, admin_token=admin_token)
+            owners: dict[ActorKind, Callable[[str, Any], Any]] = {
+                ActorKind.ROOM: lambda key, old: Room(key, services, old),
+                ActorKind.USER: lambda key, old: User(key, services, old),
+                ActorKind.KV: lambda key, old: Kv(key, services, old),
+            }
+            placement = None
+            if redis is not None:
+                placement = Placement(redis[0], node_name(), lease=config.cluster_lease)
+                await nursery.start(placement.run)
+                cluster = Cluster(
+                    *redis,
+                    placement,
+                    directory,
+                    metrics,
+                    nursery,
+                    request_timeout=settings.request_timeout,
+                    actor_idle=settings.actor_idle,
+                )
+                placement.on_lost = cluster.lost
+                services.cluster = cluster
+                services.bus = RedisBus(*redis, placement.node)
+                await nursery.start(cluster.run)
+                log.info("cluster node %s", placement.node)
+                for kind, make in owners.items():
+                    directory.register(kind, _placed(kind, cluster, make))
+            else:
+                for kind, make in owners.items():
+                    directory.register(kind, make)
+            node = Node(config, services, store, admin_token=admin_token, placement=placement)
             metrics.collect_at_scrape(node.collect_metrics)
             if config.storage_probe_interval > 0:
                 nursery.start_soon(node.probe_storage, config.storage_probe_interval)
@@ -294,8 +373,16 @@ async def open_node(
                     await write_behind.wait_flushed()
                     await store.end_run(run.run)
                     clean = True
+                    if placement is not None:  # others take this node's actors at once
+                        await placement.leave()
                 nursery.cancel_scope.cancel()
         log.info("stopped %s", "cleanly" if clean else "with records unstored")
+
+
+def _placed(
+    kind: ActorKind, cluster: Cluster, make: Callable[[str, Any], Any]
+) -> Callable[[str, Any], Any]:
+    return lambda key, old: Placed(kind, key, cluster, make, old)
 
 
 @attrs.frozen

@@ -184,9 +184,9 @@ def test_an_empty_admin_token_means_off_and_a_short_one_is_refused() -> None:
     assert result.returncode == 2 and "at least 16" in result.stderr
 
 
-def test_serve_refuses_the_redis_bus_it_does_not_have(tmp_path: Path) -> None:
+def test_a_cluster_on_sqlite_is_refused(tmp_path: Path) -> None:
     result = run_cli("serve", "--dev", "--redis-url", "redis://localhost", cwd=tmp_path)
-    assert result.returncode == 2 and "Redis" in result.stderr
+    assert result.returncode == 2 and "SQLite serves a single node" in result.stderr
 
 
 def test_token_with_an_explicit_secret(tmp_path: Path) -> None:
