@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from actors.directory import ActorKind, Directory
-from actors.messages import Attached, Moved, Reply, SessionLink, refuse
+from actors.messages import ActorMoved, Attached, Moved, Reply, SessionLink, refuse
 from actors.metrics import Metrics
 from actors.outbox import Sink
 from actors.placement import PREFIX, Placement
@@ -103,13 +103,14 @@ class Relay:
     """On a node with subscribers in a room another node runs: the room's broadcasts to
     their outboxes. A session waiting for its ``Attached`` buffers what arrives."""
 
-    __slots__ = ("links", "live", "pending", "room")
+    __slots__ = ("last", "links", "live", "pending", "room")
 
     def __init__(self, room: str) -> None:
         self.room = room
         self.live: dict[Sink, SessionLink] = {}
         self.pending: dict[Sink, list[tuple[int, bytes]]] = {}
         self.links: dict[Sink, SessionLink] = {}
+        self.last = 0  # the number of the last broadcast heard
 
     def add(self, link: SessionLink) -> None:
         if link.outbox not in self.live:
@@ -131,13 +132,29 @@ class Relay:
         self.live[outbox] = self.links[outbox]
 
     def deliver(self, payload: bytes) -> None:
+        number = int.from_bytes(payload[:PUB_BYTES], "big")
+        if self.last and number != self.last + 1:
+            # Missed broadcasts (Redis dropped them, or the room restarted): what this
+            # node's sessions have is no longer the room's history.
+            self.lost("missed broadcasts")
+        self.last = number
         frame = payload[PUB_BYTES:]
         for outbox in self.live:
             outbox.append(frame)
         if self.pending:
-            number = int.from_bytes(payload[:PUB_BYTES], "big")
             for buffered in self.pending.values():
                 buffered.append((number, frame))
+
+    def lost(self, why: str) -> None:
+        """Tell the sessions relayed here to resume: their room moved, in effect."""
+        if self.links:
+            log.warning("cluster: room %r: %s; %d sessions resume", self.room, why, len(self.links))
+        for link in list(self.links.values()):
+            link.inbox(ActorMoved("room", self.room))
+        self.live.clear()
+        self.pending.clear()
+        self.links.clear()
+        self.last = 0
 
     def __len__(self) -> int:
         return len(self.links)
@@ -283,6 +300,7 @@ class Cluster:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on this node's inbox; watch the nodes this one depends on."""
+        self.subscriber.on_reconnect = self._resync
         self.subscriber.subscribe(inbox_channel(self.node), self._on_inbox)
         with trio.fail_after(max(5.0, self.request_timeout)):
             await self.subscriber.subscribed(inbox_channel(self.node))
@@ -294,6 +312,12 @@ class Cluster:
                 await self._watch_nodes()
             except Exception as exc:  # RedisError: the next round tries again
                 log.debug("cluster: node watch failed: %s", exc)
+
+    def _resync(self) -> None:
+        """Subscribed again after a reconnect: whatever was published meanwhile is lost,
+        so sessions relayed here resume."""
+        for relay in self.relays.values():
+            relay.lost("Redis reconnected")
 
     def _on_inbox(self, payload: bytes) -> None:
         try:

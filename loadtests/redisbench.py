@@ -113,7 +113,7 @@ async def ours(server: PrivateRedis, backlog: bytes) -> Result:
 async def redis_py(server: PrivateRedis, backlog: bytes, bridge: Callable[[Any], Any]) -> Result:
     """The same figures for redis-py; ``bridge`` turns an asyncio coroutine function into
     one this loop can await (trio-asyncio's ``aio_as_trio``, or nothing)."""
-    import redis.asyncio
+    import redis.asyncio  # type: ignore[import-not-found,unused-ignore]  # the bench extra
 
     client = redis.asyncio.Redis(port=server.port)
     result: Result = {}
@@ -148,7 +148,7 @@ async def redis_py(server: PrivateRedis, backlog: bytes, bridge: Callable[[Any],
             if message["data"] == b"end":
                 last = time.perf_counter()
                 break
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
         assert count == BACKLOG, count
         return (count - 1) / (last - first)
 

@@ -11,8 +11,12 @@ import pytest
 import trio
 
 from actors.directory import ActorKind
+from protocol.client import ServerError
+from protocol.errors import ErrorCode
 from protocol.frames import Joined, Message, ReceiptState, Send, Sent, Typing
+from storage.store import open_store
 from tests.helpers import RunningServer, events_until, run_server
+from tests.redis_server import PrivateRedis
 
 
 @asynccontextmanager
@@ -134,3 +138,73 @@ async def test_the_admin_api_works_on_any_node(nodes: list[RunningServer]) -> No
         message = await alice.next_event(Message)
         assert message.text == "from ops"
         assert info["seq"] == 1
+
+
+async def readiness(server: RunningServer) -> dict[str, Any]:
+    async with server.http(admin=False) as http:
+        body: dict[str, Any] = (await http.get("/readyz")).json()
+    return body
+
+
+async def until_status(server: RunningServer, status: str) -> dict[str, Any]:
+    with trio.fail_after(30):
+        while (body := await readiness(server))["status"] != status:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    return body
+
+
+async def test_a_redis_restart_degrades_then_recovers_losing_nothing_acked(
+    tmp_path: Path, postgres_url: str, own_redis: PrivateRedis
+) -> None:
+    async with cluster(tmp_path, postgres_url, own_redis.url, n=2, cluster_lease=1.0) as nodes:
+        a, b = nodes
+        acked: dict[str, int] = {}
+        async with a.client("alice") as alice, b.client("bob") as bob:
+            await alice.create("r")
+            await bob.join("r")
+            for i in range(3):
+                acked[f"m{i}"] = (await alice.send("r", f"m{i}", cid=f"m{i}")).seq
+            await events_until(bob, Message, 3)
+
+            await trio.to_thread.run_sync(own_redis.stop)
+            for node in nodes:
+                body = await until_status(node, "Degraded")
+                assert any(r.startswith("bus:") for r in body["reasons"]), body
+                assert body["checks"]["bus"]["ok"] is False
+            # The room's node goes on until it can no longer be sure it owns the room
+            # (a lease); what it acks meanwhile is stored, but bob's node never hears it.
+            i = 3
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        acked[f"m{i}"] = (await alice.send("r", f"m{i}", cid=f"m{i}")).seq
+                    except ServerError as exc:
+                        assert exc.code is ErrorCode.TRY_LATER
+                        break
+                    i += 1
+                    await trio.sleep(0.05)  # within the rate limit
+            assert bob.close_code is None  # sessions stay connected through the outage
+            await trio.to_thread.run_sync(own_redis.start)  # empty: it keeps nothing
+            for node in nodes:
+                await until_status(node, "OK")
+            positions = dict(bob.positions)
+        # Bob's node lost broadcasts: its sessions resume (4009), and get them replayed.
+        async with a.client("alice") as alice, b.client("bob", resume=positions) as bob:
+            await alice.join("r", resume=False)
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        sent = await alice.send("r", "after", cid="after")
+                        break
+                    except ServerError as exc:
+                        assert exc.code is ErrorCode.TRY_LATER
+                        await trio.sleep(0.1)
+            acked["after"] = sent.seq
+            seen = [3]
+            with trio.fail_after(30):
+                while seen[-1] != sent.seq:
+                    seen.append((await bob.next_event(Message)).seq)
+            assert seen == list(range(3, sent.seq + 1))  # no gap, no duplicate
+    async with open_store(postgres_url) as store:
+        stored = {m.cid: m.seq for m in await store.fetch_messages("r", 1, 100)}
+    assert all(stored.get(cid) == seq for cid, seq in acked.items()), (acked, stored)

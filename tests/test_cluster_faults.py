@@ -78,7 +78,13 @@ class Sender:
                             self.times.append(trio.current_time())
                             i += 1
                             await trio.sleep(0.01)
-                except (ServerError, Disconnected, ConnectionClosed, HandshakeError, OSError) as exc:
+                except (
+                    ServerError,
+                    Disconnected,
+                    ConnectionClosed,
+                    HandshakeError,
+                    OSError,
+                ) as exc:
                     code = getattr(exc, "code", None)
                     assert code in (None, ErrorCode.TRY_LATER, ErrorCode.TIMEOUT), exc
                     await trio.sleep(0.1)
@@ -112,7 +118,9 @@ async def test_sigkill_of_a_busy_rooms_node_loses_nothing_acked(
             for who in ("bob", "carol", "dave"):
                 await alice.invite("busy", who)
         dead: set[int] = set()
-        senders = [Sender(name, nodes, home, 60) for name, home in [("bob", 1), ("carol", 2), ("dave", 0)]]
+        senders = [
+            Sender(name, nodes, home, 60) for name, home in [("bob", 1), ("carol", 2), ("dave", 0)]
+        ]
         async with trio.open_nursery() as nursery:
             for s in senders:
                 nursery.start_soon(s.run, "busy", dead)
