@@ -30,6 +30,8 @@ class PresenceNote:
     frame: bytes
     hidden: frozenset[str]
     only: frozenset[str] | None = None
+    status: Status = Status.ONLINE  # what ``frame`` says, for other nodes' books
+    ts: int | None = None
 
 
 @attrs.frozen
@@ -47,7 +49,7 @@ def presence_note(
     only: frozenset[str] | None = None,
 ) -> PresenceNote:
     frame = server_frame(encode(Presence(user=user, status=status, ts=ts)))
-    return PresenceNote(user, frame, blocks, only)
+    return PresenceNote(user, frame, blocks, only, status, ts)
 
 
 class PresenceBook:
@@ -78,6 +80,10 @@ class PresenceBook:
                 if viewer not in entry.blocks:
                     found.append(PresenceState(user=user, status=entry.status))
         return found
+
+    async def known_anywhere(self, users: list[str], viewer: str) -> dict[str, PresenceState]:
+        """``known``, and in a cluster what other nodes know (``ClusterPresence``)."""
+        return self.known(users, viewer)
 
     def known(self, users: Iterable[str], viewer: str) -> dict[str, PresenceState]:
         """What the book knows of ``users``, online or recently gone, as ``viewer`` may

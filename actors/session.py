@@ -892,7 +892,7 @@ class Session:
         except (StorageError, trio.TooSlowError) as exc:
             raise RequestFailed(ErrorCode.TRY_LATER, "presence unavailable") from exc
         last_seen = {p.user: p.last_seen for p in stored if not p.hidden}
-        fresh = self._s.presence.known(wanted, self.user)  # newer than storage
+        fresh = await self._s.presence.known_anywhere(wanted, self.user)  # newer than storage
         return tuple(
             fresh.get(u) or PresenceState(user=u, status=Status.OFFLINE, ts=last_seen.get(u))
             for u in wanted

@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from actors.cluster import Cluster
+from actors.cluster_presence import ClusterPresence
 from actors.directory import ActorKind, Directory
 from actors.kv import Kv
 from actors.messages import FlushState, Reply, RequestFailed, deliver
@@ -351,7 +352,10 @@ async def _open_node(
                 )
                 placement.on_lost = cluster.lost
                 services.cluster = cluster
-                services.bus = RedisBus(*redis, placement.node)
+                presence = ClusterPresence(redis[0], config.cluster_lease)
+                services.presence = presence
+                services.bus = RedisBus(*redis, placement.node, presence, nursery)
+                nursery.start_soon(presence.run)
                 await nursery.start(cluster.run)
                 log.info("cluster node %s", placement.node)
                 for kind, make in owners.items():

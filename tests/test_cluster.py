@@ -13,7 +13,21 @@ import trio
 from actors.directory import ActorKind
 from protocol.client import ServerError
 from protocol.errors import ErrorCode
-from protocol.frames import Joined, Message, ReceiptState, Send, Sent, Typing
+from protocol.frames import (
+    Joined,
+    KvChanged,
+    KvWrite,
+    Message,
+    Presence,
+    PresenceList,
+    ReceiptState,
+    Send,
+    Sent,
+    Status,
+    Typing,
+)
+from protocol.hlc import pack as hlc
+from protocol.limits import direct_room_id
 from storage.store import open_store
 from tests.helpers import RunningServer, events_until, run_server
 from tests.redis_server import PrivateRedis
@@ -208,3 +222,75 @@ async def test_a_redis_restart_degrades_then_recovers_losing_nothing_acked(
     async with open_store(postgres_url) as store:
         stored = {m.cid: m.seq for m in await store.fetch_messages("r", 1, 100)}
     assert all(stored.get(cid) == seq for cid, seq in acked.items()), (acked, stored)
+
+
+async def next_presence(client: Any, user: str, status: Status) -> Presence:
+    """The first presence of ``user`` with ``status`` (the same state may come twice:
+    a node that starts following a user on another node announces what it learns)."""
+    with trio.fail_after(15):
+        while True:
+            event = await client.next_event()
+            found = []
+            if isinstance(event, Presence):
+                found = [event]
+            elif isinstance(event, PresenceList):
+                found = [Presence(user=i.user, status=i.status, ts=i.ts) for i in event.items]
+            for presence in found:
+                if presence.user == user and presence.status is status:
+                    return presence
+
+
+async def test_presence_with_grace_across_nodes(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    async with cluster(tmp_path, postgres_url, redis_url, presence_grace=0.5) as nodes:
+        a, b, c = nodes
+        async with a.client("bob") as bob:
+            await bob.create("r")
+            await bob.invite("r", "alice")
+            async with b.client("alice") as alice:
+                await alice.join("r")
+                # Bob's node follows alice, whose user actor runs on her node.
+                await next_presence(bob, "alice", Status.ONLINE)
+                async with c.client("carol") as carol:
+                    seen = await carol.who("alice", "bob")
+                    assert seen["alice"].status is Status.ONLINE
+                    assert seen["bob"].status is Status.ONLINE
+                    watched = await carol.watch("alice")
+                    assert watched["alice"].status is Status.ONLINE
+                    await alice.set_status(Status.AWAY)
+                    await next_presence(carol, "alice", Status.AWAY)
+                    await next_presence(bob, "alice", Status.AWAY)
+            # Alice is gone from every node: offline after the grace, with a last-seen time.
+            gone = await next_presence(bob, "alice", Status.OFFLINE)
+            assert gone.ts is not None
+
+
+async def test_kv_from_two_devices_on_two_nodes_converges(nodes: list[RunningServer]) -> None:
+    a, b, _ = nodes
+    async with a.client("alice") as phone, b.client("alice") as laptop:
+        await phone.kv_sync()
+        await laptop.kv_sync()
+        await phone.kv_put("phone", KvWrite(key="theme", hlc=hlc(1), value="dark"))
+        await laptop.kv_put("laptop", KvWrite(key="theme", hlc=hlc(2), value="light"))
+        await laptop.kv_put("laptop", KvWrite(key="lang", hlc=hlc(3), value="fr"))
+        for device in (phone, laptop):
+            changes = await device.kv_sync()
+            state = {e.key: e.value for e in changes.items}
+            assert state == {"theme": "light", "lang": "fr"}
+        pushed = await events_until(phone, KvChanged, 1)  # live, from the other node
+        assert pushed
+
+
+async def test_blocks_hold_across_nodes(nodes: list[RunningServer]) -> None:
+    a, b, _ = nodes
+    async with a.client("alice") as alice, b.client("bob") as bob:
+        await alice.direct("bob")
+        await bob.direct("alice")
+        room = direct_room_id("alice", "bob")
+        await alice.send(room, "hi", cid="1")
+        await bob.block("alice")
+        with pytest.raises(ServerError) as refused:
+            await alice.send(room, "still there?", cid="2")
+        assert refused.value.code is ErrorCode.BLOCKED
+        assert await bob.blocks() == ("alice",)
