@@ -26,6 +26,7 @@ owner made them.
 import itertools
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -396,14 +397,16 @@ class Cluster:
 
     def lost(self, kind: str, key: str) -> None:
         """Placement found ``(kind, key)`` taken by another node while this one lapsed."""
-        if kind != ActorKind.ROOM:
-            return  # users and kv maps are not fenced yet (ARCHITECTURE.md, "Cluster")
-        ref = self.directory.get(ActorKind.ROOM, key)
+        ref = self.directory.get(ActorKind(kind), key)
         if ref is not None:
             try:
                 ref.send_nowait(Moved())
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 pass  # its next write is refused by storage: it steps down then
+
+    def moved_later(self, kind: str, key: str) -> Callable[[], None]:
+        """What tells actor ``(kind, key)`` that storage refused it: it steps down."""
+        return lambda: self.lost(kind, key)
 
     # --- letting actors go -------------------------------------------------------------
 

@@ -52,8 +52,12 @@ class ClusterPresence(PresenceBook):
     ) -> None:
         super().put(user, status, blocks, last_seen)
         self._mirrors.discard(user)
-        value = cbor2.dumps([int(status), sorted(blocks), last_seen])
-        self._redis.send("SET", presence_key(user), value, "PX", self._ttl_ms)
+        self._redis.send(*self._set(user))
+
+    def _set(self, user: str) -> tuple[str | bytes | int, ...]:
+        entry = self._online[user]
+        value = cbor2.dumps([int(entry.status), sorted(entry.blocks), entry.last_seen])
+        return ("SET", presence_key(user), value, "PX", self._ttl_ms)
 
     def remove(self, user: str) -> None:
         if user in self._mirrors:
@@ -61,17 +65,21 @@ class ClusterPresence(PresenceBook):
         super().remove(user)
         self._redis.send("DEL", presence_key(user))
 
+    def forget(self, user: str) -> None:
+        # Another node runs the user now, and writes the entry in Redis.
+        self._mirrors.discard(user)
+        PresenceBook.remove(self, user)
+
     async def run(self) -> None:
-        """Renew this node's entries every lease; a dead node's lapse."""
+        """Write this node's entries again every lease (so a Redis restarted empty has
+        them back); a dead node's lapse."""
         while True:
             await trio.sleep(self._lease)
             owned = [u for u in self._online if u not in self._mirrors]
             if not owned:
                 continue
             try:
-                await self._redis.pipeline(
-                    [("PEXPIRE", presence_key(u), self._ttl_ms) for u in owned]
-                )
+                await self._redis.pipeline([self._set(u) for u in owned])
             except RedisError as exc:
                 log.debug("presence: renewal failed: %s", exc)
 

@@ -14,13 +14,24 @@ import trio
 
 from actors.directory import ActorKind
 from actors.kvmap import KvMap
-from actors.messages import Detach, KvCommand, KvRequest, Refused, SessionLink, tell_session
+from actors.messages import (
+    ActorMoved,
+    Detach,
+    KvCommand,
+    KvRequest,
+    Moved,
+    Refused,
+    SessionLink,
+    refuse,
+    tell_session,
+)
 from actors.services import Services, read_until_stored
 from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.frames import Frame, KvAck, KvChanged, KvPut, KvResult, KvSync
 from protocol.limits import KV_PAGE
 from protocol.wsframe import server_frame
+from storage.store import Fence
 from storage.write_behind import COMMITTED, Ticket
 
 COMPACT_EVERY = 60.0  # seconds between checks for expired deletions
@@ -42,16 +53,27 @@ class Kv:
         self.subs: dict[str, SessionLink] = {}  # sessions that get changes live
         self._last_ticket: Ticket = COMMITTED
         self._compacted_at = -math.inf
+        self._fence: Fence | None = None  # in a cluster, the claim on the user's kv rows
         if predecessor is not None:
             # What the crashed actor applied may still be queued, not stored: reloading
             # from storage would give its revisions out a second time.
             self.map = predecessor.map
             self.subs = predecessor.subs
             self._last_ticket = predecessor._last_ticket
+            self._fence = predecessor._fence
 
     async def run(self, inbox: trio.MemoryReceiveChannel[KvCommand]) -> None:
         if self.map is None:
             store = self._s.store
+            if self._s.cluster is not None:
+                # Before reading: a former owner's stored writes are then in the snapshot,
+                # and the ones it still tries are refused (they would reuse revisions).
+                claim = await read_until_stored(
+                    f"claim of kv {self.key!r}",
+                    lambda: store.claim("kv", self.key, self._s.run),
+                )
+                moved = self._s.cluster.moved_later("kv", self.key)
+                self._fence = Fence("kv", self.key, claim.token, on_stale=moved)
             snapshot = await read_until_stored(f"kv {self.key!r}", lambda: store.load_kv(self.key))
             self.map = KvMap(self.key, snapshot, self._s.settings.kv_quota)
         self._compact()
@@ -59,6 +81,9 @@ class Kv:
         while True:
             with trio.move_on_after(idle) as waiting:
                 command = await inbox.receive()
+            fence = self._fence
+            if fence is not None and (fence.stale or type(command) is Moved):
+                return await self._step_down(inbox)
             if not waiting.cancelled_caught:
                 self._handle(command)
                 continue
@@ -72,6 +97,14 @@ class Kv:
                 and self._s.directory.try_retire(ActorKind.KV, self.key)
             ):
                 return
+
+    async def _step_down(self, inbox: trio.MemoryReceiveChannel[KvCommand]) -> None:
+        """Another node runs this map now: its sessions resume there."""
+        for link in self.subs.values():
+            tell_session(link, ActorMoved("kv", self.key))
+        self.subs.clear()
+        while not self._s.directory.try_retire(ActorKind.KV, self.key):
+            refuse(await inbox.receive(), ErrorCode.TRY_LATER, "moved to another node; retry")
 
     def _handle(self, command: KvCommand) -> None:
         if type(command) is KvRequest:
@@ -100,7 +133,8 @@ class Kv:
             result, change = self.map.write(put.dev, write, now)
             if change is not None:
                 applied.append(change.entry)
-                self._last_ticket = wb.enqueue(change, 64 + self.map.size_of(write.key))
+                size = 64 + self.map.size_of(write.key)
+                self._last_ticket = wb.enqueue(change, size, self._fence)
             elif result.hlc is not None:  # stale or conflict, showing the current entry
                 shown += self.map.size_of(write.key)
                 if shown > PAGE_BYTES:  # the client learns the rest with kvsync
@@ -118,6 +152,7 @@ class Kv:
         changed = KvChanged(rev=self.map.rev, items=tuple(applied)) if applied else None
         self._compact()
         self._last_ticket.then(self._answer_put, (link, ack, changed))
+        self._last_ticket.otherwise(_moved, (link, put.id))
 
     def _answer_put(self, answer: tuple[SessionLink, KvAck, KvChanged | None]) -> None:
         link, ack, changed = answer
@@ -148,7 +183,7 @@ class Kv:
         self._compacted_at = now
         record = self.map.compact(self._s.now_ms())
         if record is not None:
-            self._last_ticket = self._s.write_behind.enqueue(record)
+            self._last_ticket = self._s.write_behind.enqueue(record, fence=self._fence)
 
     def _send_to(self, answer: tuple[SessionLink, Frame]) -> None:
         self._send(*answer)
@@ -156,3 +191,9 @@ class Kv:
     def _send(self, link: SessionLink, frame: Frame) -> None:
         link.outbox.append(server_frame(encode(frame)))
         self._s.metrics.frames_out_by[type(frame)].inc()
+
+
+def _moved(refused: tuple[SessionLink, int]) -> None:
+    """Storage refused the writes: another node runs the map now; the client retries."""
+    link, request = refused
+    tell_session(link, Refused(ErrorCode.TRY_LATER, "moved to another node; retry", request, None))

@@ -391,7 +391,7 @@ class ChangeBlock:
     reply: Reply[Ticket]
 
 
-UserCommand = SessionOpened | SessionClosed | ChangeStatus | ChangeBlock
+UserCommand = SessionOpened | SessionClosed | ChangeStatus | ChangeBlock | Moved
 
 
 # --- kv -------------------------------------------------------------------------------
@@ -405,7 +405,7 @@ class KvRequest:
     frame: KvPut | KvSync
 
 
-KvCommand = KvRequest | Detach
+KvCommand = KvRequest | Detach | Moved
 
 
 def request_id(record: object) -> int | None:

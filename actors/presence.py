@@ -8,7 +8,7 @@ channel ``presence:<user>`` as a ``PresenceNote`` holding the framed ``presence`
 every session that follows the user (a member of a small room they share, or an explicit
 ``watch``) subscribed to that channel once and appends the same bytes to its outbox.
 Sessions read the book, without awaiting, for the state of users they start to follow.
-Many nodes (Redis) will keep the book in Redis with a TTL.
+In a cluster the book also lives in Redis (``actors.cluster_presence``).
 """
 
 from collections.abc import Iterable
@@ -69,6 +69,10 @@ class PresenceBook:
         self._online[user] = Entry(status, blocks, last_seen)
 
     def remove(self, user: str) -> None:
+        self._online.pop(user, None)
+
+    def forget(self, user: str) -> None:
+        """Drop ``user``'s entry here only: their actor moved to another node."""
         self._online.pop(user, None)
 
     def visible(self, users: Iterable[str], viewer: str) -> list[PresenceState]:

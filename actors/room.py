@@ -253,7 +253,8 @@ class Room:
             claim = await read_until_stored(
                 f"claim of room {self.key!r}", lambda: store.claim("room", self.key, run)
             )
-            self._fence = Fence("room", self.key, claim.token)
+            moved = self._s.cluster.moved_later("room", self.key)
+            self._fence = Fence("room", self.key, claim.token, on_stale=moved)
             if claim.rotated:
                 log.warning(
                     "room %r: its last node stopped without letting it go: new epoch", self.key

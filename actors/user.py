@@ -23,20 +23,24 @@ import trio
 
 from actors.directory import ActorKind
 from actors.messages import (
+    ActorMoved,
     BlocksChanged,
     ChangeBlock,
     ChangeStatus,
+    Moved,
+    Reply,
     SessionClosed,
     SessionLink,
     SessionOpened,
     UserCommand,
+    refuse,
     tell_session,
 )
 from actors.presence import presence_note
 from actors.services import Services, read_until_stored
 from protocol.errors import ErrorCode
 from protocol.frames import Status
-from storage.store import BlockChanged, UserSeen
+from storage.store import BlockChanged, Fence, UserSeen
 from storage.write_behind import COMMITTED, Ticket
 
 
@@ -56,6 +60,7 @@ class User:
         self._unsubscribe: Callable[[], None] | None = None  # kept while hibernating
         self._hibernating = False
         self._waiting: trio.CancelScope | None = None  # the serving loop's wait
+        self._fence: Fence | None = None  # in a cluster, the claim on the user's rows
         if predecessor is not None:
             # Sessions outlive a crash of their user actor: the new one keeps them, and
             # what it knew (some of it not stored yet).
@@ -68,6 +73,7 @@ class User:
                 self.grace_until = predecessor.grace_until
                 self.last_seen = predecessor.last_seen
                 self._last_ticket = predecessor._last_ticket
+                self._fence = predecessor._fence
 
     async def run(self, inbox: trio.MemoryReceiveChannel[UserCommand]) -> None:
         if self._unsubscribe is None:  # else woken from hibernation, still subscribed
@@ -111,6 +117,9 @@ class User:
                 self._waiting = waiting
                 command = await inbox.receive()
             self._waiting = None
+            fence = self._fence
+            if fence is not None and (fence.stale or type(command) is Moved):
+                return await self._step_down(inbox)
             if not waiting.cancelled_caught:
                 quiet_since = trio.current_time()
                 if not self.loaded and type(command) in (ChangeStatus, ChangeBlock):
@@ -148,6 +157,15 @@ class User:
                 self._hibernating = True
                 return
 
+    async def _step_down(self, inbox: trio.MemoryReceiveChannel[UserCommand]) -> None:
+        """Another node runs this user now: their sessions resume there."""
+        for link in self.sessions.values():
+            tell_session(link, ActorMoved("user", self.key))
+        self.sessions.clear()
+        while not self._s.directory.try_retire(ActorKind.USER, self.key):
+            refuse(await inbox.receive(), ErrorCode.TRY_LATER, "moved to another node; retry")
+        self._s.presence.forget(self.key)
+
     def _may_hibernate(self, inbox: trio.MemoryReceiveChannel[UserCommand]) -> bool:
         """Nothing to do until the next command: no timer of ours is needed. A closed
         outbox is a session that may not say goodbye: the idle sweep removes it."""
@@ -161,6 +179,12 @@ class User:
 
     async def _load(self) -> None:
         store = self._s.store
+        if self._s.cluster is not None:
+            claim = await read_until_stored(
+                f"claim of user {self.key!r}", lambda: store.claim("user", self.key, self._s.run)
+            )
+            moved = self._s.cluster.moved_later("user", self.key)
+            self._fence = Fence("user", self.key, claim.token, on_stale=moved)
         snapshot = await read_until_stored(f"user {self.key!r}", lambda: store.load_user(self.key))
         self.status = snapshot.status
         self.blocks = snapshot.blocks
@@ -186,6 +210,7 @@ class User:
             if self.online:
                 self._publish()
             self._last_ticket.then(command.reply.set, None)
+            self._last_ticket.otherwise(_moved, command.reply)
         elif type(command) is ChangeBlock:
             self._block(command)
         else:
@@ -246,10 +271,14 @@ class User:
             self._s.presence.put(self.key, Status.OFFLINE, self.blocks, self.last_seen)
 
     def _store(self, record: UserSeen | BlockChanged) -> Ticket:
-        self._last_ticket = self._s.write_behind.enqueue(record)
+        self._last_ticket = self._s.write_behind.enqueue(record, fence=self._fence)
         return self._last_ticket
 
     def _deliver(self, frame: object) -> None:
         assert isinstance(frame, bytes)
         for link in self.sessions.values():
             link.outbox.append(frame)
+
+
+def _moved(reply: Reply[None]) -> None:
+    reply.fail(ErrorCode.TRY_LATER, "moved to another node; retry")

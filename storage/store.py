@@ -7,7 +7,7 @@ activation, history and resume. Backends translate their own exceptions into the
 """
 
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -185,6 +185,7 @@ class Fence:
     key: str
     token: int
     stale: bool = False
+    on_stale: Callable[[], None] | None = None  # called once, when it turns stale
 
 
 @attrs.frozen

@@ -216,8 +216,15 @@ class WriteBehind:
         self._flushes += 1
         queue = self._queue
         for lost in stale:
+            if lost.stale:
+                continue
             log.warning("%s %r: another node took it; writes refused", lost.kind, lost.key)
             lost.stale = True
+            if lost.on_stale is not None:
+                try:
+                    lost.on_stale()
+                except Exception:
+                    log.exception("write-behind: a stale fence's callback failed")
         for _ in range(n):
             _, ticket, size, fence = queue.popleft()
             self._bytes -= size

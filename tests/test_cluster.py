@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from actors.directory import ActorKind
-from protocol.client import ServerError
+from protocol.client import Disconnected, ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import (
     Joined,
@@ -294,3 +294,29 @@ async def test_blocks_hold_across_nodes(nodes: list[RunningServer]) -> None:
             await alice.send(room, "still there?", cid="2")
         assert refused.value.code is ErrorCode.BLOCKED
         assert await bob.blocks() == ("alice",)
+
+
+async def test_a_stale_kv_or_user_owner_acks_nothing(nodes: list[RunningServer]) -> None:
+    a, b, _ = nodes
+    async with a.client("alice") as alice:
+        await alice.kv_put("phone", KvWrite(key="k", hlc=hlc(1), value="v1"))
+        await alice.set_status(Status.AWAY)
+        # Another node claims the map and the user in storage, as a node that took them
+        # over would: what the first node writes from now on is refused, not acked.
+        for kind in ("kv", "user"):
+            await b.node.store.claim(kind, "alice", b.node.services.run)
+        with pytest.raises(ServerError) as refused:
+            await alice.kv_put("phone", KvWrite(key="k", hlc=hlc(2), value="v2"))
+        assert refused.value.code is ErrorCode.TRY_LATER
+        # The retry finds the map where placement says it runs, loaded from storage.
+        await alice.kv_put("phone", KvWrite(key="k", hlc=hlc(3), value="v3"))
+        changes = await alice.kv_sync()
+        assert [(e.key, e.value, e.rev) for e in changes.items] == [("k", "v3", 2)]
+        with pytest.raises((ServerError, Disconnected)) as refused_too:
+            await alice.set_status(Status.DND)
+        if isinstance(refused_too.value, ServerError):
+            assert refused_too.value.code is ErrorCode.TRY_LATER
+        with trio.fail_after(10):  # the user's state is no longer this node's to tell
+            while alice.close_code is None:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert alice.close_code == 4009
