@@ -161,6 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.node import serve
 
     config: Config = config_from_args(args)
+    if args.worker is not None:
+        _worker_setup(args.worker, pin=config.pin_workers)
     sqlite = config.database_url.lower().startswith("sqlite")
     if config.workers > 1 and (config.redis_url is None or sqlite):
         raise UsageError(
@@ -185,15 +187,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     secrets = resolve_secrets(
         config.secret, config.admin_token, config.database_url, dev=config.dev
     )
-    if not config.dev and secrets.admin_token is None:
+    if not config.dev and secrets.admin_token is None and args.worker is None:
         log.info("admin API off (no --admin-token)")
     if config.workers > 1 and args.worker is None:
         from server.workers import run_workers
 
         resolved = attrs.evolve(config, secret=secrets.secret, admin_token=secrets.admin_token)
         return trio.run(run_workers, resolved)
-    if args.worker is not None:
-        _worker_setup(args.worker, pin=config.pin_workers)
     tune_gc()
     verifier = token_verifier(secrets.secret, require_exp=not config.allow_tokens_without_exp)
     trio.run(functools.partial(serve, config, verifier, secrets.admin_token, worker=args.worker))
