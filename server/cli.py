@@ -1,6 +1,7 @@
 """The ``parley`` command: serve, token, chat, migrate, bench."""
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -160,7 +161,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.node import serve
 
     config: Config = config_from_args(args)
-    if config.redis_url and config.database_url.lower().startswith("sqlite"):
+    if args.worker is not None:
+        _worker_setup(args.worker, pin=config.pin_workers)
+    sqlite = config.database_url.lower().startswith("sqlite")
+    if config.workers > 1 and (config.redis_url is None or sqlite):
+        raise UsageError(
+            f"--workers {config.workers}: the workers are nodes of one cluster, sharing Redis "
+            "and a PostgreSQL database; give --redis-url redis://... and --database-url "
+            "postgresql://..., or --workers 1"
+        )
+    if config.redis_url and sqlite:
         raise UsageError(
             "--redis-url: a cluster shares one PostgreSQL database; SQLite serves a single "
             "node. Give --database-url postgresql://..., or unset --redis-url"
@@ -177,12 +187,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     secrets = resolve_secrets(
         config.secret, config.admin_token, config.database_url, dev=config.dev
     )
-    if not config.dev and secrets.admin_token is None:
+    if not config.dev and secrets.admin_token is None and args.worker is None:
         log.info("admin API off (no --admin-token)")
+    if config.workers > 1 and args.worker is None:
+        from server.workers import run_workers
+
+        resolved = attrs.evolve(config, secret=secrets.secret, admin_token=secrets.admin_token)
+        return trio.run(run_workers, resolved)
     tune_gc()
     verifier = token_verifier(secrets.secret, require_exp=not config.allow_tokens_without_exp)
-    trio.run(serve, config, verifier, secrets.admin_token)
+    trio.run(functools.partial(serve, config, verifier, secrets.admin_token, worker=args.worker))
     return 0
+
+
+def _worker_setup(index: int, *, pin: bool) -> None:
+    """A worker of ``serve --workers`` (server/workers.py) says which in every log line."""
+    from server.workers import pin_to_cpu
+
+    prefix = logging.Formatter(f"%(asctime)s %(levelname)-7s w{index} %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(prefix)
+    if pin:
+        log.info("pinned to CPU %d", pin_to_cpu(index))
 
 
 def tune_gc() -> None:
@@ -278,6 +304,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         "http://OPS_HOST:OPS_PORT (/healthz /readyz /metrics /admin). SIGTERM drains.",
     )
     add_options(serve, SERVE_OPTIONS, environ)
+    # A worker of --workers: set by its supervisor only (server/workers.py).
+    serve.add_argument("--worker", type=non_negative_int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     token = sub.add_parser(

@@ -153,7 +153,11 @@ LOG_LEVEL = Option(
 SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--host", "address clients connect to"),
     Option("--port", "port of the client WebSocket endpoint (path /ws)", _port),
-    Option("--ops-host", "address of the operators' HTTP endpoint"),
+    Option(
+        "--ops-host",
+        "address of the operators' HTTP endpoint (unix:/path for a Unix socket, which "
+        "ignores --ops-port)",
+    ),
     Option("--ops-port", "port of /healthz, /readyz, /metrics and /admin", _port),
     DATABASE_URL,
     DATABASE_POOL,
@@ -170,6 +174,15 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "after this long",
         _positive_float,
     ),
+    Option(
+        "--workers",
+        "node processes on this machine, sharing --port (SO_REUSEPORT: the kernel spreads "
+        "connections) behind one ops endpoint; more than 1 runs them as a cluster, so it "
+        "needs --redis-url and a PostgreSQL --database-url. Limits like --max-connections "
+        "are per worker",
+        positive_int,
+    ),
+    Option("--pin-workers", "pin worker i to CPU i (modulo the CPUs available)", _bool),
     SECRET,
     Option(
         "--allow-tokens-without-exp",
@@ -342,6 +355,8 @@ class Config:
     statement_timeout: float = 5.0
     redis_url: str | None = None
     cluster_lease: float = 5.0
+    workers: int = 1
+    pin_workers: bool = False
     secret: str | None = None
     admin_token: str | None = None
     allow_tokens_without_exp: bool = False

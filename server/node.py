@@ -402,16 +402,24 @@ async def serve(
     *,
     shutdown: trio.Event | None = None,
     handle_signals: bool = True,
+    worker: int | None = None,
     task_status: trio.TaskStatus[tuple[Node, Addresses]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a node until SIGTERM/SIGINT (or ``shutdown`` is set), then drain and return."""
+    """Run a node until SIGTERM/SIGINT (or ``shutdown`` is set), then drain and return.
+
+    ``worker``: this node is that worker of ``parley serve --workers`` (server/workers.py):
+    it shares the client port with its siblings and drains if its supervisor dies."""
     from server.listener import serve_clients
-    from server.ops import serve_ops
+    from server.ops import ops_url, serve_ops
+    from server.workers import shared_listeners, watch_supervisor
 
     shutdown = trio.Event() if shutdown is None else shutdown
     # Listen before touching storage: a port in use is the commonest start-up failure.
     try:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        if worker is None:
+            listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        else:
+            listeners = await shared_listeners(config.host, config.port)
     except OSError as exc:
         where = f"{config.host}:{config.port}"
         raise OSError(
@@ -443,7 +451,9 @@ async def serve(
                 ops = await nursery.start(serve_ops, node)
                 if handle_signals:
                     nursery.start_soon(_watch_signals, shutdown)
-                log.info("parley serving ws://%s:%d/ws; ops on http://%s:%d", *client, *ops)
+                if worker is not None:
+                    nursery.start_soon(watch_supervisor, shutdown)
+                log.info("parley serving ws://%s:%d/ws; ops on %s", *client, ops_url(ops))
                 if config.dev:  # once it serves: a start that failed printed no secrets
                     log.warning("dev mode: admin token %s", admin_token)
                     log.warning("dev mode: make a client token with: parley token <user>")

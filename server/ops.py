@@ -25,16 +25,8 @@ log = logging.getLogger("parley.ops")
 
 
 def create_ops_app(node: Node) -> QuartTrio:
-    app = QuartTrio("parley.ops", static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies: 413, never read
+    app = http_app("parley.ops")
     document = openapi_document(node.services.settings.limits)
-
-    @app.before_request
-    async def read_body() -> None:
-        # Hypercorn 0.18 leaves a kept-alive connection hanging, neither answered nor
-        # closed, when a response goes out before the request's body has arrived (a 401,
-        # a 404, or a GET that ignores its body): the body is read first, everywhere.
-        await request.get_data()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -57,6 +49,26 @@ def create_ops_app(node: Node) -> QuartTrio:
         return document
 
     app.register_blueprint(admin_blueprint(node))
+    return app
+
+
+def ops_url(address: tuple[str, int]) -> str:
+    """Where ``serve_http`` serves, for the log."""
+    host, port = address
+    return host if host.startswith("unix:") else f"http://{host}:{port}"
+
+
+def http_app(name: str) -> QuartTrio:
+    """An app that reads bodies first and answers every error in the error shape."""
+    app = QuartTrio(name, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies: 413, never read
+
+    @app.before_request
+    async def read_body() -> None:
+        # Hypercorn 0.18 leaves a kept-alive connection hanging, neither answered nor
+        # closed, when a response goes out before the request's body has arrived (a 401,
+        # a 404, or a GET that ignores its body): the body is read first, everywhere.
+        await request.get_data()
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> tuple[dict[str, Any], int]:
@@ -97,11 +109,24 @@ async def serve_ops(
     node: Node, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve the ops app until cancelled; reports the bound (host, port)."""
+    app = create_ops_app(node)
+    await serve_http(app, node.config.ops_host, node.config.ops_port, task_status=task_status)
+
+
+async def serve_http(
+    app: QuartTrio,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on the operators' address until cancelled; reports the bound
+    (host, port), or ("unix:PATH", 0) for a Unix socket (a ``host`` of ``unix:PATH``)."""
     config = HypercornConfig()
-    host = node.config.ops_host
-    config.bind = [
-        f"[{host}]:{node.config.ops_port}" if ":" in host else f"{host}:{node.config.ops_port}"
-    ]
+    if host.startswith("unix:"):
+        config.bind = [host]
+    else:
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     # Hypercorn's own start-up line ("Running on ... CTRL + C to quit") would repeat ours
     # and give the wrong advice; its warnings and errors still show.
@@ -110,18 +135,21 @@ async def serve_ops(
     config.graceful_timeout = 1.0
 
     async def started(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await hypercorn_serve(create_ops_app(node), config, task_status=task_status)
+        await hypercorn_serve(app, config, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         try:
             with sole_exception():
                 binds: list[str] = await nursery.start(started)
         except OSError as exc:
-            where = f"{host}:{node.config.ops_port}"
+            where = host if host.startswith("unix:") else f"{host}:{port}"
             raise OSError(
                 f"cannot listen for operators on {where}: {exc.strerror}; another port: "
                 "--ops-port N (or PARLEY_OPS_PORT)"
             ) from exc
         bound = binds[0].rsplit("//", 1)[-1]
-        bound_host, _, bound_port = bound.rpartition(":")
-        task_status.started((bound_host.strip("[]"), int(bound_port)))
+        if bound.startswith("unix:"):
+            task_status.started((bound, 0))
+        else:
+            bound_host, _, bound_port = bound.rpartition(":")
+            task_status.started((bound_host.strip("[]"), int(bound_port)))
