@@ -28,6 +28,7 @@ on another, as the load generator's processes and PostgreSQL inherit its affinit
 import argparse
 import json
 import os
+import random
 import secrets
 import signal
 import statistics
@@ -347,9 +348,9 @@ def chat(
     window: int = 4,
     timeout: float = 120,
 ) -> dict[str, Any]:
-    """``pairs`` direct rooms, one user of each on node0 and the other on node1, each
-    sending ``messages``; ``rate`` is the total messages/s (0: as fast as acked)."""
-    assert c.redis is not None
+    """``pairs`` direct rooms, one user of each on node0 and the other on node1 (on a
+    one-node cluster, both on node0), each sending ``messages``; ``rate`` is the total
+    messages/s (0: as fast as acked)."""
     tag = time.monotonic_ns() % 10**8
     left, right = [], []
     for k in range(pairs):
@@ -370,42 +371,53 @@ def chat(
             receipts=receipts,
             timeout=timeout,
         )
-        for n, idents in ((0, left), (1, right))
+        for n, idents in ((0, left), (len(c.nodes) - 1, right))
     ]
     with workers(plans) as w:
-        progress(f"chat: {pairs} pairs across node0 and node1")
+        progress(f"chat: {pairs} pairs on {len(c.nodes)} node(s)")
         connected = w.gather("ready")
-        # The background (heartbeats, lease checks) over as long as the run will take.
-        idle = max(2.0, 2 * pairs * messages / rate) if rate else 5.0
-        c.redis.reset_stats()
-        time.sleep(idle)
-        background = sum(c.redis.commandstats().values()) / idle
-        row = _measure(w, c, "chat", 2 * pairs * messages, connected, rate)
+        background = 0.0
+        if c.redis:
+            # The background (heartbeats, lease checks) over as long as the run takes.
+            idle = max(2.0, 2 * pairs * messages / rate) if rate else 5.0
+            c.redis.reset_stats()
+            time.sleep(idle)
+            background = sum(c.redis.commandstats().values()) / idle
+        name = "chat" if c.redis else "chat, one node"
+        row = _measure(w, c, name, 2 * pairs * messages, connected, rate)
     busy = sum(row["redis_calls"].values()) - background * row["seconds"]
     row["background_calls_per_s"] = round(background, 1)
     row["redis_calls_per_message_net"] = round(busy / row["messages"], 2) if row["messages"] else 0
     row["receipts"] = receipts
-    progress(json.dumps(row))
     return row
 
 
 # --- failover: SIGKILL of a room's owner ---------------------------------------------------
 
 
-async def _failover_trial(c: Cluster, room: str, victim: Node, home: Node) -> float:
-    """Seconds from SIGKILL of ``victim`` (the room's owner) to the first send that a
-    client on ``home`` got accepted after it."""
+@attrs.frozen
+class Trial:
+    kill_to_send: float  # SIGKILL to the first send accepted after it
+    kill_to_close: float  # SIGKILL to the first error or close the sender saw
+
+
+async def _failover_trial(c: Cluster, room: str, victim: Node, home: Node, lease: float) -> Trial:
+    """SIGKILL ``victim`` (the room's owner) while a client on ``home`` keeps sending,
+    at a random point of the victim's heartbeat and the survivors' node watch (both
+    periodic, so a fixed point would time one phase of them only)."""
     from trio_websocket import ConnectionClosed, HandshakeError
 
     from protocol.client import Disconnected, ServerError, open_client
 
+    kill_at = trio.current_time() + 0.3 + random.uniform(0, lease)
     killed_at: float | None = None
+    closed_at: float | None = None
     attempted: set[str] = set()
     survivors = [n for n in c.nodes if n is not victim]
-    i = 0
-    tries = 0
+    i = tries = 0
     with trio.fail_after(120):
         while True:
+            # Reconnect alternately to its own node and the other survivor.
             node = home if tries % 2 == 0 or killed_at is None else survivors[tries % 2]
             try:
                 async with open_client(node.url, c.token("sender")) as client:
@@ -417,30 +429,40 @@ async def _failover_trial(c: Cluster, room: str, victim: Node, home: Node) -> fl
                         with trio.fail_after(30):
                             await client.send(room, "x", cid=cid, retry=retry)
                         if killed_at is not None:
-                            return trio.current_time() - killed_at
+                            now = trio.current_time()
+                            return Trial(now - killed_at, (closed_at or now) - killed_at)
                         i += 1
-                        if i == 20:  # the room is busy: kill its owner now
+                        if trio.current_time() >= kill_at:
                             victim.kill()
                             killed_at = trio.current_time()
                         await trio.sleep(0.01)
             except (ServerError, Disconnected, ConnectionClosed, HandshakeError, OSError):
-                tries += 1
-                await trio.sleep(0.05)  # what a client does: reconnect, same cid
+                pass  # TRY_LATER, 4009 (the room moved), a node gone: again, same cid
             except trio.TooSlowError:
-                tries += 1
+                pass
+            tries += 1
+            if killed_at is not None and closed_at is None:
+                closed_at = trio.current_time()
+            await trio.sleep(0.05)
 
 
 def failover(b: Backends, lease: float, trials: int, cpu: int | None) -> dict[str, Any]:
-    times = []
+    results = []
     with cluster(b, 3, cpu, lease=lease) as c:
         victim, home = c.nodes[0], c.nodes[1]
         for t in range(trials):
             room = f"fo-{t}-{time.monotonic_ns()}"
             create_room(c, victim, room)
-            seconds = trio.run(_failover_trial, c, room, victim, home)
-            times.append(seconds)
-            progress(f"lease {lease}: trial {t + 1}: SIGKILL to accepted send {seconds:.3f} s")
+            trial = trio.run(_failover_trial, c, room, victim, home, lease)
+            results.append(trial)
+            progress(
+                f"lease {lease:g}: trial {t + 1}: SIGKILL to accepted send "
+                f"{trial.kill_to_send:.3f} s (to the first close or error "
+                f"{trial.kill_to_close:.3f} s)"
+            )
             victim.start()  # a fresh node on the same port, owning nothing
+    times = [r.kill_to_send for r in results]
+    closes = [r.kill_to_close for r in results]
     row = {
         "lease": lease,
         "trials": trials,
@@ -448,6 +470,10 @@ def failover(b: Backends, lease: float, trials: int, cpu: int | None) -> dict[st
         "max_s": round(max(times), 3),
         "min_s": round(min(times), 3),
         "all_s": [round(t, 3) for t in times],
+        "close_p50_s": round(statistics.median(closes), 3),
+        "close_to_send_p50_s": round(
+            statistics.median(r.kill_to_send - r.kill_to_close for r in results), 3
+        ),
     }
     progress(json.dumps(row))
     return row
@@ -536,7 +562,7 @@ def _round(b: Backends, args: argparse.Namespace, scenario: str) -> list[dict[st
                     )
     elif scenario == "chat":
         for receipts in (False, True):
-            with cluster(b, 3, cpu) as c:
+            with cluster(b, args.chat_nodes, cpu, redis=args.chat_nodes > 1) as c:
                 rows.append(
                     chat(
                         c,
@@ -584,7 +610,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         if row.get("offered"):
             setting += f" @{row['offered']:g}/s"
         if row["scenario"] == "chat":
-            setting = "receipts" if row["receipts"] else "no receipts"
+            setting = row["layout"] + (", receipts" if row["receipts"] else ", no receipts")
         if row["scenario"] == "failover":
             setting = f"lease {row['lease']:g}"
         groups.setdefault((row["scenario"], setting), []).append(row)
@@ -646,6 +672,9 @@ def add_parser(kinds: "argparse._SubParsersAction[Any]", formatter: Any) -> None
     p.add_argument("--pairs", type=int, default=100, help="chat: direct rooms")
     p.add_argument("--chat-messages", type=int, default=50, help="chat: messages per user")
     p.add_argument("--chat-rate", type=float, default=1000, help="chat: total msg/s; 0 = full")
+    p.add_argument(
+        "--chat-nodes", type=int, default=3, help="chat: nodes; 1 = one node without Redis"
+    )
     p.add_argument("--leases", default="5,1", help="failover: --cluster-lease values")
     p.add_argument("--trials", type=int, default=20, help="failover: kills per lease")
     p.add_argument("--sessions", type=int, default=5000, help="storm: sessions on the killed node")
