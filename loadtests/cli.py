@@ -230,7 +230,7 @@ def server_command(
     flags = f"--host 127.0.0.1 --port {port} --ops-port {free_port()} --log-level warning"
     flags += " --rate 1000000 --burst 1000000"  # the publisher is not rate-limited
     flags += " --max-connections-per-address 0"  # every load client is on 127.0.0.1
-    command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), "--secret", secret]
+    command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), f"--secret={secret}"]
     return [*command, "--database-url", database_url, *extra_flags]
 
 

@@ -513,7 +513,10 @@ def storm(
             first = stack.enter_context(workers(before))
             progress(f"storm: {sessions} sessions onto node0, in {rooms} rooms owned by node1")
             on_victim = first.gather("ready")
-            progress(f"{on_victim.connected} connected ({on_victim.failed} failed)")
+            progress(
+                f"{on_victim.connected} connected ({on_victim.failed} failed"
+                + (f": {on_victim.errors[:3]})" if on_victim.failed else ")")
+            )
             later = stack.enter_context(workers(again))
             later.gather("started")
             time.sleep(2.0)
@@ -530,6 +533,7 @@ def storm(
         "sessions": sessions,
         "rooms": rooms,
         "lease": lease,
+        "on_victim": on_victim.connected,
         "rejoined": tally.connected,
         "failed": tally.failed,
         "kill_to_all_joined_s": round(took, 3),
