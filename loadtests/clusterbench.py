@@ -11,7 +11,7 @@ then node processes (``parley serve --redis-url ... --database-url ...``), and r
             process, Redis's CPU per message, and Redis's commands per message.
   latency   the same layouts at a fixed rate (``--rates``, 10 s each): publish-to-deliver
             percentiles.
-  chat      1:1 chat between users on two different nodes: Redis commands per message
+  chat      1:1 chat between users on node0 and node2: Redis commands per message
             (``INFO commandstats`` deltas, an idle period's background subtracted).
   failover  SIGKILL the node that owns a room while a client on another node keeps
             sending (the same cid again after TRY_LATER or a 4009 close, reconnecting to
@@ -348,7 +348,7 @@ def chat(
     window: int = 4,
     timeout: float = 120,
 ) -> dict[str, Any]:
-    """``pairs`` direct rooms, one user of each on node0 and the other on node1 (on a
+    """``pairs`` direct rooms, one user of each on node0 and the other on the last node (on a
     one-node cluster, both on node0), each sending ``messages``; ``rate`` is the total
     messages/s (0: as fast as acked)."""
     tag = time.monotonic_ns() % 10**8
