@@ -521,6 +521,8 @@ def storm(
             later.gather("started")
             time.sleep(2.0)
             user, system = _cpu_of(survivors)
+            b.reset_stats()
+            redis_cpu = sum(cpu_times(b.redis_pid()))
             killed = time.monotonic()
             victim.kill()
             # The sessions on node0 learn it at once (their sockets reset); a client
@@ -529,6 +531,8 @@ def storm(
             tally = later.gather("ready")
             took = time.monotonic() - killed
             user_after, system_after = _cpu_of(survivors)
+            redis_cpu = sum(cpu_times(b.redis_pid())) - redis_cpu
+            calls = b.commandstats()
     row = {
         "sessions": sessions,
         "rooms": rooms,
@@ -541,6 +545,9 @@ def storm(
         "per_s": round(tally.connected / tally.connect_s) if tally.connect_s else 0,
         "survivors_cpu_s": round(user_after - user + system_after - system, 3),
         "us_per_session": round((user_after - user + system_after - system) / sessions * 1e6),
+        "redis_cpu_s": round(redis_cpu, 3),
+        "redis_calls": calls,
+        "redis_calls_per_session": round(sum(calls.values()) / sessions, 2),
         "errors": tally.errors[:5],
     }
     progress(json.dumps(row))
