@@ -167,6 +167,10 @@ def add_bench_parser(sub: "argparse._SubParsersAction[Any]") -> None:
     decode.add_argument("--rounds", type=int, default=5, help="rounds per frame; the median")
     decode.set_defaults(func=cmd_decode)
 
+    from loadtests.clusterbench import add_parser as add_cluster_parser
+
+    add_cluster_parser(kinds, _Help)
+
 
 def _target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="an existing server, ws://host:port/ws")
@@ -219,6 +223,17 @@ def _target(
             yield "127.0.0.1", port, secret, pid
 
 
+def server_command(
+    port: int, secret: str, database_url: str, extra_flags: Sequence[str] = ()
+) -> list[str]:
+    """``parley serve`` as the benchmarks run it, on 127.0.0.1:``port``."""
+    flags = f"--host 127.0.0.1 --port {port} --ops-port {free_port()} --log-level warning"
+    flags += " --rate 1000000 --burst 1000000"  # the publisher is not rate-limited
+    flags += " --max-connections-per-address 0"  # every load client is on 127.0.0.1
+    command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), f"--secret={secret}"]
+    return [*command, "--database-url", database_url, *extra_flags]
+
+
 @contextmanager
 def start_server(
     port: int,
@@ -231,11 +246,7 @@ def start_server(
     """A Parley server on 127.0.0.1:``port``, pinned to ``cpu``; yields its pid once it
     listens, and stops it at exit. ``trace``: append the event loop's and the garbage
     collector's counts to this file (``loadtests/servertrace``)."""
-    flags = f"--host 127.0.0.1 --port {port} --ops-port {free_port()} --log-level warning"
-    flags += " --rate 1000000 --burst 1000000"  # the publisher is not rate-limited
-    flags += " --max-connections-per-address 0"  # every load client is on 127.0.0.1
-    command = [sys.executable, "-m", "server.cli", "serve", *flags.split(), "--secret", secret]
-    command += ["--database-url", database_url, *extra_flags]
+    command = server_command(port, secret, database_url, extra_flags)
     if cpu is not None:
         command = ["taskset", "-c", str(cpu), *command]
     env = None
@@ -245,7 +256,7 @@ def start_server(
         env = {**os.environ, "PYTHONPATH": path, "PARLEY_BENCH_TRACE": str(trace.resolve())}
     server = subprocess.Popen(command, env=env)
     try:
-        _wait_for_port(port, server)
+        wait_for_port(port, server)
         yield server.pid
     finally:
         server.terminate()
@@ -354,7 +365,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for_port(port: int, server: subprocess.Popen[bytes], seconds: float = 30) -> None:
+def wait_for_port(port: int, server: subprocess.Popen[bytes], seconds: float = 30) -> None:
     import time
 
     deadline = time.monotonic() + seconds

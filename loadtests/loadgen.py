@@ -46,6 +46,9 @@ class Plan:
     expect: int = 0  # messages each connection should receive from its sender(s)
     receipts: bool = False  # answer every delivery with a receipt
     timeout: float = 120.0
+    # Connect only when told "connect": a reconnect storm's processes are started (and
+    # their imports done) before the node they replace is killed.
+    connect_on_signal: bool = False
 
 
 @attrs.define
@@ -507,9 +510,14 @@ def _find_marker(data: bytes, start: int, stop: int) -> tuple[bytes, int, int] |
 
 
 def worker_main(pipe: multiprocessing.connection.Connection, plan: Plan) -> None:
-    """A worker process: connect, say ready, run on ``go``, say done, close on ``close``."""
+    """A worker process: connect (on ``connect`` if the plan says so), say ready, run on
+    ``go``, say done, close on ``close``."""
     worker = Worker(plan)
     try:
+        if plan.connect_on_signal:
+            pipe.send(("started", worker.tally))
+            if pipe.recv() != "connect":
+                return
         worker.connect()
         pipe.send(("ready", worker.tally))
         if pipe.recv() == "go":
