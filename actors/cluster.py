@@ -45,11 +45,15 @@ from storage.write_behind import Ticket
 
 log = logging.getLogger(__name__)
 
+WATCH_INTERVAL = 0.5  # seconds between checks of the nodes this one depends on
 PUB_BYTES = 8  # a broadcast: its number (big-endian), then the frame
 
 
 def inbox_channel(node: str) -> bytes:
     return f"{PREFIX}{{node:{node}}}:inbox".encode()
+
+
+CREATED_CHANNEL = f"{PREFIX}{{rooms}}:created".encode()
 
 
 def room_channel(room: str) -> bytes:
@@ -261,6 +265,8 @@ class Cluster:
         self._exits = _Exits(self)
         self._entries = _Entries(self)
         self.unreadable = 0
+        self._gone: set[str] = set()  # nodes found gone (told once in the log)
+        self.on_room_created: Callable[[str], None] | None = None
         self.actor_idle = actor_idle
         self._releasing: dict[tuple[ActorKind, str], trio.Event] = {}
         self._nursery: trio.Nursery = nursery
@@ -303,16 +309,27 @@ class Cluster:
         """Listen on this node's inbox; watch the nodes this one depends on."""
         self.subscriber.on_reconnect = self._resync
         self.subscriber.subscribe(inbox_channel(self.node), self._on_inbox)
+        self.subscriber.subscribe(CREATED_CHANNEL, self._on_created)
         with trio.fail_after(max(5.0, self.request_timeout)):
             await self.subscriber.subscribed(inbox_channel(self.node))
         task_status.started()
         while True:
-            await trio.sleep(self.placement.lease / 2)
+            # Often, whatever the lease: a dead node is noticed this long after its lease.
+            await trio.sleep(min(WATCH_INTERVAL, self.placement.lease / 4))
             self._sweep()
             try:
                 await self._watch_nodes()
             except Exception as exc:  # RedisError: the next round tries again
                 log.debug("cluster: node watch failed: %s", exc)
+
+    def room_created(self, room: str) -> None:
+        """Tell every node: one that remembers ``room`` as missing forgets it."""
+        self.redis.send("PUBLISH", CREATED_CHANNEL, f"{self.node} {room}".encode())
+
+    def _on_created(self, payload: bytes) -> None:
+        node, _, room = payload.decode(errors="replace").partition(" ")
+        if node != self.node and self.on_room_created is not None:
+            self.on_room_created(room)
 
     def _resync(self) -> None:
         """Subscribed again after a reconnect: whatever was published meanwhile is lost,
@@ -359,7 +376,11 @@ class Cluster:
             # refused, and the sender's stand-in steps down and looks again.
             refuse(record, ErrorCode.TRY_LATER, f"{kind} moved; retry", key)
             return
-        ref = self.directory.ref(kind, key)
+        try:
+            ref = self.directory.ref(kind, key)
+        except RuntimeError:  # the node is stopping: its directory starts nothing more
+            refuse(record, ErrorCode.TRY_LATER, "node stopping; retry", key)
+            return
         try:
             ref.send_nowait(record)
         except trio.WouldBlock:
@@ -380,15 +401,18 @@ class Cluster:
         """Nodes whose heartbeat lapsed: their actors' stand-ins here step down, and
         their sessions' ghosts here close."""
         owners = {stub.owner for stub in self.stubs.values()}
-        ghosts = {node for node, _ in self.ghosts.keys()}
+        ghosts = {node for (node, _), link in self.ghosts.items() if not link.outbox.closed}
         nodes = sorted((owners | ghosts) - {self.node})
         if not nodes:
             return
         alive = await self.placement.alive(nodes)
         for node, up in alive.items():
             if up:
+                self._gone.discard(node)
                 continue
-            log.warning("cluster: node %s is gone", node)
+            if node not in self._gone:
+                self._gone.add(node)
+                log.warning("cluster: node %s is gone", node)
             for stub in [s for s in self.stubs.values() if s.owner == node]:
                 stub.moved()
             for (ghost_node, _), link in list(self.ghosts.items()):

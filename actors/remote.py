@@ -155,8 +155,11 @@ class RemoteActor:
         try:
             while True:
                 command: Any = None
-                with trio.move_on_after(idle):
-                    command = await inbox.receive()
+                try:  # what is queued first: a wait with a deadline costs a cancel scope
+                    command = inbox.receive_nowait()
+                except trio.WouldBlock:
+                    with trio.move_on_after(idle):
+                        command = await inbox.receive()
                 if command is None or self._moved:
                     if command is not None and command is not _WAKE:
                         refuse(command, ErrorCode.TRY_LATER, f"{self.kind} moved; retry", self.key)

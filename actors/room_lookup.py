@@ -9,11 +9,12 @@ most ``concurrent_reads`` of them at once, whose "no" goes into the cache. Creat
 (``create``, ``direct``, the admin API) does not ask, and drops the name from the cache.
 
 A "no" read while a room was being created could be stale, so one is cached only if no
-room was created during the read. Entries also expire (``ttl``): with several nodes, a
-room may be created on another one.
+room was created during the read. Entries also expire (``ttl``); in a cluster the node
+where a room is created tells the others at once (``on_created``).
 """
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import trio
 
@@ -40,6 +41,7 @@ class RoomLookup:
         self._missing: OrderedDict[str, float] = OrderedDict()  # room -> when it expires
         self._reads = trio.CapacityLimiter(concurrent_reads)
         self._creations = 0  # rooms created so far: a read that saw one change is not kept
+        self.on_created: Callable[[str], None] | None = None  # tells the other nodes
         lookups = metrics.room_lookups
         self._running = lookups.labels(result="running")
         self._cached = lookups.labels(result="cached_missing")
@@ -84,7 +86,10 @@ class RoomLookup:
                 self._missing.popitem(last=False)
         return False
 
-    def created(self, room: str) -> None:
-        """``room`` was just created (its actor calls this)."""
+    def created(self, room: str, *, here: bool = True) -> None:
+        """``room`` was just created (its actor calls this; in a cluster, also each node
+        told by the one where it was, ``here`` False)."""
         self._creations += 1
         self._missing.pop(room, None)
+        if here and self.on_created is not None:
+            self.on_created(room)

@@ -352,6 +352,8 @@ async def _open_node(
                 )
                 placement.on_lost = cluster.lost
                 services.cluster = cluster
+                services.rooms.on_created = cluster.room_created
+                cluster.on_room_created = lambda room: services.rooms.created(room, here=False)
                 presence = ClusterPresence(redis[0], config.cluster_lease)
                 services.presence = presence
                 services.bus = RedisBus(*redis, placement.node, presence, nursery)

@@ -320,3 +320,21 @@ async def test_a_stale_kv_or_user_owner_acks_nothing(nodes: list[RunningServer])
             while alice.close_code is None:  # noqa: ASYNC110
                 await trio.sleep(0.02)
         assert alice.close_code == 4009
+
+
+async def test_a_room_created_elsewhere_is_known_at_once(nodes: list[RunningServer]) -> None:
+    a, b, _ = nodes
+    async with b.client("bob") as bob:
+        with pytest.raises(ServerError) as missing:
+            await bob.join("later")
+        assert missing.value.code is ErrorCode.NOT_FOUND  # and b remembers it as missing
+        async with a.client("alice") as alice:
+            await alice.create("later")
+        with trio.fail_after(10):
+            while True:  # the note crosses Redis: a moment, not the cache's minute
+                try:
+                    await bob.join("later")
+                    break
+                except ServerError as exc:
+                    assert exc.code is ErrorCode.NOT_FOUND
+                    await trio.sleep(0.05)
