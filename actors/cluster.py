@@ -108,7 +108,7 @@ class Relay:
     """On a node with subscribers in a room another node runs: the room's broadcasts to
     their outboxes. A session waiting for its ``Attached`` buffers what arrives."""
 
-    __slots__ = ("last", "links", "live", "pending", "room")
+    __slots__ = ("delivered", "last", "links", "live", "pending", "room")
 
     def __init__(self, room: str) -> None:
         self.room = room
@@ -116,6 +116,7 @@ class Relay:
         self.pending: dict[Sink, list[tuple[int, bytes]]] = {}
         self.links: dict[Sink, SessionLink] = {}
         self.last = 0  # the number of the last broadcast heard
+        self.delivered = 0  # frames appended to outboxes here, for the metrics
 
     def add(self, link: SessionLink) -> None:
         if link.outbox not in self.live:
@@ -146,6 +147,7 @@ class Relay:
         frame = payload[PUB_BYTES:]
         for outbox in self.live:
             outbox.append(frame)
+        self.delivered += len(self.live)
         if self.pending:
             for buffered in self.pending.values():
                 buffered.append((number, frame))
@@ -266,6 +268,7 @@ class Cluster:
         self._entries = _Entries(self)
         self.unreadable = 0
         self._gone: set[str] = set()  # nodes found gone (told once in the log)
+        self.relayed_before = 0  # frames relayed by relays since dropped
         self.on_room_created: Callable[[str], None] | None = None
         self.actor_idle = actor_idle
         self._releasing: dict[tuple[ActorKind, str], trio.Event] = {}
@@ -300,7 +303,9 @@ class Cluster:
         return relay
 
     def drop_relay(self, room: str) -> None:
-        if self.relays.pop(room, None) is not None:
+        relay = self.relays.pop(room, None)
+        if relay is not None:
+            self.relayed_before += relay.delivered
             self.subscriber.unsubscribe(room_channel(room))
 
     # --- receiving --------------------------------------------------------------------

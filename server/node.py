@@ -188,6 +188,9 @@ class Node:
         for kind in ActorKind:
             actors.add_metric([str(kind)], self.directory.count(kind))
         yield actors
+        cluster = self.services.cluster
+        if cluster is not None:
+            yield from _cluster_metrics(cluster)
         yield GaugeMetricFamily(
             "parley_client_sockets",
             "Client sockets open, handshakes included: what --max-connections bounds",
@@ -383,6 +386,55 @@ async def _open_node(
                         await placement.leave()
                 nursery.cancel_scope.cancel()
         log.info("stopped %s", "cleanly" if clean else "with records unstored")
+
+
+def _cluster_metrics(cluster: Cluster) -> Iterable[Metric]:
+    redis, sub = cluster.redis, cluster.subscriber
+    yield GaugeMetricFamily(
+        "parley_cluster_redis_up",
+        "1 while both Redis connections are up",
+        value=int(redis.connected and sub.connected),
+    )
+    yield GaugeMetricFamily(
+        "parley_cluster_stand_ins",
+        "Actors other nodes run that this node forwards to",
+        value=len(cluster.stubs),
+    )
+    yield GaugeMetricFamily(
+        "parley_cluster_relays",
+        "Rooms run elsewhere whose events this node relays",
+        value=len(cluster.relays),
+    )
+    yield GaugeMetricFamily(
+        "parley_cluster_pending_requests",
+        "Requests to other nodes awaiting an answer",
+        value=len(cluster.pending),
+    )
+    yield CounterMetricFamily(
+        "parley_cluster_relayed_deliveries",
+        "Frames relayed to this node's sessions from rooms run elsewhere",
+        value=sum(r.delivered for r in cluster.relays.values()) + cluster.relayed_before,
+    )
+    yield CounterMetricFamily(
+        "parley_cluster_redis_commands",
+        "Commands sent on the command connection",
+        value=redis.commands,
+    )
+    yield CounterMetricFamily(
+        "parley_cluster_redis_dropped",
+        "Fire-and-forget commands dropped while Redis was unreachable",
+        value=redis.dropped,
+    )
+    yield CounterMetricFamily(
+        "parley_cluster_redis_reconnects",
+        "Reconnects of both Redis connections",
+        value=redis.reconnects + sub.reconnects,
+    )
+    yield CounterMetricFamily(
+        "parley_cluster_unreadable",
+        "Envelopes from other nodes that could not be read",
+        value=cluster.unreadable,
+    )
 
 
 def _placed(

@@ -82,6 +82,13 @@ async def test_chat_across_three_nodes_keeps_order(nodes: list[RunningServer]) -
             assert [m.seq for m in got] == list(range(1, 46))  # gap-free, in order, once
             by_seq = {s.seq: s.cid for s in sent}
             assert all(by_seq[m.seq] == m.cid for m in got)
+    async with b.http(admin=False) as http:
+        metrics = (await http.get("/metrics")).text
+    assert "parley_cluster_redis_up 1.0" in metrics
+    relayed = next(
+        ln for ln in metrics.splitlines() if ln.startswith("parley_cluster_relayed_deliveries")
+    )
+    assert float(relayed.split()[-1]) >= 45  # what bob got, relayed by his node
 
 
 async def test_a_retry_on_another_node_gets_the_same_seq(nodes: list[RunningServer]) -> None:
