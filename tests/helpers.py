@@ -297,5 +297,19 @@ def run_cli(
     )
 
 
+async def readiness(server: RunningServer) -> dict[str, Any]:
+    async with server.http(admin=False) as http:
+        body: dict[str, Any] = (await http.get("/readyz")).json()
+    return body
+
+
+async def until_status(server: RunningServer, status: str) -> dict[str, Any]:
+    """The node's readiness once its status is ``status``."""
+    with trio.fail_after(60):
+        while (body := await readiness(server))["status"] != status:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    return body
+
+
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)

@@ -29,7 +29,7 @@ from protocol.frames import (
 from protocol.hlc import pack as hlc
 from protocol.limits import direct_room_id
 from storage.store import open_store
-from tests.helpers import RunningServer, events_until, run_server
+from tests.helpers import RunningServer, events_until, run_server, until_status
 from tests.redis_server import PrivateRedis
 
 
@@ -159,19 +159,6 @@ async def test_the_admin_api_works_on_any_node(nodes: list[RunningServer]) -> No
         message = await alice.next_event(Message)
         assert message.text == "from ops"
         assert info["seq"] == 1
-
-
-async def readiness(server: RunningServer) -> dict[str, Any]:
-    async with server.http(admin=False) as http:
-        body: dict[str, Any] = (await http.get("/readyz")).json()
-    return body
-
-
-async def until_status(server: RunningServer, status: str) -> dict[str, Any]:
-    with trio.fail_after(30):
-        while (body := await readiness(server))["status"] != status:  # noqa: ASYNC110
-            await trio.sleep(0.05)
-    return body
 
 
 async def test_a_redis_restart_degrades_then_recovers_losing_nothing_acked(

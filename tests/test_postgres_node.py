@@ -12,7 +12,7 @@ from protocol.errors import ErrorCode
 from protocol.frames import Joined, KvWrite, Message
 from protocol.hlc import pack
 from storage.store import StorageConfigError, open_store
-from tests.helpers import RunningServer, run_server
+from tests.helpers import run_server, until_status
 from tests.postgres import PrivatePostgres, private_postgres
 
 
@@ -46,19 +46,6 @@ def own_postgres() -> Iterator[PrivatePostgres]:
         yield server
 
 
-async def readiness(server: RunningServer) -> dict[str, object]:
-    async with server.http(admin=False) as http:
-        body: dict[str, object] = (await http.get("/readyz")).json()
-    return body
-
-
-async def until_status(server: RunningServer, status: str) -> dict[str, object]:
-    with trio.fail_after(60):
-        while (body := await readiness(server))["status"] != status:  # noqa: ASYNC110
-            await trio.sleep(0.05)
-    return body
-
-
 async def test_a_database_outage_holds_acks_then_drains(
     tmp_path: Path, own_postgres: PrivatePostgres
 ) -> None:
@@ -75,7 +62,7 @@ async def test_a_database_outage_holds_acks_then_drains(
 
             await trio.to_thread.run_sync(own_postgres.stop)
             body = await until_status(server, "Degraded")  # the probe notices, idle
-            assert any("storage:" in str(r) for r in body["reasons"]), body  # type: ignore[attr-defined]
+            assert any("storage:" in str(r) for r in body["reasons"]), body
             acked: dict[str, int] = {}
             refused: list[str] = []
 
