@@ -36,7 +36,16 @@ from actors.messages import ActorMoved, Attached, Moved, Reply, SessionLink, ref
 from actors.metrics import Metrics
 from actors.outbox import Sink
 from actors.placement import PREFIX, Placement
-from actors.wire import Answer, Command, LinkRef, Notify, ReplyRef, ToSession, WireError
+from actors.wire import (
+    Answer,
+    Command,
+    LinkRef,
+    NotHere,
+    Notify,
+    ReplyRef,
+    ToSession,
+    WireError,
+)
 from actors.wire import pack as pack_record
 from actors.wire import unpack as unpack_record
 from protocol.errors import ErrorCode
@@ -88,10 +97,10 @@ class RemoteReply(Reply[Any]):
         self._sent = False
 
     def set(self, value: Any) -> None:
-        if type(value) is Ticket:
+        if type(value) is Ticket and not value.committed:
             # What waits on a record across nodes waits for it to be stored: the
-            # other node cannot follow a ticket of ours.
-            value.then(self.set, None)
+            # other node cannot follow a ticket of ours (it arrives as a stored one).
+            value.then(self.set, value)
             value.otherwise(lambda _: self.fail(ErrorCode.TRY_LATER, "moved; retry"), None)
             return
         if not self._sent:
@@ -287,7 +296,7 @@ class Cluster:
         if not self.redis.connected:
             refuse(record, ErrorCode.TRY_LATER, "the cluster is unreachable; retry", key)
             return
-        self.send(node, Command(kind, key, record))
+        self.send(node, Command(kind, key, record, origin=self.node))
 
     def broadcast(self, room: str, number: int, frame: bytes) -> None:
         """The owner's one publish of a room event, for every other node's relay."""
@@ -369,6 +378,10 @@ class Cluster:
                 link.inbox(envelope.event)
         elif kind is Command:
             self._on_command(envelope)
+        elif kind is NotHere:
+            stub = self.stubs.get((ActorKind(envelope.kind), envelope.key))
+            if stub is not None:
+                stub.moved()
         else:
             self.unreadable += 1
             log.error("cluster: %s is not an envelope", kind.__name__)
@@ -376,10 +389,13 @@ class Cluster:
     def _on_command(self, command: Command) -> None:
         kind, key, record = ActorKind(command.kind), command.key, command.record
         here = self.directory.actor(kind, key)
-        if here is not None and getattr(here, "role", None) == "stub":
-            # The sender thinks this node runs it, and this node thinks another does:
-            # refused, and the sender's stand-in steps down and looks again.
+        runs_here = here is not None and getattr(here, "role", None) == "owner"
+        if not runs_here and (command.kind, key) not in self.placement.owned:
+            # The sender thinks this node runs it, and it does not (any more): refused,
+            # never passed on, and the sender's stand-in steps down and looks again.
             refuse(record, ErrorCode.TRY_LATER, f"{kind} moved; retry", key)
+            if command.origin:
+                self.send(command.origin, NotHere(command.kind, key))
             return
         try:
             ref = self.directory.ref(kind, key)

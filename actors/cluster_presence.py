@@ -115,7 +115,12 @@ class ClusterPresence(PresenceBook):
             return
         if raw is None or user not in self._followed or user in self._online:
             return  # offline (storage says since when), unfollowed, or known meanwhile
-        status, blocks, last_seen = cbor2.loads(raw)
+        try:
+            status, blocks, last_seen = cbor2.loads(raw)
+            status = Status(status)
+        except (ValueError, TypeError, cbor2.CBORDecodeError) as exc:
+            log.error("presence of %r: unreadable entry in Redis: %s", user, exc)
+            return
         note = presence_note(user, Status(status), frozenset(blocks), last_seen)
         self.mirror(note)
         if note.status is not Status.OFFLINE:
@@ -135,7 +140,12 @@ class ClusterPresence(PresenceBook):
         for user, raw in zip(missing, raws, strict=True):
             if raw is None:
                 continue
-            status, blocks, last_seen = cbor2.loads(raw)
+            try:
+                status, blocks, last_seen = cbor2.loads(raw)
+                Status(status)
+            except (ValueError, TypeError, cbor2.CBORDecodeError) as exc:
+                log.error("presence of %r: unreadable entry in Redis: %s", user, exc)
+                continue
             if viewer in blocks:
                 found[user] = PresenceState(user=user, status=Status.OFFLINE)
             elif Status(status) is Status.OFFLINE:

@@ -79,12 +79,14 @@ class Kv:
         self._compact()
         idle = self._s.settings.actor_idle
         while True:
+            command: KvCommand | None = None
             with trio.move_on_after(idle) as waiting:
                 command = await inbox.receive()
             fence = self._fence
             if fence is not None and (fence.stale or type(command) is Moved):
                 return await self._step_down(inbox)
             if not waiting.cancelled_caught:
+                assert command is not None
                 self._handle(command)
                 continue
             # A session that could not say goodbye leaves a closed outbox behind.
@@ -115,6 +117,8 @@ class Kv:
                 self._sync(command.link, command.frame)
         elif type(command) is Detach:
             self.subs.pop(command.link.id, None)
+        elif type(command) is Moved:
+            pass  # not claimed yet (no fence): nothing of ours to give up
         else:
             raise TypeError(f"kv got {command!r}")
 

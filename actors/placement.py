@@ -91,6 +91,7 @@ class Placement:
         self._valid_until = float("-inf")
         self.error: str | None = None  # why the last heartbeat failed, while it fails
         self.lapses = 0  # times this node's registration lapsed and was renewed
+        self._unchecked = False  # registered anew; what it runs is not checked yet
 
     def valid(self) -> bool:
         """Whether this node may act as the owner of what it owns, now."""

@@ -176,6 +176,7 @@ class Room:
         self._remote = 0
         self._pub = 0
         self.released = COMMITTED  # the record that lets the room go, once retired
+        self._moved = False  # placement gave the room to another node
 
     def online_users(self) -> set[str]:
         """Users with a live subscribed session here."""
@@ -199,6 +200,8 @@ class Room:
                     return await self._step_down(command, inbox)
                 if self._turn(command, inbox):
                     quiet_since = now
+                if self._moved or (self._fence is not None and self._fence.stale):
+                    return await self._step_down(TICK, inbox)
                 self._on_timer(now)
                 if not self.exists and self._retire():
                     return  # asked about a room there is not (a refused create): no idling
@@ -686,6 +689,8 @@ class Room:
             self._flush()
             self._store_receipts()
             cmd.reply.set(None)
+        elif type(cmd) is Moved:
+            self._moved = True  # mid-turn: the room steps down once the turn ends
         else:
             raise TypeError(f"room got {cmd!r}")
 

@@ -113,6 +113,7 @@ class User:
             wake = quiet_since + idle
             if self.grace_until is not None:
                 wake = min(wake, self.grace_until)
+            command: UserCommand | None = None
             with trio.move_on_at(wake) as waiting:
                 self._waiting = waiting
                 command = await inbox.receive()
@@ -126,6 +127,7 @@ class User:
                     if self._loaded is None:
                         self._loaded = trio.Event()
                     await self._loaded.wait()
+                assert command is not None
                 self._handle(command)
                 if self._may_hibernate(inbox) and self._s.directory.try_hibernate(
                     ActorKind.USER, self.key
@@ -213,6 +215,8 @@ class User:
             self._last_ticket.otherwise(_moved, command.reply)
         elif type(command) is ChangeBlock:
             self._block(command)
+        elif type(command) is Moved:
+            pass  # not claimed yet (no fence): nothing of ours to give up
         else:
             raise TypeError(f"user got {command!r}")
 

@@ -58,13 +58,21 @@ class ReplyRef:
 
 @attrs.frozen
 class Command:
-    """For actor ``(kind, key)`` on the node this is sent to; ``hops``: nodes it went
-    through, so that two nodes that each think the other owns it stop passing it on."""
+    """For actor ``(kind, key)`` on the node this is sent to, from node ``origin``."""
 
     kind: str
     key: str
     record: Any
-    hops: int = 0
+    origin: str = ""
+
+
+@attrs.frozen
+class NotHere:
+    """Actor ``(kind, key)`` does not run on the node a command was sent to: the
+    sender's stand-in for it steps down."""
+
+    kind: str
+    key: str
 
 
 @attrs.frozen
@@ -122,7 +130,7 @@ def _registry(modules: Iterable[Any], extra: Iterable[type]) -> dict[str, type]:
 
 
 _CLASSES = _registry(
-    [messages, frames], [LinkRef, ReplyRef, Command, Answer, ToSession, Notify, ErrorCode]
+    [messages, frames], [LinkRef, ReplyRef, Command, NotHere, Answer, ToSession, Notify, ErrorCode]
 )
 # A link holds process-local objects: it is swapped (for a LinkRef), never sent as such.
 del _CLASSES["SessionLink"]

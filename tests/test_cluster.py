@@ -29,7 +29,7 @@ from protocol.frames import (
 from protocol.hlc import pack as hlc
 from protocol.limits import direct_room_id
 from storage.store import open_store
-from tests.helpers import RunningServer, events_until, run_server, until_status
+from tests.helpers import RunningServer, events_until, pending_events, run_server, until_status
 from tests.redis_server import PrivateRedis
 
 
@@ -332,3 +332,30 @@ async def test_a_room_created_elsewhere_is_known_at_once(nodes: list[RunningServ
                 except ServerError as exc:
                     assert exc.code is ErrorCode.NOT_FOUND
                     await trio.sleep(0.05)
+
+
+async def test_leaving_through_another_node_stops_the_relay(
+    nodes: list[RunningServer],
+) -> None:
+    a, b, c = nodes
+    async with a.client("alice") as alice, b.client("bob") as bob, c.client("carol") as carol:
+        await alice.create("r")
+        await bob.join("r")
+        await carol.join("r")
+        await bob.leave("r")
+        await alice.send("r", "after bob left", cid="x")
+        await carol.next_event(Message)  # delivered to those still in the room
+        await bob.ping()  # anything relayed to bob would have come before the pong
+        assert not [e for e in pending_events(bob) if isinstance(e, Message)]
+
+
+async def test_a_block_through_a_session_whose_user_runs_elsewhere(
+    nodes: list[RunningServer],
+) -> None:
+    a, b, _ = nodes
+    async with a.client("bob") as first:  # bob's user actor is placed on a
+        await first.who("alice")
+        async with b.client("bob") as bob, a.client("alice") as alice:
+            await bob.block("alice")  # from b, through a's user actor
+            assert await bob.blocks() == ("alice",)
+            await alice.ping()
