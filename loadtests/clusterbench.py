@@ -19,6 +19,16 @@ then node processes (``parley serve --redis-url ... --database-url ...``), and r
   storm     ``--sessions`` sessions on one node, in rooms owned by another, lose their
             node; they reconnect and rejoin on the two others: the time until every
             ``joined`` came.
+  connect   a connect storm: ``--sessions`` sessions (one user each) connect and say
+            hello, ``--handshakes`` in flight, to each of ``--layouts`` (``w1``, ``w2``
+            and the others; on a layout of several nodes, all to node0): sessions/s, and
+            p50/p99 of each session's connect to its hello answered.
+
+Layouts ``w1`` and ``w2`` are ONE ``parley serve --workers 1`` or ``--workers 2``
+process (the supervisor and its workers, which share the client port), with Redis and
+PostgreSQL either way; the room is owned by whichever worker took the publisher's
+``create``, and the kernel spreads the receivers over the workers. Their CPU is the
+supervisor's plus its workers'.
 
 CPU is read from ``/proc/<pid>/stat`` around the measured phase only. ``--server-cpu``
 pins the nodes and redis-server to that core; run the command itself under ``taskset``
@@ -50,7 +60,7 @@ from loadtests.scenarios import Workers, workers
 from loadtests.wire import Ident
 from server.tokens import issue_token
 
-SCENARIOS = ("fanout", "latency", "chat", "failover", "storm")
+SCENARIOS = ("fanout", "latency", "chat", "failover", "storm", "connect")
 
 
 class Node:
@@ -58,10 +68,19 @@ class Node:
     its port (as a new node: a node's name includes its pid)."""
 
     def __init__(
-        self, name: str, secret: str, database_url: str, flags: Sequence[str], cpu: int | None
+        self,
+        name: str,
+        secret: str,
+        database_url: str,
+        flags: Sequence[str],
+        cpu: int | None,
+        workers: int = 0,
     ) -> None:
         self.name = name
         self.port = free_port()
+        self.workers = workers  # 0: a plain node; N: ``--workers N``, a supervisor
+        if workers:
+            flags = [*flags, "--workers", str(workers)]
         self.command = server_command(self.port, secret, database_url, flags)
         self.cpu = cpu
         self.proc: subprocess.Popen[bytes] | None = None
@@ -81,6 +100,17 @@ class Node:
             command = ["taskset", "-c", str(self.cpu), *command]
         self.proc = subprocess.Popen(command)
         wait_for_port(self.port, self.proc)
+        if self.workers > 1:
+            # The supervisor holds the port without listening: wait for every worker.
+            deadline = time.monotonic() + 60
+            while _listeners(self.port) < self.workers:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name}: not {self.workers} workers listening")
+                time.sleep(0.1)
+
+    def pids(self) -> list[int]:
+        """The process and, under ``--workers``, its workers."""
+        return [self.pid, *_children(self.pid)]
 
     def kill(self) -> None:
         """SIGKILL: no goodbye to Redis, its clients or its leases."""
@@ -150,11 +180,35 @@ def backends(cpu: int | None) -> Iterator[Backends]:
         yield Backends(postgres, redis)
 
 
+def _listeners(port: int) -> int:
+    """Sockets listening on ``port`` (127.0.0.1), from ``/proc/net/tcp``."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if r[1] == f"0100007F:{port:04X}" and r[3] == "0A")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                kids.append(int(entry))
+    return kids
+
+
 def _cpu_of(nodes: list[Node]) -> tuple[float, float]:
+    """(user, system) of every node process and, under ``--workers``, its workers: a
+    worker restarted during the measurement would be missed, and is not expected."""
     user = system = 0.0
     for node in nodes:
-        u, s = cpu_times(node.pid)
-        user, system = user + u, system + s
+        for pid in node.pids():
+            u, s = cpu_times(pid)
+            user, system = user + u, system + s
     return user, system
 
 
@@ -177,9 +231,15 @@ class Cluster:
 
 @contextmanager
 def cluster(
-    b: Backends, size: int, cpu: int | None, lease: float | None = None, redis: bool = True
+    b: Backends,
+    size: int,
+    cpu: int | None,
+    lease: float | None = None,
+    redis: bool = True,
+    workers: int = 0,
 ) -> Iterator[Cluster]:
-    """``size`` nodes on one fresh database; without ``redis``, one plain node."""
+    """``size`` nodes on one fresh database; without ``redis``, one plain node;
+    ``workers``: each node is ``parley serve --workers`` that many."""
     b.reset_redis()
     secret = secrets.token_urlsafe(32)
     database = b.postgres.new_database()
@@ -188,7 +248,7 @@ def cluster(
         flags += ["--redis-url", b.redis.url]
         if lease is not None:
             flags += ["--cluster-lease", str(lease)]
-    nodes = [Node(f"node{i}", secret, database, flags, cpu) for i in range(size)]
+    nodes = [Node(f"node{i}", secret, database, flags, cpu, workers) for i in range(size)]
     try:
         for node in nodes:
             node.start()
@@ -226,8 +286,11 @@ class Layout:
     redis: bool
     publisher: int  # the node the publisher is on, which also owns the room
     receivers: tuple[int, ...]  # the nodes the receivers are spread over, evenly
+    workers: int = 0  # each node is ``parley serve --workers`` this many
 
     def describe(self) -> str:
+        if self.workers:
+            return f"one parley serve --workers {self.workers}, Redis and PostgreSQL"
         if not self.redis:
             return "one node, no Redis"
         on = "+".join(f"node{i}" for i in self.receivers)
@@ -239,6 +302,8 @@ LAYOUTS = {
     "one+redis": Layout("one+redis", 1, True, 0, (0, 0)),
     "two": Layout("two", 2, True, 0, (0, 1)),
     "three": Layout("three", 3, True, 0, (1, 2)),
+    "w1": Layout("w1", 1, True, 0, (0, 0), workers=1),
+    "w2": Layout("w2", 1, True, 0, (0, 0), workers=2),
 }
 
 
@@ -554,6 +619,63 @@ def storm(
     return row
 
 
+# --- a connect storm -----------------------------------------------------------------------
+
+
+def connect_storm(c: Cluster, name: str, sessions: int, handshakes: int) -> dict[str, Any]:
+    """``sessions`` sessions, one user each, connect to node0 and say hello (no room),
+    ``handshakes`` in flight over two load-generator processes; 50 sessions first to
+    warm the server up."""
+    tag = time.monotonic_ns() % 10**8
+    node = c.nodes[0]
+    warm = [Ident(user=f"w{tag}-{i}", room="", src=i) for i in range(50)]
+    idents = [Ident(user=f"h{tag}-{i}", room="", src=i) for i in range(sessions)]
+    with workers([_plan(c, node, warm, timeout=60)]) as warm_up:
+        warm_up.gather("ready")
+        time.sleep(1.0)
+        plans = [
+            _plan(
+                c,
+                node,
+                idents[k::2],
+                handshakes=max(1, handshakes // 2),
+                timeout=120,
+                connect_on_signal=True,
+            )
+            for k in range(2)
+        ]
+        with workers(plans) as w:
+            w.gather("started")
+            time.sleep(0.5)
+            progress(f"{name}: {sessions} sessions, {handshakes} handshakes in flight")
+            user, system = c.cpu()
+            w.tell("connect")
+            tally = w.gather("ready")
+            user_after, system_after = c.cpu()
+    cpu = user_after - user + system_after - system
+    row = {
+        "layout": name,
+        "sessions": sessions,
+        "handshakes": handshakes,
+        "connected": tally.connected,
+        "failed": tally.failed,
+        "connect_s": round(tally.connect_s, 3),
+        "per_s": round(tally.connected / tally.connect_s) if tally.connect_s else 0,
+        "connect_p50_ms": round(percentile(tally.connect_latency, 50), 2),
+        "connect_p99_ms": round(percentile(tally.connect_latency, 99), 2),
+        "connect_max_ms": (
+            round(bucket_ms(max(tally.connect_latency)), 2) if tally.connect_latency else None
+        ),
+        "server_cpu_s": round(cpu, 3),
+        "server_system_s": round(system_after - system, 3),
+        "us_per_session": round(cpu / tally.connected * 1e6) if tally.connected else None,
+        "loadgen_cpu_s": round(tally.cpu_s, 3),
+        "errors": tally.errors[:5],
+    }
+    progress(json.dumps(row))
+    return row
+
+
 # --- the command ---------------------------------------------------------------------------
 
 
@@ -567,7 +689,7 @@ def _round(b: Backends, args: argparse.Namespace, scenario: str) -> list[dict[st
             for name in args.layouts.split(","):
                 layout = LAYOUTS[name]
                 messages = int(rate * args.seconds) if rate else args.messages
-                with cluster(b, layout.nodes, cpu, redis=layout.redis) as c:
+                with cluster(b, layout.nodes, cpu, redis=layout.redis, workers=layout.workers) as c:
                     rows.append(
                         broadcast(c, layout, receivers=args.receivers, messages=messages, rate=rate)
                     )
@@ -588,6 +710,11 @@ def _round(b: Backends, args: argparse.Namespace, scenario: str) -> list[dict[st
             rows.append(failover(b, lease, args.trials, cpu))
     elif scenario == "storm":
         rows.append(storm(b, args.sessions, args.rooms, args.storm_lease, cpu, args.handshakes))
+    elif scenario == "connect":
+        for name in args.layouts.split(","):
+            layout = LAYOUTS[name]
+            with cluster(b, layout.nodes, cpu, redis=layout.redis, workers=layout.workers) as c:
+                rows.append(connect_storm(c, name, args.sessions, args.handshakes))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
     return rows
@@ -653,6 +780,13 @@ def summarize(rows: list[dict[str, Any]]) -> str:
                 f"failover {setting}: {len(every)} trials, p50 {statistics.median(every):.3f} s, "
                 f"max {max(every):.3f} s"
             )
+        elif scenario == "connect":
+            lines.append(
+                f"connect {setting} (n={n}): {_median(group, 'per_s'):,.0f} sessions/s, "
+                f"connect p50/p99 {_median(group, 'connect_p50_ms'):.2f}/"
+                f"{_median(group, 'connect_p99_ms'):.2f} ms, "
+                f"{_median(group, 'us_per_session'):,.0f} µs server CPU per session"
+            )
         else:
             lines.append(
                 f"storm (n={n}): kill to all joined {_median(group, 'kill_to_all_joined_s'):.2f} s,"
@@ -688,10 +822,14 @@ def add_parser(kinds: "argparse._SubParsersAction[Any]", formatter: Any) -> None
     )
     p.add_argument("--leases", default="5,1", help="failover: --cluster-lease values")
     p.add_argument("--trials", type=int, default=20, help="failover: kills per lease")
-    p.add_argument("--sessions", type=int, default=5000, help="storm: sessions on the killed node")
+    p.add_argument(
+        "--sessions", type=int, default=5000, help="storm, connect: sessions (on the killed node)"
+    )
     p.add_argument("--rooms", type=int, default=5, help="storm: rooms they are in")
     p.add_argument("--storm-lease", type=float, default=5, help="storm: --cluster-lease")
-    p.add_argument("--handshakes", type=int, default=200, help="storm: handshakes in flight")
+    p.add_argument(
+        "--handshakes", type=int, default=200, help="storm, connect: handshakes in flight"
+    )
     p.add_argument(
         "--server-cpu",
         type=int,

@@ -73,6 +73,8 @@ class Tally:
     errors: list[str] = attrs.field(factory=list)
     latency: Counter[int] = attrs.field(factory=Counter)  # log buckets, see ``bucket``
     ack_latency: Counter[int] = attrs.field(factory=Counter)
+    # connect() to the last frame of the opening (hello, and join if any), per session
+    connect_latency: Counter[int] = attrs.field(factory=Counter)
 
     def merge(self, other: "Tally") -> None:
         for field in attrs.fields(Tally):
@@ -123,6 +125,7 @@ def _histogram(values: array) -> Counter[int]:  # type: ignore[type-arg]
 class Conn:
     __slots__ = (
         "buf",
+        "connect_ns",
         "expected",
         "fd",
         "fifo",
@@ -147,6 +150,7 @@ class Conn:
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.fd = self.sock.fileno()
+        self.connect_ns = 0
         self.buf = b""
         self.out = bytearray()
         self.state = 0  # 0 connecting, 1 upgrading, 2 opening, 3 ready, -1 gone
@@ -232,10 +236,12 @@ class Worker:
         deadline = started + plan.timeout
         waiting = deque(self.conns)
         opening = 0
+        connect_times = array("q")
         host = f"{plan.host}:{plan.port}"
         while (waiting or opening) and time.monotonic() < deadline:
             while waiting and opening < plan.handshakes:
                 c = waiting.popleft()
+                c.connect_ns = time.monotonic_ns()
                 err = c.sock.connect_ex((plan.host, plan.port))
                 if err not in (0, errno.EINPROGRESS):
                     self.fail(c, f"connect: {errno.errorcode.get(err, err)}")
@@ -263,6 +269,8 @@ class Worker:
                     self.read_opening(c)
                 if before != c.state and c.state in (3, -1):
                     opening -= 1
+                    if c.state == 3:
+                        connect_times.append(time.monotonic_ns() - c.connect_ns)
         for c in waiting:
             self.fail(c, "not connected before the timeout")
         for c in self.conns:
@@ -270,6 +278,7 @@ class Worker:
                 self.fail(c, "handshake not finished before the timeout")
         self.tally.connected = sum(1 for c in self.conns if c.state == 3)
         self.tally.connect_s = time.monotonic() - started
+        self.tally.connect_latency = _histogram(connect_times)
         after = resource.getrusage(resource.RUSAGE_SELF)
         self.tally.cpu_s = after.ru_utime - cpu.ru_utime + after.ru_stime - cpu.ru_stime
 
