@@ -28,7 +28,8 @@ Layouts ``w1`` and ``w2`` are ONE ``parley serve --workers 1`` or ``--workers 2`
 process (the supervisor and its workers, which share the client port), with Redis and
 PostgreSQL either way; the room is owned by whichever worker took the publisher's
 ``create``, and the kernel spreads the receivers over the workers. Their CPU is the
-supervisor's plus its workers'.
+supervisor's plus its workers'. ``--server-cpu`` would pin the workers too, all to one
+core: run them unpinned.
 
 CPU is read from ``/proc/<pid>/stat`` around the measured phase only. ``--server-cpu``
 pins the nodes and redis-server to that core; run the command itself under ``taskset``
