@@ -32,7 +32,15 @@ from typing import Any
 import trio
 
 from actors.directory import ActorKind, Directory
-from actors.messages import ActorMoved, Attached, Moved, Reply, SessionLink, refuse
+from actors.messages import (
+    ActorMoved,
+    Attached,
+    Moved,
+    Reply,
+    RoomDropped,
+    SessionLink,
+    refuse,
+)
 from actors.metrics import Metrics
 from actors.outbox import Sink
 from actors.placement import PREFIX, Placement
@@ -82,7 +90,7 @@ class GhostOutbox:
 
     def append(self, data: bytes) -> None:
         if not self.closed:
-            self._cluster.send(self.node, ToSession(self.sid, (data,)))
+            self._cluster.send(self.node, ToSession(self.sid, data))
 
 
 class RemoteReply(Reply[Any]):
@@ -171,9 +179,6 @@ class Relay:
         self.pending.clear()
         self.links.clear()
         self.last = 0
-
-    def __len__(self) -> int:
-        return len(self.links)
 
 
 class RelayReply(Reply[Attached]):
@@ -362,8 +367,7 @@ class Cluster:
         if kind is ToSession:
             link = self.sessions.get(envelope.id)
             if link is not None:
-                for frame in envelope.frames:
-                    link.outbox.append(frame)
+                link.outbox.append(envelope.frame)
         elif kind is Answer:
             waiting = self.pending.pop(envelope.id, None)
             if waiting is not None:
@@ -375,6 +379,11 @@ class Cluster:
         elif kind is Notify:
             link = self.sessions.get(envelope.id)
             if link is not None:
+                if type(envelope.event) is RoomDropped:
+                    # Out of the room: this node's stand-in stops relaying it to them.
+                    stub = self.stubs.get((ActorKind.ROOM, envelope.event.room))
+                    if stub is not None:
+                        stub.forget(link.outbox)
                 link.inbox(envelope.event)
         elif kind is Command:
             self._on_command(envelope)

@@ -90,7 +90,6 @@ class Placement:
         self.owned: set[tuple[str, str]] = set()
         self._valid_until = float("-inf")
         self.error: str | None = None  # why the last heartbeat failed, while it fails
-        self.lapses = 0  # times this node's registration lapsed and was renewed
         self._unchecked = False  # registered anew; what it runs is not checked yet
 
     def valid(self) -> bool:
@@ -146,7 +145,6 @@ class Placement:
 
     async def _check_owned(self) -> None:
         """After a lapse: keep what nobody took meanwhile, give up the rest."""
-        self.lapses += 1
         owned = sorted(self.owned)
         replies = await self.redis.pipeline([("GET", owner_key(k, key)) for k, key in owned])
         mine = self.node.encode()

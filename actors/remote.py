@@ -178,10 +178,11 @@ class RemoteActor:
 
     def _depended_on(self) -> bool:
         for outbox in [ob for ob in self.links if ob.closed]:
-            self._forget(outbox)
+            self.forget(outbox)
         return bool(self.links)
 
-    def _forget(self, outbox: Sink) -> None:
+    def forget(self, outbox: Sink) -> None:
+        """A local session no longer depends on the actor (it left, or closed)."""
         self.links.pop(outbox, None)
         if self._relay is not None:
             self._relay.remove(outbox)
@@ -209,11 +210,11 @@ class RemoteActor:
                     with trio.fail_after(self._cluster.request_timeout):
                         await self._cluster.subscriber.subscribed(room_channel(self.key))
                 except (RedisError, trio.TooSlowError):
-                    self._forget(link.outbox)
+                    self.forget(link.outbox)
                     refuse(command, ErrorCode.TRY_LATER, "the cluster is unreachable; retry")
                     return
         elif kind is Detach or kind is SessionClosed:
-            self._forget(command.link.outbox)
+            self.forget(command.link.outbox)
         elif kind is SessionOpened or kind is KvRequest:
             self.links[command.link.outbox] = command.link
         self._tell(command)

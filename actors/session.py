@@ -16,7 +16,6 @@ watches: one bus subscription per user however many rooms they share (``_follow`
 kept current by the rooms' ``Roster`` events.
 """
 
-import contextlib
 import logging
 import math
 import secrets
@@ -296,15 +295,6 @@ class Session:
         if type(event) is RoomDropped:
             self.rooms.discard(event.room)
             self._set_roster(event.room, None)
-            if self._s.cluster is not None and self.link is not None:
-                # The room runs elsewhere: this node's stand-in relays its events to us
-                # until told (best effort: one that misses it drops us when we close).
-                ref = self._s.directory.get(ActorKind.ROOM, event.room)
-                if ref is not None:
-                    with contextlib.suppress(
-                        trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
-                    ):
-                        ref.send_nowait(Detach(self.link))
         elif type(event) is Roster:
             if event.room in self.rooms:
                 added = self._set_roster(event.room, event.members)

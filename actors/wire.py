@@ -87,10 +87,10 @@ class Answer:
 
 @attrs.frozen
 class ToSession:
-    """Frames for session ``id`` of the node this is sent to, in order."""
+    """A frame for session ``id`` of the node this is sent to."""
 
     id: str
-    frames: tuple[bytes, ...]
+    frame: bytes
 
 
 @attrs.frozen
