@@ -23,6 +23,29 @@ MAX_CURSORS = 1000  # member cursors in one receiptstate answer
 MAX_USERS_PER_REQUEST = 100  # users named in one who, watch or unwatch
 KV_PAGE = 500  # entries in a kvchanges page when the request names no limit
 MAX_KV_PAGE = 1000
+FEED_PAGE = 20  # items in a feed page when the request names no limit
+MAX_FEED_PAGE = 100
+MAX_FEED_DEPTH = 500  # ranks a view's snapshot holds: feedmore reads no further
+MAX_INTERESTS = 32  # categories in one interests frame
+MIN_RADIUS_M = 100
+MAX_RADIUS_M = 100_000  # a feed is local: a view asks at most a few shards
+MAX_VIEWS = 4  # feed views open at once in one session
+MAX_CATEGORY_CHARS = 32
+POST_PREFIX = "post:"  # the comment room of post 123 is "post:123"
+
+
+CATEGORIES = (
+    "art",
+    "events",
+    "food",
+    "music",
+    "news",
+    "other",
+    "places",
+    "sports",
+    "tech",
+    "travel",
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -38,6 +61,7 @@ class Limits:
     kv_key_bytes: int = 256  # UTF-8 bytes of a kv key
     kv_value_bytes: int = 16384  # CBOR bytes of a kv value
     kv_batch: int = 500  # writes in one kvput
+    categories: tuple[str, ...] = CATEGORIES  # of feed posts and interests
 
     def announce(self) -> dict[str, int]:
         """The ``limits`` map of ``welcome``."""

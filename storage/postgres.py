@@ -32,22 +32,31 @@ from protocol.errors import sole_exception
 from protocol.frames import Message, RoomKind, RoomState, Status
 from storage.migrations import migrations_for
 from storage.rows import (
+    FEED_RECORDS,
     KV_COLUMNS,
     MESSAGE_COLUMNS,
+    POST_READ,
+    FeedRows,
+    feed_profile_of,
+    feed_rows,
     kv_change_of,
     kv_rows,
     message_of,
     message_row,
+    shard_snapshot,
+    stored_post_of,
     toggle_runs,
 )
 from storage.store import (
     BlockChanged,
     Claim,
+    FeedProfile,
     Fence,
     KvChange,
     KvCompacted,
     KvSnapshot,
     MemberChanged,
+    PostCreated,
     ReceiptUpsert,
     Record,
     RoomCreated,
@@ -55,9 +64,11 @@ from storage.store import (
     RoomSnapshot,
     RoomSummary,
     RunInfo,
+    ShardSnapshot,
     StorageConfigError,
     StorageError,
     StorageUnavailable,
+    StoredPost,
     StoredPresence,
     UserSeen,
     UserSnapshot,
@@ -121,6 +132,19 @@ _UPSERT_KV_HEAD = (
     'INSERT INTO kv_heads ("user", rev, floor) VALUES ($1, $2, $3) ON CONFLICT ("user")'
     " DO UPDATE SET rev = greatest(kv_heads.rev, excluded.rev),"
     " floor = greatest(kv_heads.floor, excluded.floor)"
+)
+_INSERT_POST = (
+    "INSERT INTO posts (id, shard, author, cid, ts, lat, lon, category, text, data)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING"
+)
+_UPSERT_LAST_NUMBER = (
+    "INSERT INTO feed_shards (shard, last_number) VALUES ($1, $2) ON CONFLICT (shard)"
+    " DO UPDATE SET last_number = greatest(feed_shards.last_number, excluded.last_number)"
+)
+_FEED_PROFILE = (
+    'SELECT 0, author FROM follows WHERE "user" = $1'
+    ' UNION ALL SELECT 1, category FROM interests WHERE "user" = $1'
+    ' UNION ALL SELECT 2, "user" FROM blocks WHERE other = $1'
 )
 
 
@@ -323,12 +347,14 @@ class PostgresStore:
         self, records: Sequence[Record], fences: Sequence[Fence | None] = ()
     ) -> frozenset[Fence]:
         distinct = {f for f in fences if f is not None}
-        # Messages, receipts and last-seen rows touch nothing the other kinds do, so
-        # each goes in once per batch, whatever it is interleaved with: messages and
-        # receipts by COPY into a staging table, last-seen rows in one executemany (in
-        # order: the last status wins). The other kinds go in runs, in the order made,
-        # so that an add and a remove (or a kv change and a compaction) do not swap.
+        # Messages, receipts, last-seen rows and feed records touch nothing the other
+        # kinds do, so each goes in once per batch, whatever it is interleaved with:
+        # messages and receipts by COPY into a staging table, last-seen rows in one
+        # executemany (in order: the last status wins), feed records as FeedRows. The
+        # other kinds go in runs, in the order made, so that an add and a remove (or a
+        # kv change and a compaction) do not swap.
         loose: dict[type, list[Any]] = {Message: [], ReceiptUpsert: [], UserSeen: []}
+        loose.update((kind, []) for kind in FEED_RECORDS)
         ordered: list[Record] = []
         for record in records:
             bucket = loose.get(type(record))
@@ -350,6 +376,9 @@ class PostgresStore:
             if loose[UserSeen]:
                 rows = [(r.user, int(r.status), r.last_seen) for r in loose[UserSeen]]
                 await conn.executemany(_UPSERT_USER, rows)
+            feed = [r for kind in FEED_RECORDS for r in loose[kind]]
+            if feed:
+                await _write_feed(conn, feed_rows(feed))
             for kind, run in itertools.groupby(ordered, key=type):
                 batch = list(run)
                 if kind is RoomCreated:
@@ -521,6 +550,61 @@ class PostgresStore:
             return []
         return await self._read(find)
 
+    async def load_shard(self, shard: int, since: int) -> ShardSnapshot:
+        async def load(conn: Conn) -> ShardSnapshot:
+            last = await conn.fetchval(
+                "SELECT last_number FROM feed_shards WHERE shard = $1", shard
+            )
+            posts = await conn.fetch(
+                f"{POST_READ} WHERE p.shard = $1 AND p.ts >= $2 AND p.deleted_at IS NULL"
+                " ORDER BY p.id",
+                shard,
+                since,
+            )
+            likers: dict[int, list[str]] = {}
+            if posts:
+                # Grouped here: a row per post, not one per like.
+                likes = await conn.fetch(
+                    'SELECT post, array_agg("user") FROM likes WHERE shard = $1 AND post >= $2'
+                    " GROUP BY post",
+                    shard,
+                    posts[0][0],
+                )
+                likers = dict(likes)
+            return shard_snapshot(last, posts, likers)
+
+        async def snapshot(conn: Conn) -> ShardSnapshot:
+            # One snapshot: the likers of exactly the posts loaded.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await load(conn)
+
+        return await self._read(snapshot)
+
+    async def load_post(self, post: int) -> StoredPost | None:
+        async def load(conn: Conn) -> StoredPost | None:
+            row = await conn.fetchrow(f"{POST_READ} WHERE p.id = $1", post)
+            if row is None:
+                return None
+            likers = await conn.fetch('SELECT "user" FROM likes WHERE post = $1', post)
+            return stored_post_of(row, (r[0] for r in likers))
+
+        return await self._read(load)
+
+    async def find_post(self, author: str, cid: str) -> PostCreated | None:
+        async def find(conn: Conn) -> PostCreated | None:
+            row = await conn.fetchrow(
+                f"{POST_READ} WHERE p.author = $1 AND p.cid = $2", author, cid
+            )
+            return None if row is None else stored_post_of(row, ()).created
+
+        return await self._read(find)
+
+    async def load_feed_profile(self, user: str) -> FeedProfile:
+        async def load(conn: Conn) -> FeedProfile:
+            return feed_profile_of(await conn.fetch(_FEED_PROFILE, user))
+
+        return await self._read(load)
+
     async def ping(self) -> None:
         async def one(conn: Conn) -> None:
             await conn.fetchval("SELECT 1")
@@ -543,6 +627,37 @@ async def _copy_in(
     # Emptied now, not only at commit: a later run of the same kind in this batch
     # must not move these rows again (after a compaction, say).
     await conn.execute(f"DELETE FROM {staging}")
+
+
+async def _write_feed(conn: Conn, rows: FeedRows) -> None:
+    # executemany pipelines its statements: a batch of likes is one round trip.
+    writes: tuple[tuple[str, list[Any]], ...] = (
+        (_INSERT_POST, rows.posts),
+        (_UPSERT_LAST_NUMBER, rows.numbers),
+        ("UPDATE posts SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL", rows.deleted),
+        (
+            'INSERT INTO likes (post, "user", shard, ts) VALUES ($1, $2, $3, $4)'
+            " ON CONFLICT DO NOTHING",
+            rows.likes,
+        ),
+        ('DELETE FROM likes WHERE post = $1 AND "user" = $2', rows.unlikes),
+        (
+            'INSERT INTO follows ("user", author, ts) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING',
+            rows.follows,
+        ),
+        ('DELETE FROM follows WHERE "user" = $1 AND author = $2', rows.unfollows),
+    )
+    for sql, batch in writes:
+        if batch:
+            await conn.executemany(sql, batch)
+    if rows.interests:
+        await conn.execute(
+            'DELETE FROM interests WHERE "user" = ANY($1::text[])', list(rows.interests)
+        )
+        await conn.executemany(
+            'INSERT INTO interests ("user", category) VALUES ($1, $2)',
+            [(u, c) for u, categories in rows.interests.items() for c in categories],
+        )
 
 
 async def _stale_fences(conn: Conn, fences: set[Fence]) -> frozenset[Fence]:

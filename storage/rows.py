@@ -3,15 +3,39 @@ holds (CBOR for ``data`` and kv values) is decided once, here. Payloads are stor
 the bytes they arrived in and read back as ``Raw``: the server never decodes them."""
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import attrs
+
+from actors.feed_cells import CELLS
 from protocol.cbor import Raw, raw_cbor
 from protocol.frames import KvEntry, Message
-from storage.store import BlockChanged, KvChange, MemberChanged
+from storage.store import (
+    BlockChanged,
+    FeedProfile,
+    FollowChanged,
+    InterestsSet,
+    KvChange,
+    LikeChanged,
+    MemberChanged,
+    PostCreated,
+    PostDeleted,
+    Record,
+    ShardSnapshot,
+    StoredPost,
+)
 
 MESSAGE_COLUMNS = "seq, ts, sender, cid, text, data"
 KV_COLUMNS = "key, rev, hlc, dev, value, deleted, ts"
+FEED_RECORDS = (PostCreated, PostDeleted, LikeChanged, FollowChanged, InterestsSet)
+# A post's comments are the messages of its room: its highest seq counts them, found
+# by the messages primary key (room, seq), one probe per post.
+POST_READ = (
+    "SELECT p.id, p.author, p.cid, p.ts, p.lat, p.lon, p.category, p.text, p.data,"
+    " p.deleted_at, (SELECT coalesce(max(m.seq), 0) FROM messages m"
+    " WHERE m.room = 'post:' || p.id) FROM posts p"
+)
 
 
 def message_of(room: str, row: Any) -> Message:
@@ -65,3 +89,105 @@ def toggle_runs(
     )
     for added, run in itertools.groupby(changes, key=lambda c: c[0]):
         yield added, [(*pair, ts) if added else pair for _, pair, ts in run]
+
+
+def feed_profile_of(rows: Iterable[tuple[int, str]]) -> FeedProfile:
+    """A profile from ``(part, value)`` rows: part 0 a followed author, 1 an interest,
+    2 a user who blocks the viewer."""
+    parts: tuple[set[str], set[str], set[str]] = (set(), set(), set())
+    for part, value in rows:
+        parts[part].add(value)
+    follows, interests, blocked_by = map(frozenset, parts)
+    return FeedProfile(follows=follows, interests=interests, blocked_by=blocked_by)
+
+
+def stored_post_of(row: Any, likers: Iterable[str]) -> StoredPost:
+    """A ``POST_READ`` row as a post."""
+    post, author, cid, ts, lat, lon, category, text, data, deleted_at, comments = row
+    created = PostCreated(
+        post=post,
+        author=author,
+        cid=cid,
+        ts=ts,
+        lat=lat,
+        lon=lon,
+        category=category,
+        text=text,
+        data=None if data is None else Raw(bytes(data)),
+    )
+    return StoredPost(
+        created=created,
+        likers=frozenset(likers),
+        comments=comments,
+        deleted=deleted_at is not None,
+    )
+
+
+def shard_snapshot(
+    last_number: int | None, posts: Iterable[Any], likers: Mapping[int, Iterable[str]]
+) -> ShardSnapshot:
+    """``POST_READ`` rows with the likers of each post (those of other posts, deleted or
+    older but numbered after the oldest loaded, are left out)."""
+    return ShardSnapshot(
+        last_number=last_number or 0,
+        posts=tuple(stored_post_of(row, likers.get(row[0], ())) for row in posts),
+    )
+
+
+def likers_by_post(likes: Iterable[tuple[int, str]]) -> dict[int, list[str]]:
+    likers: dict[int, list[str]] = {}
+    for post, user in likes:
+        likers.setdefault(post, []).append(user)
+    return likers
+
+
+@attrs.frozen
+class FeedRows:
+    """A batch's feed records as rows. Nothing else in a batch touches the feed tables,
+    and each of them ends the same whatever order its rows go in, so each kind is
+    written once per batch: each (post, user) like and (user, author) follow as its
+    last change made, each user's interests as their last set."""
+
+    posts: list[tuple[Any, ...]]  # (id, shard, author, cid, ts, lat, lon, category, text, data)
+    numbers: list[tuple[int, int]]  # (shard, highest number in the batch)
+    deleted: list[tuple[int, int]]  # (ts, post)
+    likes: list[tuple[int, str, int, int]]  # (post, user, shard, ts)
+    unlikes: list[tuple[int, str]]
+    follows: list[tuple[str, str, int]]  # (user, author, ts)
+    unfollows: list[tuple[str, str]]
+    interests: dict[str, list[str]]  # user: categories
+
+
+def feed_rows(records: Iterable[Record]) -> FeedRows:
+    rows = FeedRows([], [], [], [], [], [], [], {})
+    numbers: dict[int, int] = {}
+    likes: dict[tuple[int, str], LikeChanged] = {}
+    follows: dict[tuple[str, str], FollowChanged] = {}
+    for r in records:
+        if isinstance(r, PostCreated):
+            number, shard = divmod(r.post, CELLS)
+            data = None if r.data is None else raw_cbor(r.data)
+            rows.posts.append(
+                (r.post, shard, r.author, r.cid, r.ts, r.lat, r.lon, r.category, r.text, data)
+            )
+            numbers[shard] = max(numbers.get(shard, 0), number)
+        elif isinstance(r, PostDeleted):
+            rows.deleted.append((r.ts, r.post))
+        elif isinstance(r, LikeChanged):
+            likes[r.post, r.user] = r
+        elif isinstance(r, FollowChanged):
+            follows[r.user, r.author] = r
+        elif isinstance(r, InterestsSet):
+            rows.interests[r.user] = list(dict.fromkeys(r.categories))
+    rows.numbers.extend(numbers.items())
+    for like in likes.values():
+        if like.liked:
+            rows.likes.append((like.post, like.user, like.post % CELLS, like.ts))
+        else:
+            rows.unlikes.append((like.post, like.user))
+    for f in follows.values():
+        if f.following:
+            rows.follows.append((f.user, f.author, f.ts))
+        else:
+            rows.unfollows.append((f.user, f.author))
+    return rows

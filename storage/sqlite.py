@@ -24,22 +24,32 @@ import trio
 from protocol.frames import Message, RoomKind, RoomState, Status
 from storage.migrations import migrations_for
 from storage.rows import (
+    FEED_RECORDS,
     KV_COLUMNS,
     MESSAGE_COLUMNS,
+    POST_READ,
+    FeedRows,
+    feed_profile_of,
+    feed_rows,
     kv_change_of,
     kv_rows,
+    likers_by_post,
     message_of,
     message_row,
+    shard_snapshot,
+    stored_post_of,
     toggle_runs,
 )
 from storage.store import (
     BlockChanged,
     Claim,
+    FeedProfile,
     Fence,
     KvChange,
     KvCompacted,
     KvSnapshot,
     MemberChanged,
+    PostCreated,
     ReceiptUpsert,
     Record,
     RoomCreated,
@@ -47,9 +57,11 @@ from storage.store import (
     RoomSnapshot,
     RoomSummary,
     RunInfo,
+    ShardSnapshot,
     StorageConfigError,
     StorageError,
     StorageUnavailable,
+    StoredPost,
     StoredPresence,
     UserSeen,
     UserSnapshot,
@@ -90,6 +102,21 @@ _UPSERT_USER = (
     " last_seen = coalesce(max(last_seen, excluded.last_seen), last_seen, excluded.last_seen)"
 )
 
+_INSERT_POST = (
+    "INSERT INTO posts (id, shard, author, cid, ts, lat, lon, category, text, data)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+_UPSERT_LAST_NUMBER = (
+    "INSERT INTO feed_shards (shard, last_number) VALUES (?, ?) ON CONFLICT (shard)"
+    " DO UPDATE SET last_number = max(last_number, excluded.last_number)"
+)
+
+_FEED_PROFILE = (
+    "SELECT 0, author FROM follows WHERE user = ?1"
+    " UNION ALL SELECT 1, category FROM interests WHERE user = ?1"
+    " UNION ALL SELECT 2, user FROM blocks WHERE other = ?1"
+)
+
 
 def sqlite_path(url: str) -> Path:
     """``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db``
@@ -122,6 +149,27 @@ def _write_kv(conn: sqlite3.Connection, changes: Iterable[KvChange]) -> None:
     rows, heads = kv_rows(changes)
     conn.executemany(_UPSERT_KV, rows)
     conn.executemany(_UPSERT_KV_HEAD, [(user, rev, 0) for user, rev in heads.items()])
+
+
+def _write_feed(conn: sqlite3.Connection, rows: FeedRows) -> None:
+    conn.executemany(_INSERT_POST, rows.posts)
+    conn.executemany(_UPSERT_LAST_NUMBER, rows.numbers)
+    conn.executemany(
+        "UPDATE posts SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL", rows.deleted
+    )
+    conn.executemany(
+        "INSERT OR IGNORE INTO likes (post, user, shard, ts) VALUES (?, ?, ?, ?)", rows.likes
+    )
+    conn.executemany("DELETE FROM likes WHERE post = ? AND user = ?", rows.unlikes)
+    conn.executemany(
+        "INSERT OR IGNORE INTO follows (user, author, ts) VALUES (?, ?, ?)", rows.follows
+    )
+    conn.executemany("DELETE FROM follows WHERE user = ? AND author = ?", rows.unfollows)
+    conn.executemany("DELETE FROM interests WHERE user = ?", [(u,) for u in rows.interests])
+    conn.executemany(
+        "INSERT INTO interests (user, category) VALUES (?, ?)",
+        [(u, c) for u, categories in rows.interests.items() for c in categories],
+    )
 
 
 def _translate(exc: sqlite3.Error) -> StorageError:
@@ -288,8 +336,11 @@ class SqliteStore:
         def write(conn: sqlite3.Connection) -> None:
             # Runs of one record type go through executemany; order across runs is kept
             # so that an add and a remove of the same member land in the order made.
+            feed: list[Record] = []
             for kind, run in itertools.groupby(records, key=type):
-                if kind is Message:
+                if kind in FEED_RECORDS:
+                    feed.extend(run)  # written together, after (see FeedRows)
+                elif kind is Message:
                     conn.executemany(_INSERT_MESSAGE, [message_row(cast(Message, m)) for m in run])
                 elif kind is RoomCreated:
                     for r in run:
@@ -337,6 +388,8 @@ class SqliteStore:
                     )
                 else:
                     raise TypeError(f"not a record: {kind!r}")
+            if feed:
+                _write_feed(conn, feed_rows(feed))
 
         await self._run(self._transaction(write), self._write_limiter)
         return frozenset()
@@ -479,6 +532,59 @@ class SqliteStore:
         if not users:
             return []
         return await self._read(find)
+
+    async def load_shard(self, shard: int, since: int) -> ShardSnapshot:
+        def load(reader: sqlite3.Connection) -> ShardSnapshot:
+            # One read transaction: the likers of exactly the posts loaded.
+            reader.execute("BEGIN")
+            try:
+                return read(reader)
+            finally:
+                reader.execute("COMMIT")
+
+        def read(reader: sqlite3.Connection) -> ShardSnapshot:
+            last = reader.execute(
+                "SELECT last_number FROM feed_shards WHERE shard = ?", (shard,)
+            ).fetchone()
+            posts = reader.execute(
+                f"{POST_READ} WHERE p.shard = ? AND p.ts >= ? AND p.deleted_at IS NULL"
+                " ORDER BY p.id",
+                (shard, since),
+            ).fetchall()
+            likes = []
+            if posts:
+                likes = reader.execute(
+                    "SELECT post, user FROM likes WHERE shard = ? AND post >= ?",
+                    (shard, posts[0][0]),
+                ).fetchall()
+            return shard_snapshot(last and last[0], posts, likers_by_post(likes))
+
+        return await self._read(load)
+
+    async def load_post(self, post: int) -> StoredPost | None:
+        def load(reader: sqlite3.Connection) -> StoredPost | None:
+            row = reader.execute(f"{POST_READ} WHERE p.id = ?", (post,)).fetchone()
+            if row is None:
+                return None
+            likers = reader.execute("SELECT user FROM likes WHERE post = ?", (post,))
+            return stored_post_of(row, (u for (u,) in likers))
+
+        return await self._read(load)
+
+    async def find_post(self, author: str, cid: str) -> PostCreated | None:
+        def find(reader: sqlite3.Connection) -> PostCreated | None:
+            row = reader.execute(
+                f"{POST_READ} WHERE p.author = ? AND p.cid = ?", (author, cid)
+            ).fetchone()
+            return None if row is None else stored_post_of(row, ()).created
+
+        return await self._read(find)
+
+    async def load_feed_profile(self, user: str) -> FeedProfile:
+        def load(reader: sqlite3.Connection) -> FeedProfile:
+            return feed_profile_of(reader.execute(_FEED_PROFILE, (user,)))
+
+        return await self._read(load)
 
     async def ping(self) -> None:
         await self._read(lambda reader: reader.execute("SELECT 1").fetchone())

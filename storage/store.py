@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import attrs
 
+from protocol.cbor import Raw
 from protocol.frames import KvEntry, Message, RoomKind, RoomState, Status
 
 
@@ -105,9 +106,67 @@ class RoomReleased:
     run: int
 
 
+@attrs.frozen(kw_only=True)
+class PostCreated:
+    """A feed post. ``post`` is its id (``actors.feed_cells``: the number within its
+    shard and the shard); ``(author, cid)`` is unique, for idempotent retries."""
+
+    post: int
+    author: str
+    cid: str
+    ts: int  # when it was made, ms since the Unix epoch
+    lat: float
+    lon: float
+    category: str
+    text: str | None = None
+    data: Raw | None = None
+
+
+@attrs.frozen(kw_only=True)
+class PostDeleted:
+    """Its author deleted ``post``: it leaves every feed; its row stays, marked."""
+
+    post: int
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class LikeChanged:
+    """``user`` likes ``post`` (or no longer does); a user counts once per post."""
+
+    post: int
+    user: str
+    liked: bool
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class FollowChanged:
+    """``user`` follows ``author`` (or stops)."""
+
+    user: str
+    author: str
+    following: bool
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class InterestsSet:
+    """``user``'s interests are now exactly ``categories``."""
+
+    user: str
+    categories: tuple[str, ...]
+    ts: int
+
+
 #: What the write-behind queue persists. A message is stored as its own frame.
 Record = (
     Message
+    | PostCreated
+    | PostDeleted
+    | LikeChanged
+    | FollowChanged
+    | InterestsSet
     | RoomCreated
     | RoomReleased
     | MemberChanged
@@ -152,6 +211,33 @@ class KvSnapshot:
     floor_hlc: int = 0
     floor_dev: str = ""
     entries: tuple[KvChange, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class StoredPost:
+    """A post as storage knows it, with its counts."""
+
+    created: PostCreated
+    likers: frozenset[str] = frozenset()  # users who like it now
+    comments: int = 0  # messages in its comment room ``post:<id>`` (its highest seq)
+    deleted: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class ShardSnapshot:
+    """A feed shard as storage knows it, for a FeedShard actor that starts."""
+
+    last_number: int = 0  # the highest post number the shard ever gave out (0: none)
+    posts: tuple[StoredPost, ...] = ()  # undeleted posts made at or after ``since``, by id
+
+
+@attrs.frozen(kw_only=True)
+class FeedProfile:
+    """What a viewer's ranking needs to know of them."""
+
+    follows: frozenset[str] = frozenset()  # authors they follow
+    interests: frozenset[str] = frozenset()  # categories
+    blocked_by: frozenset[str] = frozenset()  # users who block them
 
 
 @attrs.frozen(kw_only=True)
@@ -253,6 +339,19 @@ class Store(Protocol):
 
     async def stored_presence(self, users: Sequence[str], viewer: str) -> list[StoredPresence]:
         """Status and last seen of ``users`` that storage knows, as ``viewer`` may see them."""
+
+    async def load_shard(self, shard: int, since: int) -> ShardSnapshot:
+        """Feed shard ``shard``'s undeleted posts made at or after ``since`` (ms), with
+        their likers and comment counts, and the highest post number it gave out."""
+
+    async def load_post(self, post: int) -> StoredPost | None:
+        """One post, deleted or not, with its counts (None if never made)."""
+
+    async def find_post(self, author: str, cid: str) -> PostCreated | None:
+        """The post ``author`` made with client id ``cid``, deleted or not, if stored."""
+
+    async def load_feed_profile(self, user: str) -> FeedProfile:
+        """Whom ``user`` follows, their interests, and who blocks them."""
 
     async def ping(self) -> None:
         """Raise ``StorageUnavailable`` unless the database answers."""

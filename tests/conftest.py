@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from storage.store import Store, open_store
 from tests.helpers import RunningServer, run_server
 from tests.postgres import PrivatePostgres, private_postgres
 from tests.redis_server import PrivateRedis, RedisServerMissing, private_redis
@@ -27,6 +28,21 @@ def postgres() -> Iterator[PrivatePostgres]:
 def postgres_url(postgres: PrivatePostgres) -> str:
     """A fresh database on the private server."""
     return postgres.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database of each backend, for tests of the store contract."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    async with open_store(store_url) as opened:
+        yield opened
 
 
 @contextmanager

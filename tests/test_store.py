@@ -1,7 +1,6 @@
 """The store contract (storage/store.py), run against every backend."""
 
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import cbor2
@@ -29,20 +28,6 @@ from storage.store import (
     UserSnapshot,
     open_store,
 )
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
-        return url
-    return f"sqlite:///{tmp_path / 'store.db'}"
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    async with open_store(store_url) as opened:
-        yield opened
 
 
 def msg(room: str, seq: int, user: str | None = "alice", **kw: object) -> Message:
