@@ -105,11 +105,12 @@ class RemoteReply(Reply[Any]):
         self._sent = False
 
     def set(self, value: Any) -> None:
-        if type(value) is Ticket and not value.committed:
+        ticket = value if type(value) is Ticket else getattr(value, "ticket", None)
+        if type(ticket) is Ticket and not ticket.committed:
             # What waits on a record across nodes waits for it to be stored: the
             # other node cannot follow a ticket of ours (it arrives as a stored one).
-            value.then(self.set, value)
-            value.otherwise(lambda _: self.fail(ErrorCode.TRY_LATER, "moved; retry"), None)
+            ticket.then(self.set, value)
+            ticket.otherwise(lambda _: self.fail(ErrorCode.TRY_LATER, "moved; retry"), None)
             return
         if not self._sent:
             self._sent = True

@@ -42,6 +42,9 @@ class ActorKind(enum.StrEnum):
     ROOM = "room"
     USER = "user"
     KV = "kv"
+    FEED = "feed"  # a feed shard, by cell
+    PROFILE = "profile"  # a user's follows, interests and who blocks them
+    VIEWS = "views"  # a session's feed views, on the session's node
 
 
 class Actor(Protocol):

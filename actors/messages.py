@@ -18,6 +18,7 @@ from actors.directory import ActorKind, Directory
 from actors.outbox import Sink
 from protocol.errors import ErrorCode
 from protocol.frames import (
+    FeedItem,
     Frame,
     History,
     KvPut,
@@ -30,6 +31,7 @@ from protocol.frames import (
     Status,
     TypingOp,
 )
+from storage.store import FeedProfile
 from storage.write_behind import Ticket
 
 T = TypeVar("T")
@@ -171,7 +173,41 @@ class ActorMoved:
     key: str
 
 
-SessionEvent = RoomDropped | Roster | BlocksChanged | Refused | ActorMoved
+@attrs.frozen
+class FeedDirty:
+    """A feed shard saw a change that may alter the page of the session's view ``view``."""
+
+    view: int
+
+
+@attrs.frozen
+class FeedDelta:
+    """Posts of feed shard ``shard`` rose for view ``view`` (its answer ``gen``): their
+    new items, to merge into the page."""
+
+    view: int
+    shard: int
+    gen: int
+    items: tuple[FeedItem, ...]
+
+
+@attrs.frozen
+class ProfileChanged:
+    """Whom the session's user follows, their interests, or who blocks them changed."""
+
+    profile: FeedProfile
+
+
+SessionEvent = (
+    RoomDropped
+    | Roster
+    | BlocksChanged
+    | Refused
+    | ActorMoved
+    | FeedDirty
+    | FeedDelta
+    | ProfileChanged
+)
 
 
 def tell_session(link: SessionLink, event: SessionEvent) -> None:
@@ -188,6 +224,7 @@ class AttachMode(enum.Enum):
     RESUME = "resume"  # subscribe; members only
     CREATE = "create"  # create the room, owned by the user, and subscribe
     DIRECT = "direct"  # find or create the direct room, and subscribe
+    COMMENTS = "comments"  # find or create a post's comment room (open), and join it
 
 
 @attrs.frozen(kw_only=True)
@@ -196,6 +233,7 @@ class Attach:
     mode: AttachMode
     reply: "Reply[Attached]"
     kind: RoomKind = RoomKind.OPEN  # for CREATE
+    owner: str | None = None  # for COMMENTS: the post's author
     since: int | None = None
     epoch: str | None = None
 
@@ -416,8 +454,10 @@ def request_id(record: object) -> int | None:
         return record.receipt.id
     if type(record) is SetTyping:
         return record.id
-    if type(record) is KvRequest:
-        return record.frame.id
+    frame = getattr(record, "frame", None)  # kv and feed requests
+    if isinstance(frame, Frame):
+        rid: int | None = getattr(frame, "id", None)
+        return rid
     return None
 
 

@@ -145,8 +145,32 @@ class Metrics:
         self.quota_refusals = Counter(
             "parley_quota_refusals_total",
             "Requests refused by a quota (sessions_per_user, room_creations, rooms_per_minute, "
-            "blocks)",
+            "blocks, follows)",
             ["quota"],
+            registry=r,
+        )
+        self.feed_posts = Counter("parley_feed_posts_total", "Feed posts made", registry=r)
+        self.feed_likes = Counter(
+            "parley_feed_likes_total", "Likes and unlikes that changed a count", registry=r
+        )
+        self.feed_dirty = Counter(
+            "parley_feed_view_wakes_total",
+            "Times a shard told a view to rank again (a post on its page fell or left)",
+            registry=r,
+        )
+        self.feed_deltas = Counter(
+            "parley_feed_deltas_total",
+            "Risen posts' items a shard sent a view (at most one message per view per "
+            "interval), instead of the view ranking again",
+            registry=r,
+        )
+        self.feed_changes = Counter(
+            "parley_feed_changes_total", "feedchanged events sent to views", registry=r
+        )
+        self.feed_examined = Histogram(
+            "parley_feed_examined_posts",
+            "Posts a shard scored to answer one view's top-k (the rest were pruned)",
+            buckets=(10, 25, 50, 100, 250, 500, 1000, 2500, 10000, 100000),
             registry=r,
         )
         self.flush_seconds = Histogram(

@@ -25,6 +25,7 @@ import trio
 
 from actors.cluster import Cluster, RelayReply, room_channel
 from actors.directory import Actor, ActorKind
+from actors.feed_messages import RankQuery, WatchProfile
 from actors.messages import (
     ActorMoved,
     Attach,
@@ -215,7 +216,12 @@ class RemoteActor:
                     return
         elif kind is Detach or kind is SessionClosed:
             self.forget(command.link.outbox)
-        elif kind is SessionOpened or kind is KvRequest:
+        elif (
+            kind is SessionOpened
+            or kind is KvRequest
+            or kind is WatchProfile
+            or (kind is RankQuery and command.watch)
+        ):
             self.links[command.link.outbox] = command.link
         self._tell(command)
 

@@ -36,6 +36,8 @@ import trio
 
 from actors.cluster import GhostOutbox
 from actors.directory import ActorKind
+from actors.feed_cells import cell_of_post
+from actors.feed_messages import CommentCount
 from actors.messages import (
     ActorMoved,
     AddMember,
@@ -85,7 +87,7 @@ from protocol.frames import (
     Typing,
     TypingOp,
 )
-from protocol.limits import MAX_CURSORS, MAX_RECEIPT_RANGE, direct_room_users
+from protocol.limits import MAX_CURSORS, MAX_RECEIPT_RANGE, POST_PREFIX, direct_room_users
 from protocol.wsframe import server_frame
 from storage.store import Fence, MemberChanged, RoomCreated, RoomReleased, RoomSnapshot
 from storage.write_behind import COMMITTED, Ticket
@@ -518,12 +520,28 @@ class Room:
         self._fan_out(frame, Message)
         self.delivered = seq
         self._s.metrics.messages.inc()
+        if self.key.startswith(POST_PREFIX):
+            self._count_comments(seq)
         if self._typers and user in self._typers:
             # A message ends its sender's typing; clients clear it when it arrives.
             del self._typers[user]
         self._trim()
         if not seq % PRUNE_EVERY:  # a busy room never goes idle to prune
             self._prune()
+
+    def _count_comments(self, seq: int) -> None:
+        """A post's comments count toward its popularity: tell its shard. Lost if the
+        shard's mailbox is full: the next comment, or a reload, brings the count."""
+        number = self.key[len(POST_PREFIX) :]
+        cell = cell_of_post(int(number)) if number.isdigit() else None
+        if cell is None:
+            return  # a room the admin API named so: no post of ours
+        post = int(number)
+        ref = self._s.directory.ref(ActorKind.FEED, str(cell))
+        try:
+            ref.send_nowait(CommentCount(post, seq))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
 
     def _ack(self, cmd: Publish, message: Message, ticket: Ticket) -> None:
         if cmd.link is not None:
@@ -717,12 +735,15 @@ class Room:
                 peer,
                 Member(room=self.key, user=peer, op=MemberOp.ADDED, kind=RoomKind.DIRECT, by=user),
             )
+        elif cmd.mode is AttachMode.COMMENTS and not self.exists:
+            ticket = self._create(RoomKind.OPEN, cmd.owner, (user,))
         elif not self.exists:
             return cmd.reply.fail(ErrorCode.NOT_FOUND, "no such room")
         if self.blockers:  # a direct room in which one of the two blocks the other
             return cmd.reply.fail(ErrorCode.BLOCKED, _blocked_message(user, self.blockers))
         if user not in self.members:
-            if cmd.mode is not AttachMode.JOIN or self.kind is not RoomKind.OPEN:
+            joins = cmd.mode is AttachMode.JOIN or cmd.mode is AttachMode.COMMENTS
+            if not joins or self.kind is not RoomKind.OPEN:
                 return cmd.reply.fail(ErrorCode.FORBIDDEN, "not a member of this room")
             ticket = self._add_member(user, by=user)
         outbox = cmd.link.outbox

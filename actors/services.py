@@ -18,6 +18,7 @@ from actors.room_lookup import RoomLookup
 from actors.timers import Timers
 from protocol.hlc import Clock
 from protocol.limits import Limits
+from protocol.ranking import STEP_MS
 from storage.bus import Bus
 from storage.store import StorageError, Store
 from storage.write_behind import WriteBehind
@@ -50,6 +51,10 @@ class Settings:
     presence_grace: float = 5.0  # a user is announced offline this long after their last session
     max_watches: int = 100  # users one session may watch explicitly
     kv_quota: KvQuota = attrs.field(factory=KvQuota)
+    feed_interval: float = 0.1  # a feed view sends at most one change this often
+    feed_step_ms: int = STEP_MS  # the ranking instant advances in steps of this
+    feed_horizon: float = 7 * 86400.0  # posts older than this leave the live shards
+    max_follows: int = 5000  # authors one user may follow
     quotas: QuotaSettings = attrs.field(factory=QuotaSettings)
 
 

@@ -36,10 +36,13 @@ from actors.messages import (
     ChangeBlock,
     ChangeStatus,
     Detach,
+    FeedDelta,
+    FeedDirty,
     HistoryPlan,
     HistoryQuery,
     KvRequest,
     MarkReceipt,
+    ProfileChanged,
     Publish,
     ReceiptQuery,
     Refused,
@@ -62,6 +65,7 @@ from actors.metrics import Metrics
 from actors.outbox import Outbox
 from actors.presence import PresenceNote
 from actors.services import TOKEN_LEEWAY, Services
+from actors.session_feeds import FEED_FRAMES, SessionFeeds
 from actors.timers import Timer
 from actors.token_bucket import TokenBucket
 from protocol.codec import decode_client, encode, peek
@@ -109,7 +113,7 @@ from protocol.frames import (
     Welcome,
     Who,
 )
-from protocol.limits import ROOM_PAGE, direct_room_id
+from protocol.limits import POST_PREFIX, ROOM_PAGE, direct_room_id
 from protocol.wsframe import server_frame
 from storage.store import StorageError
 from storage.write_behind import Ticket
@@ -150,6 +154,7 @@ class Session:
         "_due",
         "_errors",
         "_expires",
+        "_feeds",
         "_following",
         "_kv",
         "_metrics",
@@ -209,6 +214,7 @@ class Session:
         self._rosters: dict[str, frozenset[str]] = {}  # small room -> members followed
         self._watched = _NOBODY  # replaced, not mutated: most sessions watch nobody
         self._kv = False  # has spoken to the user's kv actor, which may follow it
+        self._feeds = SessionFeeds(self)
 
     # --- driven by the connection -----------------------------------------------------
 
@@ -303,6 +309,9 @@ class Session:
             self.blocks = event.blocks
             if self._blocks_known is not None:
                 self._blocks_known.set()
+            self._feeds.blocks_changed(event.blocks)
+        elif type(event) is FeedDelta or type(event) is FeedDirty or type(event) is ProfileChanged:
+            self._feeds.on_event(event)
         elif type(event) is Refused:
             self._error(event.code, event.message, request_id=event.id, room=event.room)
         elif type(event) is ActorMoved:
@@ -332,6 +341,7 @@ class Session:
         if self._kv:
             targets.append((ActorKind.KV, link.user, Detach(link)))
         self.rooms.clear()
+        await self._feeds.detach(link)
         for kind, key, command in targets:
             ref = self._s.directory.get(kind, key)
             if ref is None:
@@ -397,6 +407,10 @@ class Session:
             known = await self._exists(room)
         if not known:
             raise RequestFailed(ErrorCode.NOT_FOUND, "no such room")
+
+    async def _room_exists(self, room: str) -> bool:
+        known = self._s.rooms.known(room)
+        return known if known is not None else await self._exists(room)
 
     async def _exists(self, room: str) -> bool:
         try:
@@ -537,6 +551,8 @@ class Session:
         if type(frame) is Refresh:
             return self._refresh(frame)
         if type(frame) is Join:
+            if frame.room.startswith(POST_PREFIX) and not await self._room_exists(frame.room):
+                return await self._join_comments(frame)
             return await self._attach(
                 frame.id, frame.room, AttachMode.JOIN, since=frame.seq, epoch=frame.epoch
             )
@@ -600,13 +616,35 @@ class Session:
         if type(frame) is Block or type(frame) is Unblock:
             return await self._block(frame)
         if type(frame) is Blocks:
-            with answer_within(self._settings.request_timeout):
-                while self.blocks is None:  # the user actor may still be loading
-                    if self._blocks_known is None:
-                        self._blocks_known = trio.Event()
-                    await self._blocks_known.wait()
-            return self._send(BlockList(id=frame.id, users=tuple(sorted(self.blocks or ()))))
+            blocks = await self.known_blocks()
+            return self._send(BlockList(id=frame.id, users=tuple(sorted(blocks))))
+        if type(frame) in FEED_FRAMES:
+            return await self._feeds.handle(frame)
         raise AssertionError(f"no handler for {frame!r}")
+
+    async def known_blocks(self) -> frozenset[str]:
+        """Whom the user blocks, once the user actor has said (it may still be loading)."""
+        with answer_within(self._settings.request_timeout):
+            while self.blocks is None:
+                if self._blocks_known is None:
+                    self._blocks_known = trio.Event()
+                await self._blocks_known.wait()
+        return self.blocks
+
+    async def _join_comments(self, frame: Join) -> None:
+        """A post's comment room is made by the first to join it, if the post exists."""
+        number = frame.room[len(POST_PREFIX) :]
+        if not number.isdigit() or number != str(int(number)):
+            raise RequestFailed(ErrorCode.NOT_FOUND, "no such room")
+        author = await self._feeds.post_author(int(number))
+        await self._attach(
+            frame.id,
+            frame.room,
+            AttachMode.COMMENTS,
+            owner=author,
+            since=frame.seq,
+            epoch=frame.epoch,
+        )
 
     async def _hello(self, hello: Hello) -> None:
         if self.user is not None:
@@ -712,6 +750,8 @@ class Session:
         if mode is AttachMode.JOIN or mode is AttachMode.RESUME:
             if (known := self._room_known(room)) is not True:
                 await self._look_up(room, known)
+        elif mode is AttachMode.COMMENTS:
+            self._name_room(room)  # made with its post: no creation quota
         elif (known := self._room_known(room)) is not True and not (
             self._s.quotas.may_create_room(self.link.user)
         ):

@@ -17,11 +17,13 @@ a status or block change) runs it again. Most online users are idle, and a task 
 user was the largest part of an idle session's memory.
 """
 
+import logging
 from collections.abc import Callable
 
 import trio
 
-from actors.directory import ActorKind
+from actors.directory import ActorKind, Directory
+from actors.feed_messages import BlockedBy
 from actors.messages import (
     ActorMoved,
     BlocksChanged,
@@ -42,6 +44,8 @@ from protocol.errors import ErrorCode
 from protocol.frames import Status
 from storage.store import BlockChanged, Fence, UserSeen
 from storage.write_behind import COMMITTED, Ticket
+
+log = logging.getLogger(__name__)
 
 
 class User:
@@ -247,6 +251,8 @@ class User:
         self._s.bus.publish(f"presence:{self.key}", note)
         for link in self.sessions.values():
             tell_session(link, BlocksChanged(self.blocks))
+        # The other's feeds lose (or regain) our posts once the block is stored.
+        ticket.then(_tell_profile, (self._s.directory, other, BlockedBy(self.key, command.blocked)))
         command.reply.set(ticket)
 
     def _maybe_alone(self, now: float) -> None:
@@ -282,6 +288,15 @@ class User:
         assert isinstance(frame, bytes)
         for link in self.sessions.values():
             link.outbox.append(frame)
+
+
+def _tell_profile(args: tuple[Directory, str, BlockedBy]) -> None:
+    directory, user, blocked_by = args
+    try:
+        directory.ref(ActorKind.PROFILE, user).send_nowait(blocked_by)
+    except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        # Read from storage by the Profile that starts next; a running one misses it.
+        log.warning("%s's feeds not told of a block by %s: mailbox full", user, blocked_by.other)
 
 
 def _moved(reply: Reply[None]) -> None:

@@ -21,10 +21,12 @@ from typing import Any, Protocol
 import attrs
 import cbor2
 
-from actors import messages
+from actors import feed_messages, messages
+from actors.feed_index import Viewer
 from protocol import frames
 from protocol.cbor import Raw
 from protocol.errors import ErrorCode
+from storage.store import FeedProfile
 from storage.write_behind import COMMITTED, Ticket
 
 RECORD = 27001  # CBOR tag numbers (first-come range): a record, an enum member, ...
@@ -130,7 +132,19 @@ def _registry(modules: Iterable[Any], extra: Iterable[type]) -> dict[str, type]:
 
 
 _CLASSES = _registry(
-    [messages, frames], [LinkRef, ReplyRef, Command, NotHere, Answer, ToSession, Notify, ErrorCode]
+    [messages, feed_messages, frames],
+    [
+        LinkRef,
+        ReplyRef,
+        Command,
+        NotHere,
+        Answer,
+        ToSession,
+        Notify,
+        ErrorCode,
+        Viewer,
+        FeedProfile,
+    ],
 )
 # A link holds process-local objects: it is swapped (for a LinkRef), never sent as such.
 del _CLASSES["SessionLink"]

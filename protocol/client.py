@@ -35,6 +35,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 from protocol.codec import decode_server, encode
 from protocol.errors import ErrorCode, RemoteProtocolError, sole_exception
+from protocol.feed import FeedView
 from protocol.frames import (
     PROTOCOL_VERSION,
     Block,
@@ -43,9 +44,15 @@ from protocol.frames import (
     Create,
     Direct,
     Error,
+    FeedClose,
+    FeedMore,
+    FeedOpen,
+    FeedPage,
+    Follow,
     Frame,
     Hello,
     History,
+    Interests,
     Invite,
     Join,
     Joined,
@@ -56,11 +63,14 @@ from protocol.frames import (
     KvSync,
     KvWrite,
     Leave,
+    Like,
     Message,
     Ok,
     Page,
     Ping,
     Pong,
+    Post,
+    Posted,
     PresenceList,
     PresenceState,
     Receipt,
@@ -78,6 +88,9 @@ from protocol.frames import (
     Typing,
     TypingOp,
     Unblock,
+    Unfollow,
+    Unlike,
+    Unpost,
     Unsubscribe,
     Unwatch,
     Watch,
@@ -277,6 +290,65 @@ class ParleyClient:
             replica.on_changes(page)
             if not page.more:
                 return
+
+    # --- feeds ----------------------------------------------------------------------
+
+    async def post(
+        self,
+        lat: float,
+        lon: float,
+        category: str,
+        text: str | None = None,
+        *,
+        data: Any = None,
+        cid: str | None = None,
+        retry: bool = False,
+    ) -> Posted:
+        """Make a feed post; returns once it is stored."""
+        frame = Post(
+            id=self.next_id(),
+            cid=cid or secrets.token_hex(8),
+            lat=lat,
+            lon=lon,
+            category=category,
+            text=text,
+            data=data,
+            retry=retry,
+        )
+        return await self.request(frame, Posted)
+
+    async def unpost(self, post: int) -> None:
+        await self.request(Unpost(id=self.next_id(), post=post), Ok)
+
+    async def like(self, post: int) -> None:
+        await self.request(Like(id=self.next_id(), post=post), Ok)
+
+    async def unlike(self, post: int) -> None:
+        await self.request(Unlike(id=self.next_id(), post=post), Ok)
+
+    async def follow(self, user: str) -> None:
+        await self.request(Follow(id=self.next_id(), user=user), Ok)
+
+    async def unfollow(self, user: str) -> None:
+        await self.request(Unfollow(id=self.next_id(), user=user), Ok)
+
+    async def set_interests(self, *categories: str) -> None:
+        await self.request(Interests(id=self.next_id(), interests=categories), Ok)
+
+    async def feed_open(
+        self, lat: float, lon: float, radius: int, *, limit: int | None = None
+    ) -> FeedView:
+        """Open a feed view; apply the ``feedchanged`` events that follow with
+        ``FeedView.apply``."""
+        frame = FeedOpen(id=self.next_id(), lat=lat, lon=lon, radius=radius, limit=limit)
+        return FeedView(await self.request(frame, FeedPage))
+
+    async def feed_more(self, view: int, rank: int, *, limit: int | None = None) -> FeedPage:
+        frame = FeedMore(id=self.next_id(), view=view, rank=rank, limit=limit)
+        return await self.request(frame, FeedPage)
+
+    async def feed_close(self, view: int) -> None:
+        await self.request(FeedClose(id=self.next_id(), view=view), Ok)
 
     async def ping(self) -> float:
         """Round-trip time in seconds."""

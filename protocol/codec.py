@@ -12,7 +12,7 @@ unknown keys are walked over without building anything, payloads are checked and
 as their bytes, and the first refusal ends it.
 So its cost is one pass over the frame, and its memory what the frame holds
 (BENCHMARKS.md, "Decoding"). It raises ``RemoteProtocolError`` only: the code says what
-was wrong (PROTOCOL.md section 11), the message is short and never repeats the input.
+was wrong (PROTOCOL.md section 12), the message is short and never repeats the input.
 ``protocol.validate`` then checks what types cannot say. ``peek`` reads the type and the
 request id alone, for a frame the server will not decode (before ``hello``).
 """
@@ -31,6 +31,9 @@ from protocol.frames import (
     SERVER_FRAMES,
     TYPE_KEY,
     Cursor,
+    FeedChanged,
+    FeedItem,
+    FeedPage,
     Frame,
     KvAck,
     KvChanged,
@@ -136,6 +139,8 @@ _ITEMS = {
     KvAck: _items(KvResult, None),
     KvChanges: _items(KvEntry, None),
     KvChanged: _items(KvEntry, None),
+    FeedPage: _items(FeedItem, None),
+    FeedChanged: _items(FeedItem, None),
 }
 
 

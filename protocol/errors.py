@@ -35,6 +35,7 @@ class ErrorCode(IntEnum):
     KV_QUOTA = 208  # only in kvack items: the user's map would exceed its quota
     CLOCK_SKEW = 209  # only in kvack items: the write's clock is too far ahead of the server's
     QUOTA_EXCEEDED = 210  # sessions per user, rooms created per hour, rooms named per minute
+    TOO_MANY_VIEWS = 211  # feed views open at once in one session
     # 3xx: the server cannot do it now; retrying later may work.
     TRY_LATER = 300
     INTERNAL = 301

@@ -62,6 +62,19 @@ FIELD_KEYS: dict[str, int] = {
     "expect": 42,
     "reset": 43,
     "expires": 44,
+    "post": 45,
+    "lat": 46,
+    "lon": 47,
+    "radius": 48,
+    "category": 49,
+    "score": 50,
+    "parts": 51,
+    "likes": 52,
+    "comments": 53,
+    "view": 54,
+    "rank": 55,
+    "interests": 56,
+    "posts": 57,
 }
 FIELD_NAMES: dict[int, str] = {key: name for name, key in FIELD_KEYS.items()}
 TYPE_KEY = 0
@@ -662,6 +675,161 @@ class KvChanged(Frame):
     items: tuple[KvEntry, ...]
 
 
+# --- feeds (PROTOCOL.md section "Feeds") --------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Post(Frame):
+    """Make a feed post at ``(lat, lon)`` (degrees); ``cid`` makes it idempotent per
+    author. Answered by ``posted`` once stored."""
+
+    TYPE = 60
+    id: int
+    cid: str
+    lat: float
+    lon: float
+    category: str
+    text: str | None = None
+    data: dict[str, Any] | Raw | None = None
+    retry: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class Unpost(Frame):
+    """Delete one's own post: it leaves every feed (its comment room stays)."""
+
+    TYPE = 61
+    id: int
+    post: int
+
+
+@attrs.frozen(kw_only=True)
+class Like(Frame):
+    """Like ``post`` (idempotent: a user counts once)."""
+
+    TYPE = 62
+    id: int
+    post: int
+
+
+@attrs.frozen(kw_only=True)
+class Unlike(Frame):
+    TYPE = 63
+    id: int
+    post: int
+
+
+@attrs.frozen(kw_only=True)
+class Follow(Frame):
+    """Follow ``user``'s posts (the subscription component of the ranking)."""
+
+    TYPE = 64
+    id: int
+    user: str
+
+
+@attrs.frozen(kw_only=True)
+class Unfollow(Frame):
+    TYPE = 65
+    id: int
+    user: str
+
+
+@attrs.frozen(kw_only=True)
+class Interests(Frame):
+    """Set this user's interests: exactly these categories (the category component)."""
+
+    TYPE = 66
+    id: int
+    interests: tuple[str, ...]
+
+
+@attrs.frozen(kw_only=True)
+class FeedOpen(Frame):
+    """Open a feed view of the posts within ``radius`` metres of ``(lat, lon)``: answered
+    by its first ``feedpage``, then ``feedchanged`` events."""
+
+    TYPE = 67
+    id: int
+    lat: float
+    lon: float
+    radius: int
+    limit: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class FeedMore(Frame):
+    """The items of a view's snapshot after the first ``rank`` ones."""
+
+    TYPE = 68
+    id: int
+    view: int
+    rank: int
+    limit: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class FeedClose(Frame):
+    TYPE = 69
+    id: int
+    view: int
+
+
+@attrs.frozen(kw_only=True)
+class Posted(Frame):
+    """Durable acknowledgement of a ``post``: its id and time."""
+
+    TYPE = 70
+    id: int
+    post: int
+    cid: str
+    ts: int
+
+
+@attrs.frozen(kw_only=True)
+class FeedItem:
+    """A post in a feed, as one viewer ranks it: ``score`` and its five ``parts`` (geo,
+    freshness, popularity, subscription, category) at the page's ``ts``."""
+
+    post: int
+    user: str
+    ts: int
+    lat: float
+    lon: float
+    category: str
+    likes: int
+    comments: int
+    score: float
+    parts: tuple[float, ...]
+    text: str | None = None
+    data: dict[str, Any] | Raw | None = None
+
+
+@attrs.frozen(kw_only=True)
+class FeedPage(Frame):
+    """A page of view ``view`` ranked at instant ``ts``: the answer to ``feedopen`` (the
+    live page) and to ``feedmore`` (from the snapshot)."""
+
+    TYPE = 71
+    id: int
+    view: int
+    ts: int
+    items: tuple[FeedItem, ...]
+    more: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class FeedChanged(Frame):
+    """The live page of ``view`` changed: ``posts`` is the whole new page, in rank order;
+    ``items`` are those of its posts that entered or changed (score, counts)."""
+
+    TYPE = 72
+    view: int
+    ts: int
+    posts: tuple[int, ...]
+    items: tuple[FeedItem, ...] = ()
+
+
 CLIENT_FRAMES: tuple[type[Frame], ...] = (
     Hello,
     Refresh,
@@ -688,6 +856,16 @@ CLIENT_FRAMES: tuple[type[Frame], ...] = (
     Blocks,
     KvPut,
     KvSync,
+    Post,
+    Unpost,
+    Like,
+    Unlike,
+    Follow,
+    Unfollow,
+    Interests,
+    FeedOpen,
+    FeedMore,
+    FeedClose,
 )
 SERVER_FRAMES: tuple[type[Frame], ...] = (
     Welcome,
@@ -712,4 +890,7 @@ SERVER_FRAMES: tuple[type[Frame], ...] = (
     KvAck,
     KvChanges,
     KvChanged,
+    Posted,
+    FeedPage,
+    FeedChanged,
 )

@@ -9,6 +9,8 @@ reads a single element, unknown keys are walked over, and the first refusal ends
 decode: one pass over the frame (``protocol.codec`` has the entry points).
 """
 
+import math
+import struct
 import typing
 from collections.abc import Callable
 from enum import IntEnum
@@ -40,6 +42,7 @@ from protocol.frames import (
     TYPE_KEY,
     Frame,
     Hello,
+    Interests,
     KvPut,
     Message,
     Page,
@@ -47,7 +50,13 @@ from protocol.frames import (
     Watch,
     Who,
 )
-from protocol.limits import MAX_DATA_DEPTH, MAX_UINT, MAX_USERS_PER_REQUEST, Limits
+from protocol.limits import (
+    MAX_DATA_DEPTH,
+    MAX_INTERESTS,
+    MAX_UINT,
+    MAX_USERS_PER_REQUEST,
+    Limits,
+)
 
 Reader = Callable[[bytes, int, int, Limits | None], tuple[Any, int]]
 
@@ -100,6 +109,26 @@ def _text(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[str, i
     if major != TEXT:
         _wrong(major, "must be text")
     return read_text(buf, pos, end, n)
+
+
+_FLOATS = {25: ">e", 26: ">f", 27: ">d"}
+
+
+def _float(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[float, int]:
+    """A finite number: a CBOR float of any width, or an integer (a whole degree)."""
+    start = pos
+    major, value, pos = head(buf, pos, end)
+    if major == 0:
+        return float(value), pos
+    if major == 1:
+        return float(-1 - value), pos
+    fmt = _FLOATS.get(buf[start] & 31) if major == 7 else None
+    if fmt is None:
+        _wrong(major, "must be a number")
+    number: float = struct.unpack(fmt, buf[start + 1 : pos])[0]
+    if not math.isfinite(number):
+        raise _Refused("must be a finite number")
+    return number, pos
 
 
 def _bool(buf: bytes, pos: int, end: int, limits: Limits | None) -> tuple[bool, int]:
@@ -378,12 +407,18 @@ def _reader_for(cls: type, name: str, hint: Any) -> Reader:
         return _text
     if hint is bool:
         return _bool
+    if hint is float:
+        return _float
     if isinstance(hint, type) and issubclass(hint, IntEnum):
         return _enum(hint)
     origin = typing.get_origin(hint)
     cap = _CAPS.get((cls, name))
     if origin is tuple and args[0] is str:
         return _array(_text, cap)
+    if origin is tuple and args[0] is int:
+        return _array(_uint, cap)
+    if origin is tuple and args[0] is float:
+        return _array(_float, cap)
     if origin is tuple:
         item = _item_schema(args[0], _SHARED.get(cls))
         if item.shared is not None:  # built by decode_frame, which has the shared field
@@ -406,6 +441,7 @@ _SHARED: dict[type, str] = {Page: "room"}
 _CAPS: dict[tuple[type, str], Cap] = {
     (Hello, "resume"): (lambda lim: lim.max_rooms_per_session, ErrorCode.TOO_LARGE, "rooms"),
     (KvPut, "items"): (lambda lim: lim.kv_batch, ErrorCode.TOO_LARGE, "writes"),
+    (Interests, "interests"): (lambda _: MAX_INTERESTS, ErrorCode.INVALID, "categories"),
     **{
         (cls, "users"): (lambda _: MAX_USERS_PER_REQUEST, ErrorCode.INVALID, "users")
         for cls in (Who, Watch, Unwatch)

@@ -16,14 +16,19 @@ from protocol.frames import (
     Block,
     Create,
     Direct,
+    FeedMore,
+    FeedOpen,
+    Follow,
     Frame,
     Hello,
     History,
+    Interests,
     Invite,
     Join,
     KvPut,
     KvSync,
     Leave,
+    Post,
     Receipt,
     Receipts,
     Refresh,
@@ -34,6 +39,7 @@ from protocol.frames import (
     Status,
     Typing,
     Unblock,
+    Unfollow,
     Unsubscribe,
     Unwatch,
     Watch,
@@ -43,10 +49,14 @@ from protocol.limits import (
     DIRECT_PREFIX,
     MAX_CID_CHARS,
     MAX_EPOCH_CHARS,
+    MAX_FEED_PAGE,
     MAX_KV_PAGE,
+    MAX_RADIUS_M,
     MAX_RECEIPT_RANGE,
     MAX_ROOM_PAGE,
     MAX_USERS_PER_REQUEST,
+    MIN_RADIUS_M,
+    POST_PREFIX,
     Limits,
     is_device_id,
     is_room_id,
@@ -114,6 +124,8 @@ def _create(frame: Create, limits: Limits) -> None:
     check_room(frame.room)
     if frame.room.startswith(DIRECT_PREFIX):
         raise _invalid(f"room ids starting with {DIRECT_PREFIX!r} are for direct rooms")
+    if frame.room.startswith(POST_PREFIX):
+        raise _invalid(f"room ids starting with {POST_PREFIX!r} are for posts' comments")
     if frame.kind is RoomKind.DIRECT:
         raise _invalid("direct rooms are opened with a direct frame")
 
@@ -135,7 +147,7 @@ def _invite(frame: Invite, limits: Limits) -> None:
     check_user(frame.user)
 
 
-def _user_only(frame: Direct | Block | Unblock, limits: Limits) -> None:
+def _user_only(frame: Direct | Block | Unblock | Follow | Unfollow, limits: Limits) -> None:
     check_user(frame.user)
 
 
@@ -203,6 +215,52 @@ def _history(frame: History, limits: Limits) -> None:
         raise _invalid(f"limit must be 1-{limits.max_history_limit}")
 
 
+def _place(lat: float, lon: float) -> None:
+    if not -90 <= lat <= 90:
+        raise _invalid("lat must be -90 to 90 (degrees)")
+    if not -180 <= lon <= 180:
+        raise _invalid("lon must be -180 to 180 (degrees)")
+
+
+def _category(category: str, limits: Limits) -> None:
+    if category not in limits.categories:
+        raise _invalid(f"unknown category; known: {', '.join(limits.categories)}")
+
+
+def _post(frame: Post, limits: Limits) -> None:
+    if not 0 < len(frame.cid) <= MAX_CID_CHARS:
+        raise _invalid(f"cid must be 1-{MAX_CID_CHARS} characters")
+    if "\x00" in frame.cid or (frame.text is not None and "\x00" in frame.text):
+        raise _invalid("cid and text may not contain NUL (U+0000)")
+    if frame.text is None and frame.data is None:
+        raise _invalid("post needs text, data or both")
+    if frame.text is not None and len(frame.text) > limits.max_text_chars:
+        raise _too_large(f"text longer than {limits.max_text_chars} characters")
+    _place(frame.lat, frame.lon)
+    _category(frame.category, limits)
+
+
+def _interests(frame: Interests, limits: Limits) -> None:
+    for category in frame.interests:
+        _category(category, limits)
+
+
+def _feed_open(frame: FeedOpen, limits: Limits) -> None:
+    _place(frame.lat, frame.lon)
+    if not MIN_RADIUS_M <= frame.radius <= MAX_RADIUS_M:
+        raise _invalid(f"radius must be {MIN_RADIUS_M}-{MAX_RADIUS_M} (metres)")
+    _feed_limit(frame.limit)
+
+
+def _feed_more(frame: FeedMore, limits: Limits) -> None:
+    _feed_limit(frame.limit)
+
+
+def _feed_limit(limit: int | None) -> None:
+    if limit is not None and not 0 < limit <= MAX_FEED_PAGE:
+        raise _invalid(f"limit must be 1-{MAX_FEED_PAGE}")
+
+
 _RULES: dict[type[Frame], Callable[[Any, Limits], None]] = {
     Hello: _hello,
     Refresh: _token,
@@ -226,6 +284,12 @@ _RULES: dict[type[Frame], Callable[[Any, Limits], None]] = {
     KvPut: _kv_put,
     KvSync: _kv_sync,
     History: _history,
+    Post: _post,
+    Interests: _interests,
+    Follow: _user_only,
+    Unfollow: _user_only,
+    FeedOpen: _feed_open,
+    FeedMore: _feed_more,
 }
 
 

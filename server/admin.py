@@ -16,6 +16,7 @@ from quart import Blueprint, request
 from quart.typing import ResponseReturnValue
 
 from actors.directory import ActorKind
+from actors.feed_cells import bounds
 from actors.messages import (
     AddMember,
     CreateRoom,
@@ -31,7 +32,14 @@ from actors.room import Room
 from protocol.codec import from_fields
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.frames import RoomKind, Send
-from protocol.limits import DIRECT_PREFIX, MAX_ROOM_PAGE, ROOM_PAGE, is_room_id, is_user_id
+from protocol.limits import (
+    DIRECT_PREFIX,
+    MAX_ROOM_PAGE,
+    POST_PREFIX,
+    ROOM_PAGE,
+    is_room_id,
+    is_user_id,
+)
 from protocol.validate import ROOM_RULE, USER_RULE
 from storage.store import StorageError, StorageUnavailable
 
@@ -176,6 +184,29 @@ def admin_blueprint(node: Any) -> Blueprint:
     async def stats() -> ResponseReturnValue:
         return node.stats()  # type: ignore[no-any-return]
 
+    @bp.get("/feeds")
+    async def list_feed_shards() -> ResponseReturnValue:
+        shards = []
+        for shard in directory.actors(ActorKind.FEED):
+            index = getattr(shard, "index", None)
+            if index is None:
+                continue  # loading, or run by another node of the cluster
+            south, north, west, east = bounds(shard.cell)
+            shards.append(
+                {
+                    "shard": shard.cell,
+                    "south": south,
+                    "north": north,
+                    "west": west,
+                    "east": east,
+                    "posts": len(index),
+                    "views": len(shard.watches),
+                    "queries": shard.queries,
+                }
+            )
+        shards.sort(key=lambda s: -s["posts"])
+        return {"shards": shards}
+
     @bp.get("/rooms")
     async def list_rooms() -> ResponseReturnValue:
         limit = _page_limit(request.args.get("limit", str(ROOM_PAGE)))
@@ -208,6 +239,8 @@ def admin_blueprint(node: Any) -> Blueprint:
         room = _room_id(body.get("room"))
         if room.startswith(DIRECT_PREFIX):
             raise _invalid("direct rooms are opened by their two users")
+        if room.startswith(POST_PREFIX):
+            raise _invalid("a post's comment room is made by the first to join it")
         kind_name = body.get("kind", "open")
         if not isinstance(kind_name, str) or kind_name not in KINDS:
             raise _invalid("kind must be open or private")

@@ -15,7 +15,7 @@ import attrs
 from actors.kvmap import KvQuota
 from actors.quotas import QuotaSettings
 from actors.services import Settings
-from protocol.limits import Limits
+from protocol.limits import MAX_CATEGORY_CHARS, Limits
 from storage.store import StorageConfigError, check_database_url
 
 TRUE = {"1", "true", "yes", "on"}
@@ -91,6 +91,15 @@ def _positive_float(text: str) -> float:
 
 def _non_negative_float(text: str) -> float:
     return _number(text, 0, strict=False, must="must be a number 0 or more")
+
+
+def _categories(text: str) -> str:
+    names = [name.strip() for name in text.split(",")]
+    if not all(0 < len(n) <= MAX_CATEGORY_CHARS and n.isprintable() for n in names):
+        raise argparse.ArgumentTypeError(
+            f"must be names of 1-{MAX_CATEGORY_CHARS} printable characters, comma-separated"
+        )
+    return ",".join(dict.fromkeys(names))
 
 
 def _unset_if_empty(text: str) -> str | None:
@@ -312,6 +321,27 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         _non_negative_float,
     ),
     Option(
+        "--feed-categories",
+        "the categories feed posts and interests may name, comma-separated",
+        _categories,
+    ),
+    Option(
+        "--feed-interval",
+        "seconds between two feedchanged events of one feed view (coalescing)",
+        _positive_float,
+    ),
+    Option(
+        "--feed-step",
+        "seconds the feed ranking instant advances by (freshness is computed at it)",
+        _positive_float,
+    ),
+    Option(
+        "--feed-horizon",
+        "seconds a post stays in the live feed shards; older posts stay in storage only",
+        _positive_float,
+    ),
+    Option("--max-follows", "authors one user may follow; beyond, error 210", positive_int),
+    Option(
         "--max-replay",
         "most messages a resume replays; beyond it the client refetches",
         positive_int,
@@ -400,6 +430,11 @@ class Config:
     kv_tombstone_ttl: float = _q.tombstone_ttl_ms / 1000
     kv_max_tombstones: int = _q.max_tombstones
     kv_tombstone_min_age: float = _q.min_tombstone_age_ms / 1000
+    feed_categories: str = ",".join(_l.categories)
+    feed_interval: float = _d.feed_interval
+    feed_step: float = _d.feed_step_ms / 1000
+    feed_horizon: float = _d.feed_horizon
+    max_follows: int = _d.max_follows
     ack_mode: str = "durable"
     write_queue_records: int = 100_000
     write_queue_bytes: int = 64 * 2**20
@@ -419,6 +454,7 @@ class Config:
             kv_key_bytes=self.kv_key_bytes,
             kv_value_bytes=self.kv_value_bytes,
             kv_batch=self.kv_batch,
+            categories=tuple(self.feed_categories.split(",")),
         )
         quota = KvQuota(
             max_keys=self.kv_max_keys,
@@ -446,6 +482,10 @@ class Config:
                 max_blocks_per_user=self.max_blocks_per_user,
             ),
             kv_quota=quota,
+            feed_interval=self.feed_interval,
+            feed_step_ms=max(1, round(self.feed_step * 1000)),
+            feed_horizon=self.feed_horizon,
+            max_follows=self.max_follows,
             actor_idle=self.actor_idle,
             durable_acks=self.ack_mode == "durable",
             ping_interval=self.ping_interval,

@@ -36,10 +36,13 @@ from prometheus_client.metrics_core import Metric
 from actors.cluster import Cluster
 from actors.cluster_presence import ClusterPresence
 from actors.directory import ActorKind, Directory
+from actors.feed_shard import FeedShard
+from actors.feed_view import FeedViews
 from actors.kv import Kv
 from actors.messages import FlushState, Reply, RequestFailed, deliver
 from actors.metrics import Metrics
 from actors.placement import Placement
+from actors.profile import Profile
 from actors.pump import WritePump
 from actors.quotas import UserQuotas
 from actors.remote import Placed
@@ -191,6 +194,7 @@ class Node:
         cluster = self.services.cluster
         if cluster is not None:
             yield from _cluster_metrics(cluster)
+        yield from _feed_metrics(self.directory)
         yield GaugeMetricFamily(
             "parley_client_sockets",
             "Client sockets open, handshakes included: what --max-connections bounds",
@@ -339,7 +343,11 @@ async def _open_node(
                 ActorKind.ROOM: lambda key, old: Room(key, services, old),
                 ActorKind.USER: lambda key, old: User(key, services, old),
                 ActorKind.KV: lambda key, old: Kv(key, services, old),
+                ActorKind.FEED: lambda key, old: FeedShard(key, services, old),
+                ActorKind.PROFILE: lambda key, old: Profile(key, services, old),
             }
+            # A session's views live where the session does: never placed.
+            directory.register(ActorKind.VIEWS, lambda key, old: FeedViews(key, services, old))
             placement = None
             if redis is not None:
                 placement = Placement(redis[0], node_name(), lease=config.cluster_lease)
@@ -435,6 +443,28 @@ def _cluster_metrics(cluster: Cluster) -> Iterable[Metric]:
         "Envelopes from other nodes that could not be read",
         value=cluster.unreadable,
     )
+
+
+def _feed_metrics(directory: Directory) -> Iterable[Metric]:
+    posts = GaugeMetricFamily(
+        "parley_feed_shard_posts", "Live posts per feed shard", labels=["shard"]
+    )
+    views = GaugeMetricFamily(
+        "parley_feed_shard_views", "Open views watching each feed shard", labels=["shard"]
+    )
+    queries = CounterMetricFamily(
+        "parley_feed_shard_queries", "Top-k queries answered per feed shard", labels=["shard"]
+    )
+    for shard in directory.actors(ActorKind.FEED):
+        index = getattr(shard, "index", None)
+        if index is None:
+            continue  # loading, or run by another node
+        posts.add_metric([shard.key], len(index))
+        views.add_metric([shard.key], len(shard.watches))
+        queries.add_metric([shard.key], shard.queries)
+    yield posts
+    yield views
+    yield queries
 
 
 def _placed(

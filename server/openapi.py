@@ -12,6 +12,7 @@ from protocol.limits import (
     DIRECT_PREFIX,
     MAX_CID_CHARS,
     MAX_DATA_DEPTH,
+    POST_PREFIX,
     ROOM_ID_RE,
     ROOM_PAGE,
     USER_ID_RE,
@@ -112,6 +113,38 @@ def _schemas(limits: Limits) -> dict[str, Any]:
                 "seq": seq,
             },
         },
+        "FeedShards": {
+            "type": "object",
+            "required": ["shards"],
+            "properties": {
+                "shards": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": [
+                            "shard",
+                            "south",
+                            "north",
+                            "west",
+                            "east",
+                            "posts",
+                            "views",
+                            "queries",
+                        ],
+                        "properties": {
+                            "shard": {"type": "integer", "description": "its cell"},
+                            "south": {"type": "number"},
+                            "north": {"type": "number"},
+                            "west": {"type": "number"},
+                            "east": {"type": "number"},
+                            "posts": {"type": "integer", "description": "live posts"},
+                            "views": {"type": "integer", "description": "open views it serves"},
+                            "queries": {"type": "integer", "description": "top-k answered"},
+                        },
+                    },
+                }
+            },
+        },
         "RoomPage": {
             "type": "object",
             "required": ["rooms", "next"],
@@ -129,7 +162,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
             "additionalProperties": False,
             "required": ["room"],
             "properties": {
-                "room": {**room_id, "not": {"pattern": f"^{DIRECT_PREFIX}"}},
+                "room": {**room_id, "not": {"pattern": f"^({DIRECT_PREFIX}|{POST_PREFIX})"}},
                 "kind": {"type": "string", "enum": ["open", "private"], "default": "open"},
                 "owner": nullable_user,
                 "members": {"type": "array", "items": user_id, "maxItems": MAX_MEMBERS},
@@ -310,6 +343,16 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _json(_ref("Stats"), "the node's counts"), **_errors()},
             }
         },
+        "/admin/feeds": {
+            "get": {
+                "summary": "The feed shards this node runs: their cells, live posts and views",
+                "security": ADMIN,
+                "responses": {
+                    "200": _json(_ref("FeedShards"), "by posts, most first"),
+                    **_errors(),
+                },
+            }
+        },
         "/admin/rooms": {
             "get": {
                 "summary": "Rooms in id order, a page at a time",
@@ -383,7 +426,7 @@ def openapi_document(limits: Limits) -> dict[str, Any]:
             "version": "1",
             "description": "Health, readiness, metrics and the admin API. Errors are "
             '`{"error": {"code", "name", "message"}}` with the protocol\'s error codes '
-            "(PROTOCOL.md, section 11). The admin API takes the admin token as a bearer "
+            "(PROTOCOL.md, section 12). The admin API takes the admin token as a bearer "
             "token; without it, or with another, it answers 401; on a node started "
             "without --admin-token, 403.",
         },

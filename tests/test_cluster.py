@@ -14,6 +14,7 @@ from actors.directory import ActorKind
 from protocol.client import Disconnected, ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import (
+    FeedChanged,
     Joined,
     KvChanged,
     KvWrite,
@@ -359,3 +360,38 @@ async def test_a_block_through_a_session_whose_user_runs_elsewhere(
             await bob.block("alice")  # from b, through a's user actor
             assert await bob.blocks() == ("alice",)
             await alice.ping()
+
+
+async def test_feeds_across_nodes(nodes: list[RunningServer]) -> None:
+    """A post made on one node, liked on another, reaches a view opened on a third;
+    follows and comments made elsewhere reorder it; the shard runs on one node."""
+    a, b, c = nodes
+    paris, near = (48.8566, 2.3522), (48.8600, 2.3500)
+    async with (
+        a.client("alice") as alice,
+        b.client("bob") as bob,
+        c.client("carol") as carol,
+    ):
+        view = await carol.feed_open(*paris, 1000, limit=5)  # the shard is placed on c
+        first = await alice.post(*near, "food", "one")
+        second = await alice.post(*near, "news", "two")
+        with trio.fail_after(10):
+            while len(view.posts) < 2:
+                view.apply(await carol.next_event(FeedChanged))
+        again = await alice.post(*near, "food", "one", cid=first.cid)  # idempotent via a stub
+        assert again.post == first.post
+        await bob.like(first.post)
+        await bob.join(f"post:{second.post}")
+        await bob.send(f"post:{second.post}", "nice")
+        await carol.follow("alice")
+        with trio.fail_after(10):
+            while not (
+                {i.post: (i.likes, i.comments, i.parts[3]) for i in view.items}
+                == {first.post: (1, 0, 1.0), second.post: (0, 1, 1.0)}
+            ):
+                view.apply(await carol.next_event(FeedChanged))
+        roles = [n.node.directory.actor(ActorKind.FEED, str(first.post % 16384)) for n in nodes]
+        assert [getattr(r, "role", None) for r in roles] == ["stub", "stub", "owner"]
+        async with a.client("carol") as elsewhere:  # the same viewer on another node
+            fresh = await elsewhere.feed_open(*paris, 1000, limit=5)
+        assert fresh.items == view.items or fresh.ts != view.ts

@@ -19,6 +19,9 @@ from protocol.frames import (
     SERVER_FRAMES,
     Create,
     Cursor,
+    FeedChanged,
+    FeedItem,
+    FeedPage,
     Frame,
     Hello,
     History,
@@ -33,6 +36,7 @@ from protocol.frames import (
     Message,
     Page,
     Ping,
+    Post,
     PresenceList,
     PresenceState,
     ReceiptCounts,
@@ -65,7 +69,7 @@ def _decode_any(data: bytes, frame: Frame) -> Frame:
 
 def loaded(frame: Frame) -> Frame:
     """``frame`` with its payloads (kept as ``Raw`` by the server) as Python objects."""
-    if isinstance(frame, Send) and type(frame.data) is Raw:
+    if isinstance(frame, Send | Post) and type(frame.data) is Raw:
         return attrs.evolve(frame, data=frame.data.load())
     if isinstance(frame, KvPut):
         items = tuple(
@@ -95,13 +99,13 @@ def test_documented_bytes_decode_to_vector(name: str) -> None:
 
 
 def test_error_code_table_matches_the_code() -> None:
-    section = PROTOCOL_MD.split("## 11. Errors")[1].split("## 12.")[0]
+    section = PROTOCOL_MD.split("## 12. Errors")[1].split("## 13.")[0]
     documented = {int(c): n for c, n in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
     assert documented == {int(c): c.name for c in ErrorCode}
 
 
 def test_close_code_table_matches_the_code() -> None:
-    section = PROTOCOL_MD.split("## 12. Close codes")[1].split("## 13.")[0]
+    section = PROTOCOL_MD.split("## 13. Close codes")[1].split("## 14.")[0]
     documented = {int(c): n for c, n in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
     assert documented == {int(c): c.name for c in CloseCode}
 
@@ -156,6 +160,25 @@ kv_entries = st.lists(
         deleted=st.booleans(),
     ),
     max_size=4,
+).map(tuple)
+finite = st.floats(allow_nan=False, allow_infinity=False)
+feed_items = st.lists(
+    st.builds(
+        FeedItem,
+        post=uint,
+        user=user_ids,
+        ts=uint,
+        lat=finite,
+        lon=finite,
+        category=texts,
+        likes=uint,
+        comments=uint,
+        score=finite,
+        parts=st.lists(finite, max_size=5).map(tuple),
+        text=st.none() | texts,
+        data=st.none() | data_maps,
+    ),
+    max_size=3,
 ).map(tuple)
 
 
@@ -314,6 +337,16 @@ def _frames_of(cls: type[Frame]) -> st.SearchStrategy[Frame]:
             items=kv_entries,
         ),
         KvChanged: st.builds(KvChanged, rev=uint, items=kv_entries),
+        FeedPage: st.builds(
+            FeedPage, id=uint, view=uint, ts=uint, items=feed_items, more=st.booleans()
+        ),
+        FeedChanged: st.builds(
+            FeedChanged,
+            view=uint,
+            ts=uint,
+            posts=st.lists(uint, max_size=5).map(tuple),
+            items=feed_items,
+        ),
         Message: st.builds(
             Message,
             room=room_ids,

@@ -16,10 +16,18 @@ from protocol.frames import (
     Cursor,
     Direct,
     Error,
+    FeedChanged,
+    FeedClose,
+    FeedItem,
+    FeedMore,
+    FeedOpen,
+    FeedPage,
+    Follow,
     Frame,
     Goaway,
     Hello,
     History,
+    Interests,
     Invite,
     Join,
     Joined,
@@ -32,6 +40,7 @@ from protocol.frames import (
     KvSync,
     KvWrite,
     Leave,
+    Like,
     Member,
     MemberOp,
     Message,
@@ -40,6 +49,8 @@ from protocol.frames import (
     Page,
     Ping,
     Pong,
+    Post,
+    Posted,
     Presence,
     PresenceList,
     PresenceState,
@@ -60,6 +71,9 @@ from protocol.frames import (
     Typing,
     TypingOp,
     Unblock,
+    Unfollow,
+    Unlike,
+    Unpost,
     Unsubscribe,
     Unwatch,
     Watch,
@@ -68,10 +82,39 @@ from protocol.frames import (
 )
 from protocol.hlc import pack
 from protocol.limits import Limits
+from protocol.ranking import distance_m, parts_of, score
 
 EPOCH = "9f1c2e7a55d0b3e4"
 TS = 1700000000123
 HLC = pack(TS)
+
+# A feed vector: a viewer at the Louvre, 2 km around, following "bob" and interested in
+# food, at ranking instant AT; bob's post 300 m away, made 3 hours before, 12 likes and 3
+# comments. Its parts and score are those of protocol.ranking (PROTOCOL.md, "Feeds").
+AT = 1700000040000
+POST_ID = 7 * 16384 + 12510
+_PARTS = parts_of(
+    distance=distance_m(48.8606, 2.3376, 48.8584, 2.3400),
+    radius=2000,
+    age_ms=3 * 3600 * 1000,
+    likes=12,
+    comments=3,
+    followed=True,
+    interesting=True,
+)
+FEED_ITEM = FeedItem(
+    post=POST_ID,
+    user="bob",
+    ts=AT - 3 * 3600 * 1000,
+    lat=48.8584,
+    lon=2.34,
+    category="food",
+    likes=12,
+    comments=3,
+    score=score(_PARTS),
+    parts=_PARTS,
+    text="best croissant in town",
+)
 
 VECTORS: dict[str, Frame] = {
     # client to server
@@ -227,6 +270,24 @@ VECTORS: dict[str, Frame] = {
             ),
         ),
     ),
+    # feeds
+    "post": Post(
+        id=30, cid="p-1", lat=48.8584, lon=2.34, category="food", text="best croissant in town"
+    ),
+    "posted": Posted(id=30, post=POST_ID, cid="p-1", ts=AT - 3 * 3600 * 1000),
+    "unpost": Unpost(id=31, post=POST_ID),
+    "like": Like(id=32, post=POST_ID),
+    "unlike": Unlike(id=33, post=POST_ID),
+    "follow": Follow(id=34, user="bob"),
+    "unfollow": Unfollow(id=35, user="bob"),
+    "interests": Interests(id=36, interests=("food", "music")),
+    "feedopen": FeedOpen(id=37, lat=48.8606, lon=2.3376, radius=2000, limit=10),
+    "feedpage": FeedPage(id=37, view=1, ts=AT, items=(FEED_ITEM,)),
+    "feedchanged": FeedChanged(
+        view=1, ts=AT, posts=(POST_ID, 5 * 16384 + 12510), items=(FEED_ITEM,)
+    ),
+    "feedmore": FeedMore(id=38, view=1, rank=10, limit=10),
+    "feedclose": FeedClose(id=39, view=1),
 }
 
 
@@ -238,6 +299,8 @@ def diagnostic(value: Any) -> str:
         return "null"
     if isinstance(value, int):
         return str(int(value))
+    if isinstance(value, float):
+        return repr(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, bytes):
