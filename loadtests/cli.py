@@ -171,6 +171,10 @@ def add_bench_parser(sub: "argparse._SubParsersAction[Any]") -> None:
 
     add_cluster_parser(kinds, _Help)
 
+    from loadtests.feedbench import add_parser as add_feed_parser
+
+    add_feed_parser(kinds, _Help)
+
 
 def _target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="an existing server, ws://host:port/ws")

@@ -20,6 +20,7 @@ class RawClient:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.closed = False
+        self.close_code: int | None = None  # the server's, once it closed
         self._buffer = bytearray()
 
     @classmethod
@@ -76,6 +77,8 @@ class RawClient:
                 await self.stream.send_all(client_frame(payload, OP_PONG))
             elif opcode == OP_CLOSE:
                 self.closed = True
+                if len(payload) >= 2:
+                    self.close_code = int.from_bytes(payload[:2], "big")
                 break
         return payloads
 
