@@ -39,10 +39,9 @@ from actors.messages import (
     FeedDelta,
     FeedDirty,
     Moved,
-    refuse,
     tell_session,
 )
-from actors.services import Services, read_until_stored
+from actors.services import Services, claim_fence, read_until_stored, retire_refusing
 from protocol.errors import ErrorCode
 from protocol.frames import FeedItem
 from storage.store import Fence, LikeChanged, PostCreated, PostDeleted
@@ -120,12 +119,7 @@ class FeedShard:
     async def _load(self) -> None:
         store = self._s.store
         if self._s.cluster is not None:
-            claim = await read_until_stored(
-                f"claim of feed shard {self.key}",
-                lambda: store.claim("feed", self.key, self._s.run),
-            )
-            moved = self._s.cluster.moved_later("feed", self.key)
-            self._fence = Fence("feed", self.key, claim.token, on_stale=moved)
+            self._fence, _ = await claim_fence(self._s, "feed", self.key)
         since = self._s.now_ms() - self.horizon_ms
         snapshot = await read_until_stored(
             f"feed shard {self.key}", lambda: store.load_shard(self.cell, since)
@@ -158,8 +152,7 @@ class FeedShard:
         for watch in self.watches or ():
             tell_session(watch.link, ActorMoved("feed", self.key))
         self.watches = None
-        while not self._s.directory.try_retire(ActorKind.FEED, self.key):
-            refuse(await inbox.receive(), ErrorCode.TRY_LATER, "moved to another node; retry")
+        await retire_refusing(self._s, ActorKind.FEED, self.key, inbox)
 
     def _sweep(self) -> None:
         assert self.index is not None

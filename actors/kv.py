@@ -22,10 +22,9 @@ from actors.messages import (
     Moved,
     Refused,
     SessionLink,
-    refuse,
     tell_session,
 )
-from actors.services import Services, read_until_stored
+from actors.services import Services, claim_fence, read_until_stored, retire_refusing
 from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.frames import Frame, KvAck, KvChanged, KvPut, KvResult, KvSync
@@ -66,14 +65,8 @@ class Kv:
         if self.map is None:
             store = self._s.store
             if self._s.cluster is not None:
-                # Before reading: a former owner's stored writes are then in the snapshot,
-                # and the ones it still tries are refused (they would reuse revisions).
-                claim = await read_until_stored(
-                    f"claim of kv {self.key!r}",
-                    lambda: store.claim("kv", self.key, self._s.run),
-                )
-                moved = self._s.cluster.moved_later("kv", self.key)
-                self._fence = Fence("kv", self.key, claim.token, on_stale=moved)
+                # A former owner's writes would reuse revisions: refused from now on.
+                self._fence, _ = await claim_fence(self._s, "kv", self.key)
             snapshot = await read_until_stored(f"kv {self.key!r}", lambda: store.load_kv(self.key))
             self.map = KvMap(self.key, snapshot, self._s.settings.kv_quota)
         self._compact()
@@ -105,8 +98,7 @@ class Kv:
         for link in self.subs.values():
             tell_session(link, ActorMoved("kv", self.key))
         self.subs.clear()
-        while not self._s.directory.try_retire(ActorKind.KV, self.key):
-            refuse(await inbox.receive(), ErrorCode.TRY_LATER, "moved to another node; retry")
+        await retire_refusing(self._s, ActorKind.KV, self.key, inbox)
 
     def _handle(self, command: KvCommand) -> None:
         if type(command) is KvRequest:

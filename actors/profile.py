@@ -33,10 +33,9 @@ from actors.messages import (
     SessionLink,
     answer_within,
     ask,
-    refuse,
     tell_session,
 )
-from actors.services import Services, read_until_stored
+from actors.services import Services, claim_fence, read_until_stored, retire_refusing
 from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.frames import Follow, Interests, Ok, Posted, Unfollow
@@ -66,12 +65,7 @@ class Profile:
         if self.profile is None:
             store = self._s.store
             if self._s.cluster is not None:
-                claim = await read_until_stored(
-                    f"claim of profile {self.key!r}",
-                    lambda: store.claim("profile", self.key, self._s.run),
-                )
-                moved = self._s.cluster.moved_later("profile", self.key)
-                self._fence = Fence("profile", self.key, claim.token, on_stale=moved)
+                self._fence, _ = await claim_fence(self._s, "profile", self.key)
             self.profile = await read_until_stored(
                 f"profile {self.key!r}", lambda: store.load_feed_profile(self.key)
             )
@@ -106,8 +100,7 @@ class Profile:
         for link in self.subs.values():
             tell_session(link, ActorMoved("profile", self.key))
         self.subs.clear()
-        while not self._s.directory.try_retire(ActorKind.PROFILE, self.key):
-            refuse(await inbox.receive(), ErrorCode.TRY_LATER, "moved to another node; retry")
+        await retire_refusing(self._s, ActorKind.PROFILE, self.key, inbox)
 
     async def _post(self, command: PostRequest) -> None:
         """Make the post in its shard, unless this cid made one already (the session

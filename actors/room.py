@@ -68,7 +68,7 @@ from actors.messages import (
 )
 from actors.outbox import Sink
 from actors.receipts import RoomReceipts
-from actors.services import Services, read_until_stored
+from actors.services import Services, claim_fence, read_until_stored
 from actors.timers import Timer
 from protocol.codec import encode
 from protocol.errors import ErrorCode
@@ -255,11 +255,7 @@ class Room:
         if self._s.cluster is not None:
             # Before reading: whatever a former owner stored is then in the snapshot, and
             # whatever it still tries to store is refused.
-            claim = await read_until_stored(
-                f"claim of room {self.key!r}", lambda: store.claim("room", self.key, run)
-            )
-            moved = self._s.cluster.moved_later("room", self.key)
-            self._fence = Fence("room", self.key, claim.token, on_stale=moved)
+            self._fence, claim = await claim_fence(self._s, "room", self.key)
             if claim.rotated:
                 log.warning(
                     "room %r: its last node stopped without letting it go: new epoch", self.key

@@ -3,24 +3,26 @@
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
 
-from actors.directory import Directory
+from actors.directory import ActorKind, Directory
 from actors.kvmap import KvQuota
+from actors.messages import refuse
 from actors.metrics import Metrics
 from actors.outbox import Pump
 from actors.presence import PresenceBook
 from actors.quotas import QuotaSettings, UserQuotas
 from actors.room_lookup import RoomLookup
 from actors.timers import Timers
+from protocol.errors import ErrorCode
 from protocol.hlc import Clock
 from protocol.limits import Limits
 from protocol.ranking import STEP_MS
 from storage.bus import Bus
-from storage.store import StorageError, Store
+from storage.store import Claim, Fence, StorageError, Store
 from storage.write_behind import WriteBehind
 
 
@@ -87,6 +89,26 @@ async def read_until_stored(what: str, read: Callable[[], Awaitable[T]]) -> T:
             log.warning("%s: storage failed (%s); retrying in %.1fs", what, exc, pause)
             await trio.sleep(pause)
             pause = min(5.0, pause * 2)
+
+
+async def claim_fence(services: "Services", kind: str, key: str) -> tuple[Fence, Claim]:
+    """Take actor ``(kind, key)``'s rows for this node (a cluster's): done before the
+    actor reads them, so whatever a former owner stored is in what it reads, and
+    whatever that owner still tries to store is refused. The fence wakes the actor
+    (``Moved``) once another node takes them."""
+    assert services.cluster is not None
+    store, run = services.store, services.run
+    claim = await read_until_stored(f"claim of {kind} {key!r}", lambda: store.claim(kind, key, run))
+    moved = services.cluster.moved_later(kind, key)
+    return Fence(kind, key, claim.token, on_stale=moved), claim
+
+
+async def retire_refusing(
+    services: "Services", kind: ActorKind, key: str, inbox: trio.MemoryReceiveChannel[Any]
+) -> None:
+    """Retire an actor another node runs now, refusing what is still sent to it."""
+    while not services.directory.try_retire(kind, key):
+        refuse(await inbox.receive(), ErrorCode.TRY_LATER, "moved to another node; retry")
 
 
 def wall_ms() -> int:

@@ -35,11 +35,10 @@ from actors.messages import (
     SessionLink,
     SessionOpened,
     UserCommand,
-    refuse,
     tell_session,
 )
 from actors.presence import presence_note
-from actors.services import Services, read_until_stored
+from actors.services import Services, claim_fence, read_until_stored, retire_refusing
 from protocol.errors import ErrorCode
 from protocol.frames import Status
 from storage.store import BlockChanged, Fence, UserSeen
@@ -168,8 +167,7 @@ class User:
         for link in self.sessions.values():
             tell_session(link, ActorMoved("user", self.key))
         self.sessions.clear()
-        while not self._s.directory.try_retire(ActorKind.USER, self.key):
-            refuse(await inbox.receive(), ErrorCode.TRY_LATER, "moved to another node; retry")
+        await retire_refusing(self._s, ActorKind.USER, self.key, inbox)
         self._s.presence.forget(self.key)
 
     def _may_hibernate(self, inbox: trio.MemoryReceiveChannel[UserCommand]) -> bool:
@@ -186,11 +184,7 @@ class User:
     async def _load(self) -> None:
         store = self._s.store
         if self._s.cluster is not None:
-            claim = await read_until_stored(
-                f"claim of user {self.key!r}", lambda: store.claim("user", self.key, self._s.run)
-            )
-            moved = self._s.cluster.moved_later("user", self.key)
-            self._fence = Fence("user", self.key, claim.token, on_stale=moved)
+            self._fence, _ = await claim_fence(self._s, "user", self.key)
         snapshot = await read_until_stored(f"user {self.key!r}", lambda: store.load_user(self.key))
         self.status = snapshot.status
         self.blocks = snapshot.blocks

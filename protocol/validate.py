@@ -106,6 +106,11 @@ def _hello(frame: Hello, limits: Limits) -> None:
 
 def _send(frame: Send, limits: Limits) -> None:
     check_room(frame.room)
+    _content("send", frame, limits)
+
+
+def _content(name: str, frame: Send | Post, limits: Limits) -> None:
+    """The cid, text and data of a ``send`` or a ``post``."""
     if not 0 < len(frame.cid) <= MAX_CID_CHARS:
         raise _invalid(f"cid must be 1-{MAX_CID_CHARS} characters")
     # PostgreSQL text cannot hold NUL, and a record storage refuses would hold up every
@@ -113,7 +118,7 @@ def _send(frame: Send, limits: Limits) -> None:
     if "\x00" in frame.cid or (frame.text is not None and "\x00" in frame.text):
         raise _invalid("cid and text may not contain NUL (U+0000)")
     if frame.text is None and frame.data is None:
-        raise _invalid("send needs text, data or both")
+        raise _invalid(f"{name} needs text, data or both")
     if frame.text is not None and len(frame.text) > limits.max_text_chars:
         raise _too_large(f"text longer than {limits.max_text_chars} characters")
     if frame.data is not None and _size(frame.data) > limits.max_data_bytes:
@@ -228,14 +233,7 @@ def _category(category: str, limits: Limits) -> None:
 
 
 def _post(frame: Post, limits: Limits) -> None:
-    if not 0 < len(frame.cid) <= MAX_CID_CHARS:
-        raise _invalid(f"cid must be 1-{MAX_CID_CHARS} characters")
-    if "\x00" in frame.cid or (frame.text is not None and "\x00" in frame.text):
-        raise _invalid("cid and text may not contain NUL (U+0000)")
-    if frame.text is None and frame.data is None:
-        raise _invalid("post needs text, data or both")
-    if frame.text is not None and len(frame.text) > limits.max_text_chars:
-        raise _too_large(f"text longer than {limits.max_text_chars} characters")
+    _content("post", frame, limits)
     _place(frame.lat, frame.lon)
     _category(frame.category, limits)
 
