@@ -39,6 +39,7 @@ from actors.messages import (
     FeedDelta,
     FeedDirty,
     Moved,
+    Reply,
     tell_session,
 )
 from actors.services import Services, claim_fence, read_until_stored, retire_refusing
@@ -63,6 +64,7 @@ class FeedShard:
         # a retry gets the original back (older ones are found in storage first).
         self.cids: dict[tuple[str, str], tuple[int, int]] = {}
         self.watches: Watches | None = None
+        self.deleted: dict[int, Ticket] = {}  # deletions storage may not hold yet
         self._flush_at = math.inf  # when risen posts go to the views (trio clock)
         self._flushed = -math.inf
         self.queries = 0
@@ -75,6 +77,7 @@ class FeedShard:
             self.last_number = predecessor.last_number
             self.cids = predecessor.cids
             self.watches = predecessor.watches
+            self.deleted = predecessor.deleted
             self._flush_at = trio.current_time()
             self._last_ticket = predecessor._last_ticket
             self._fence = predecessor._fence
@@ -161,6 +164,7 @@ class FeedShard:
             self._changed(post, rises=False)
         assert self.watches is not None
         self.watches.sweep()
+        self.deleted = {p: t for p, t in self.deleted.items() if not t.committed}
 
     def _handle(self, command: ShardCommand) -> None:
         kind = type(command)
@@ -184,6 +188,8 @@ class FeedShard:
         elif kind is PostAuthor:
             assert type(command) is PostAuthor and self.index is not None
             live = self.index.get(command.post)
+            if live is None and command.post in self.deleted:
+                return command.reply.fail(ErrorCode.NOT_FOUND, "no such post")
             command.reply.set(None if live is None else live.author)
         elif kind is StopWatch:
             assert type(command) is StopWatch and self.watches is not None
@@ -242,20 +248,27 @@ class FeedShard:
         assert self.index is not None
         post = self.index.get(command.post)
         if post is None:
-            return command.reply.set(None)
+            return self._not_live(command.post, command.reply)
         if post.author != command.user:
             return command.reply.fail(ErrorCode.FORBIDDEN, "not your post")
         self.index.remove(command.post)
         record = PostDeleted(post=command.post, ts=self._s.now_ms())
         self._last_ticket = self._s.write_behind.enqueue(record, fence=self._fence)
+        self.deleted[command.post] = self._last_ticket
         command.reply.set(self._last_ticket)
         self._changed(post, rises=False)
+
+    def _not_live(self, post: int, reply: Reply[Ticket | None]) -> None:
+        """Not in memory: deleted a moment ago (storage may not know yet), or ask storage."""
+        if post in self.deleted:
+            return reply.fail(ErrorCode.NOT_FOUND, "no such post")
+        reply.set(None)
 
     def _like(self, command: SetLike) -> None:
         assert self.index is not None
         post = self.index.get(command.post)
         if post is None:
-            return command.reply.set(None)
+            return self._not_live(command.post, command.reply)
         if command.liked:
             changed = self.index.like(command.post, command.user)
         else:
