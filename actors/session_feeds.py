@@ -28,13 +28,16 @@ from actors.messages import (
     FeedDelta,
     FeedDirty,
     ProfileChanged,
+    Refused,
     Reply,
     RequestFailed,
     SessionLink,
     answer_within,
     ask,
     deliver,
+    tell_session,
 )
+from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.frames import (
     FeedClose,
@@ -51,6 +54,7 @@ from protocol.frames import (
     Unlike,
     Unpost,
 )
+from protocol.wsframe import server_frame
 from storage.store import (
     FeedProfile,
     LikeChanged,
@@ -125,7 +129,7 @@ class SessionFeeds:
             await self._live_or_stored(post)
             ts = self._session._s.now_ms()
             ticket = self._enqueue(LikeChanged(post=post, user=link.user, liked=liked, ts=ts))
-        await self._ok_once_stored(request, ticket)
+        self._ok_once_stored(link, request, ticket)
 
     async def _unpost(self, link: SessionLink, frame: Unpost) -> None:
         reply: Reply[Ticket | None] = Reply()
@@ -136,7 +140,7 @@ class SessionFeeds:
             if stored.created.author != link.user:
                 raise RequestFailed(ErrorCode.FORBIDDEN, "not your post")
             ticket = self._enqueue(PostDeleted(post=frame.post, ts=self._session._s.now_ms()))
-        await self._ok_once_stored(frame.id, ticket)
+        self._ok_once_stored(link, frame.id, ticket)
 
     async def post_author(self, post: int) -> str:
         """The author of ``post``, which exists and is not deleted (else NOT_FOUND)."""
@@ -172,13 +176,11 @@ class SessionFeeds:
             raise RequestFailed(ErrorCode.TRY_LATER, "storage is behind")
         return wb.enqueue(record)
 
-    async def _ok_once_stored(self, request: int, ticket: Ticket) -> None:
-        stored: Reply[None] = Reply()
-        ticket.then(stored.set, None)
-        ticket.otherwise(lambda _: stored.fail(ErrorCode.TRY_LATER, "moved; retry"), None)
-        with answer_within(self._session._settings.request_timeout):
-            await stored.wait()
-        self._session._send(Ok(id=request))
+    def _ok_once_stored(self, link: SessionLink, request: int, ticket: Ticket) -> None:
+        """``ok`` once the change is stored, without holding the session meanwhile: the
+        next frame is read at once, and the answers come in the order stored."""
+        ticket.then(_ok, (link, request))
+        ticket.otherwise(_refused, (link, request))
 
     # --- events ----------------------------------------------------------------------------
 
@@ -222,6 +224,16 @@ class SessionFeeds:
                 await deliver(ref, Detach(link))
             except RequestFailed:
                 pass
+
+
+def _ok(args: tuple[SessionLink, int]) -> None:
+    link, request = args
+    link.outbox.append(server_frame(encode(Ok(id=request))))
+
+
+def _refused(args: tuple[SessionLink, int]) -> None:
+    link, request = args
+    tell_session(link, Refused(ErrorCode.TRY_LATER, "moved to another node; retry", request, None))
 
 
 def _cell(post: int) -> int:
