@@ -5,7 +5,7 @@ the feed shards its circle touches, each asked at the same ranking instant, so t
 is exactly the ranking over every post it may show at that instant (PROTOCOL.md,
 "Feeds"). It ranks again when a shard says a change may alter it, when the user's
 profile or blocks change, and when the ranking instant moves on (every step, a minute by
-default, as freshness decays; the views of a node spread over the step's first 5 s): at
+default, as freshness decays; the views of a node spread over the step's first 15 s): at
 most once per ``--feed-interval`` per view, and sends ``feedchanged`` only if the page did
 change.
 

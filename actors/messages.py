@@ -429,7 +429,16 @@ class ChangeBlock:
     reply: Reply[Ticket]
 
 
-UserCommand = SessionOpened | SessionClosed | ChangeStatus | ChangeBlock | Moved
+@attrs.frozen
+class ForUser:
+    """A frame published on ``user:<id>`` (a member event), for each of the user's
+    sessions: through the mailbox, so a session that opened before it was published
+    (its ``SessionOpened`` is queued ahead of it) gets it too."""
+
+    frame: bytes
+
+
+UserCommand = SessionOpened | SessionClosed | ChangeStatus | ChangeBlock | ForUser | Moved
 
 
 # --- kv -------------------------------------------------------------------------------

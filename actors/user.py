@@ -29,6 +29,7 @@ from actors.messages import (
     BlocksChanged,
     ChangeBlock,
     ChangeStatus,
+    ForUser,
     Moved,
     Reply,
     SessionClosed,
@@ -213,6 +214,8 @@ class User:
             self._last_ticket.otherwise(_moved, command.reply)
         elif type(command) is ChangeBlock:
             self._block(command)
+        elif type(command) is ForUser:
+            self._append(command.frame)
         elif type(command) is Moved:
             pass  # not claimed yet (no fence): nothing of ours to give up
         else:
@@ -280,6 +283,16 @@ class User:
 
     def _deliver(self, frame: object) -> None:
         assert isinstance(frame, bytes)
+        ref = self._s.directory.get(ActorKind.USER, self.key)  # woken if it hibernates
+        if ref is not None:
+            try:
+                ref.send_nowait(ForUser(frame))
+                return
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # a full mailbox: those registered get it now, and only they
+        self._append(frame)
+
+    def _append(self, frame: bytes) -> None:
         for link in self.sessions.values():
             link.outbox.append(frame)
 

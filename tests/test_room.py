@@ -346,7 +346,8 @@ async def test_invitee_hears_of_it_in_every_session(server: RunningServer) -> No
         await owner.create("p", private=True)
         await owner.invite("p", "bob")
         for session in (phone, laptop):
-            event = await session.next_event(Member)
+            with trio.fail_after(10):
+                event = await session.next_event(Member)
             assert (event.room, event.user, event.op, event.by, event.kind) == (
                 "p",
                 "bob",
