@@ -38,7 +38,7 @@ from actors.messages import (
 from actors.services import Services, claim_fence, read_until_stored, retire_refusing
 from protocol.codec import encode
 from protocol.errors import ErrorCode
-from protocol.frames import Follow, Interests, Ok, Posted, Unfollow
+from protocol.frames import Follow, Interests, Ok, Post, Posted, Unfollow
 from protocol.wsframe import server_frame
 from storage.store import FeedProfile, Fence, FollowChanged, InterestsSet
 from storage.write_behind import COMMITTED, Ticket
@@ -50,8 +50,10 @@ class Profile:
         self._s = services
         self.profile: FeedProfile | None = None
         self.subs: dict[str, SessionLink] = {}
-        # Posts made through this actor by cid, until stored (then storage knows them).
+        # Posts made through this actor by cid, until stored (then storage knows them),
+        # and those on their way to their shard, with who waits for them.
         self.posted: dict[str, PostMade] = {}
+        self._making: dict[str, list[tuple[SessionLink, int]]] = {}
         self._last_ticket: Ticket = COMMITTED
         self._fence: Fence | None = None
         if predecessor is not None:
@@ -69,6 +71,12 @@ class Profile:
             self.profile = await read_until_stored(
                 f"profile {self.key!r}", lambda: store.load_feed_profile(self.key)
             )
+        async with trio.open_nursery() as posting:  # a post in a slow shard holds no other
+            await self._serve(inbox, posting)
+
+    async def _serve(
+        self, inbox: trio.MemoryReceiveChannel[ProfileCommand], posting: trio.Nursery
+    ) -> None:
         idle = self._s.settings.actor_idle
         while True:
             command: ProfileCommand | None = None
@@ -78,7 +86,7 @@ class Profile:
             if fence is not None and (fence.stale or type(command) is Moved):
                 return await self._step_down(inbox)
             if type(command) is PostRequest:
-                await self._post(command)
+                self._post(command, posting)
                 continue
             if command is not None:
                 self._handle(command)
@@ -91,6 +99,7 @@ class Profile:
             if (
                 not self.subs
                 and not self.posted
+                and not self._making
                 and self._last_ticket.committed
                 and self._s.directory.try_retire(ActorKind.PROFILE, self.key)
             ):
@@ -102,30 +111,39 @@ class Profile:
         self.subs.clear()
         await retire_refusing(self._s, ActorKind.PROFILE, self.key, inbox)
 
-    async def _post(self, command: PostRequest) -> None:
+    def _post(self, command: PostRequest, posting: trio.Nursery) -> None:
         """Make the post in its shard, unless this cid made one already (the session
         asked storage first: only posts not stored yet are known here alone)."""
         link, frame = command.link, command.frame
         made = self.posted.get(frame.cid)
-        if made is None:
-            cell = cell_of(frame.lat, frame.lon)
-            reply: Reply[PostMade] = Reply()
-            try:
-                with answer_within(self._s.settings.request_timeout):
-                    made = await ask(
-                        self._s.directory,
-                        ActorKind.FEED,
-                        str(cell),
-                        MakePost(self.key, frame, reply),
-                        reply,
-                    )
-            except RequestFailed as exc:
-                tell_session(link, Refused(exc.code, exc.message, frame.id, None))
-                return
-            self.posted[frame.cid] = made
-        posted = Posted(id=frame.id, post=made.post, cid=frame.cid, ts=made.ts)
+        if made is not None:
+            return self._answer(made, frame.cid, link, frame.id)
+        waiting = self._making.get(frame.cid)
+        if waiting is not None:  # the same cid on its way to a shard: one post
+            waiting.append((link, frame.id))
+            return
+        self._making[frame.cid] = [(link, frame.id)]
+        posting.start_soon(self._make, frame)
+
+    async def _make(self, frame: Post) -> None:
+        reply: Reply[PostMade] = Reply()
+        command = MakePost(self.key, frame, reply)
+        try:
+            with answer_within(self._s.settings.request_timeout):
+                shard = str(cell_of(frame.lat, frame.lon))
+                made = await ask(self._s.directory, ActorKind.FEED, shard, command, reply)
+        except RequestFailed as exc:
+            for link, request in self._making.pop(frame.cid):
+                tell_session(link, Refused(exc.code, exc.message, request, None))
+            return
+        self.posted[frame.cid] = made
+        for link, request in self._making.pop(frame.cid):
+            self._answer(made, frame.cid, link, request)
+
+    def _answer(self, made: PostMade, cid: str, link: SessionLink, request: int) -> None:
+        posted = Posted(id=request, post=made.post, cid=cid, ts=made.ts)
         made.ticket.then(_posted, (link, posted))
-        made.ticket.otherwise(_refused, (link, frame.id))
+        made.ticket.otherwise(_refused, (link, request))
 
     def _handle(self, command: ProfileCommand) -> None:
         assert self.profile is not None
