@@ -3,8 +3,9 @@
 It keeps its posts and their counts in memory (``actors.feed_index``), loaded from
 storage when it starts: those made within the horizon (``--feed-horizon``); older ones
 leave memory, not storage. It gives out post ids, stores posts, likes and deletions
-write-behind and acks each once stored, answers "your best k for this viewer" for the
-views that cover its cell, and remembers what each open view last asked.
+write-behind (handing back the ticket, for those who asked to be answered once it is
+stored), answers "your best k for this viewer" for the views that cover its cell, and
+remembers what each open view last asked.
 
 When a post changes (it is made, liked, commented, unliked, deleted) the views that
 read the shard hear of it (``actors.feed_watches``): a risen post's new item, at most

@@ -1,10 +1,10 @@
 """A session's feed requests: posts, likes, follows, interests and views.
 
-The session hands every feed frame to its ``SessionFeeds``, which routes it: posts,
-deletions and likes to the shard of the post's cell (``actors.feed_cells``), follows
-and interests to the user's Profile actor, views to the session's FeedViews actor. A
-post or like the live shards do not hold (older than the horizon) is checked against
-storage and stored write-behind directly.
+The session hands every feed frame to its ``SessionFeeds``, which routes it: deletions
+and likes to the shard of the post's cell (``actors.feed_cells``); posts, follows and
+interests to the user's Profile actor (which makes a post in its shard); views to the
+session's FeedViews actor. A like or deletion of a post the live shards do not hold
+(older than the horizon) is checked against storage and stored write-behind directly.
 """
 
 from collections.abc import Awaitable, Callable
@@ -112,8 +112,8 @@ class SessionFeeds:
 
     async def _post(self, link: SessionLink, frame: Post) -> None:
         session = self._session
-        # Made before? The shard knows the posts of its horizon, even those still being
-        # stored; storage knows the older ones (which may be in another shard).
+        # Made before? Storage knows the posts stored; the user's Profile those still on
+        # their way (and the shard those of its horizon).
         found = await self._stored(lambda store: store.find_post(link.user, frame.cid))
         if found is not None:
             posted = Posted(id=frame.id, post=found.post, cid=found.cid, ts=found.ts)
