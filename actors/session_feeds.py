@@ -122,7 +122,7 @@ class SessionFeeds:
         await session._tell(ref, PostRequest(link, frame))
 
     async def _like(self, link: SessionLink, request: int, post: int, *, liked: bool) -> None:
-        cell = _cell(post)
+        cell = await self._shard_of(post)
         reply: Reply[Ticket | None] = Reply()
         ticket = await self._ask(str(cell), SetLike(link.user, post, liked, reply), reply)
         if ticket is None:  # not live: a post beyond the horizon still takes likes
@@ -134,7 +134,7 @@ class SessionFeeds:
     async def _unpost(self, link: SessionLink, frame: Unpost) -> None:
         reply: Reply[Ticket | None] = Reply()
         command = DropPost(link.user, frame.post, reply)
-        ticket = await self._ask(str(_cell(frame.post)), command, reply)
+        ticket = await self._ask(str(await self._shard_of(frame.post)), command, reply)
         if ticket is None:
             stored = await self._live_or_stored(frame.post)
             if stored.created.author != link.user:
@@ -144,7 +144,7 @@ class SessionFeeds:
 
     async def post_author(self, post: int) -> str:
         """The author of ``post``, which exists and is not deleted (else NOT_FOUND)."""
-        cell = _cell(post)
+        cell = await self._shard_of(post)
         reply: Reply[str | None] = Reply()
         author = await self._ask(str(cell), PostAuthor(post, reply), reply)
         if author is None:
@@ -156,6 +156,17 @@ class SessionFeeds:
         if found is None or found.deleted:
             raise RequestFailed(ErrorCode.NOT_FOUND, "no such post")
         return found
+
+    async def _shard_of(self, post: int) -> int:
+        """The cell of ``post``. A shard not running here is started only for a post
+        storage holds: a client learns a post's id once it is stored, so an id of no
+        post costs one read, not a shard (nor, in a cluster, a claim)."""
+        cell = _cell(post)
+        if not self._session._s.directory.has(ActorKind.FEED, str(cell)):
+            found = await self._stored(lambda store: store.load_post(post))
+            if found is None:
+                raise RequestFailed(ErrorCode.NOT_FOUND, "no such post")
+        return cell
 
     async def _ask(self, shard: str, command: object, reply: Reply[T]) -> T:
         s = self._session

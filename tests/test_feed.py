@@ -560,3 +560,14 @@ async def test_the_horizon_sweep_takes_old_posts_out_of_open_views(
         await next_change_without(bob, view, posted.post)
         shards = mem.node.directory.actors(ActorKind.FEED)
         assert [len(s.index) for s in shards] == [0]
+
+
+async def test_an_id_of_no_post_starts_no_shard(server: RunningServer) -> None:
+    async with server.client("mallory") as mallory:
+        for cell in (100, 2000, 9000):  # valid cells, never posted in
+            fake = 7 * 16384 + cell
+            for request in (mallory.like(fake), mallory.unpost(fake), mallory.join(f"post:{fake}")):
+                with pytest.raises(ServerError) as refused:
+                    await request
+                assert refused.value.code is ErrorCode.NOT_FOUND
+        assert list(server.node.directory.actors(ActorKind.FEED)) == []
