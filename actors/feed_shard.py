@@ -12,7 +12,6 @@ read the shard hear of it (``actors.feed_watches``): a risen post's new item, at
 once per interval, or, when a post on a page fell, a word to rank again.
 """
 
-import logging
 import math
 
 import trio
@@ -48,8 +47,6 @@ from protocol.errors import ErrorCode
 from protocol.frames import FeedItem
 from storage.store import Fence, LikeChanged, PostCreated, PostDeleted
 from storage.write_behind import COMMITTED, Ticket
-
-log = logging.getLogger(__name__)
 
 EVICT_EVERY = 60.0  # seconds between sweeps of posts older than the horizon
 
@@ -131,21 +128,7 @@ class FeedShard:
         index = FeedIndex()
         for stored in snapshot.posts:
             c = stored.created
-            index.add(
-                LivePost(
-                    post=c.post,
-                    author=c.author,
-                    cid=c.cid,
-                    ts=c.ts,
-                    lat=c.lat,
-                    lon=c.lon,
-                    category=c.category,
-                    text=c.text,
-                    data=c.data,
-                    likers=set(stored.likers),
-                    comments=stored.comments,
-                )
-            )
+            index.add(_live(c, set(stored.likers), stored.comments))
             self.cids[c.author, c.cid] = c.post, c.ts
         self.last_number = snapshot.last_number
         self.index = index
@@ -215,7 +198,7 @@ class FeedShard:
         if not wb.has_capacity() or self.last_number >= MAX_NUMBER:
             return command.reply.fail(ErrorCode.TRY_LATER, "storage is behind")
         self.last_number += 1
-        post = LivePost(
+        record = PostCreated(
             post=post_id(self.last_number, self.cell),
             author=user,
             cid=frame.cid,
@@ -224,19 +207,9 @@ class FeedShard:
             lon=frame.lon,
             category=frame.category,
             text=frame.text,
-            data=frame.data,
-        )
-        record = PostCreated(
-            post=post.post,
-            author=post.author,
-            cid=post.cid,
-            ts=post.ts,
-            lat=post.lat,
-            lon=post.lon,
-            category=post.category,
-            text=post.text,
             data=frame.data,  # type: ignore[arg-type]  # Raw, as the server decodes it
         )
+        post = _live(record)
         size = 128 + len(frame.text or "") + len(getattr(frame.data, "cbor", b""))
         self._last_ticket = ticket = wb.enqueue(record, size, self._fence)
         self.index.add(post)
@@ -345,3 +318,20 @@ class FeedShard:
             sent += 1
         if sent:
             self._s.metrics.feed_deltas.inc(sent)
+
+
+def _live(created: PostCreated, likers: set[str] | None = None, comments: int = 0) -> LivePost:
+    c = created
+    return LivePost(
+        post=c.post,
+        author=c.author,
+        cid=c.cid,
+        ts=c.ts,
+        lat=c.lat,
+        lon=c.lon,
+        category=c.category,
+        text=c.text,
+        data=c.data,
+        likers=set() if likers is None else likers,
+        comments=comments,
+    )

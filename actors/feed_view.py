@@ -127,8 +127,7 @@ class FeedViews:
                 self._dirty(command)
             else:
                 assert type(command) is Detach
-                self._stop_all()
-                if self._s.directory.try_retire(ActorKind.VIEWS, self.key):
+                if self._retire():
                     return
             # Its session is gone (and could not say so), or closed its last view.
             closed = self.link is not None and self.link.outbox.closed

@@ -22,6 +22,7 @@ from actors.messages import (
     Moved,
     Refused,
     SessionLink,
+    refuse_if_moved,
     tell_session,
 )
 from actors.services import Services, claim_fence, read_until_stored, retire_refusing
@@ -148,7 +149,7 @@ class Kv:
         changed = KvChanged(rev=self.map.rev, items=tuple(applied)) if applied else None
         self._compact()
         self._last_ticket.then(self._answer_put, (link, ack, changed))
-        self._last_ticket.otherwise(_moved, (link, put.id))
+        refuse_if_moved(self._last_ticket, link, put.id)
 
     def _answer_put(self, answer: tuple[SessionLink, KvAck, KvChanged | None]) -> None:
         link, ack, changed = answer
@@ -187,9 +188,3 @@ class Kv:
     def _send(self, link: SessionLink, frame: Frame) -> None:
         link.outbox.append(server_frame(encode(frame)))
         self._s.metrics.frames_out_by[type(frame)].inc()
-
-
-def _moved(refused: tuple[SessionLink, int]) -> None:
-    """Storage refused the writes: another node runs the map now; the client retries."""
-    link, request = refused
-    tell_session(link, Refused(ErrorCode.TRY_LATER, "moved to another node; retry", request, None))

@@ -16,6 +16,7 @@ import trio
 
 from actors.directory import ActorKind, Directory
 from actors.outbox import Sink
+from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.frames import (
     FeedItem,
@@ -31,6 +32,7 @@ from protocol.frames import (
     Status,
     TypingOp,
 )
+from protocol.wsframe import server_frame
 from storage.store import FeedProfile
 from storage.write_behind import Ticket
 
@@ -453,6 +455,23 @@ class KvRequest:
 
 
 KvCommand = KvRequest | Detach | Moved
+
+
+def answer_once_stored(ticket: Ticket, link: SessionLink, frame: Frame) -> None:
+    """``frame`` (an answer to request ``frame.id``) into ``link``'s outbox once ``ticket``
+    is stored; TRY_LATER if storage refuses it (another node runs the actor now)."""
+    ticket.then(link.outbox.append, server_frame(encode(frame)))
+    refuse_if_moved(ticket, link, getattr(frame, "id", None))
+
+
+def refuse_if_moved(ticket: Ticket, link: SessionLink, request: int | None) -> None:
+    """TRY_LATER to request ``request`` if storage refuses ``ticket``'s records."""
+    ticket.otherwise(_tell_moved, (link, request))
+
+
+def _tell_moved(args: tuple[SessionLink, int | None]) -> None:
+    link, request = args
+    tell_session(link, Refused(ErrorCode.TRY_LATER, "moved to another node; retry", request, None))
 
 
 def request_id(record: object) -> int | None:

@@ -31,15 +31,14 @@ from actors.messages import (
     Reply,
     RequestFailed,
     SessionLink,
+    answer_once_stored,
     answer_within,
     ask,
     tell_session,
 )
 from actors.services import Services, claim_fence, read_until_stored, retire_refusing
-from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.frames import Follow, Interests, Ok, Post, Posted, Unfollow
-from protocol.wsframe import server_frame
 from storage.store import FeedProfile, Fence, FollowChanged, InterestsSet
 from storage.write_behind import COMMITTED, Ticket
 
@@ -142,8 +141,7 @@ class Profile:
 
     def _answer(self, made: PostMade, cid: str, link: SessionLink, request: int) -> None:
         posted = Posted(id=request, post=made.post, cid=cid, ts=made.ts)
-        made.ticket.then(_posted, (link, posted))
-        made.ticket.otherwise(_refused, (link, request))
+        answer_once_stored(made.ticket, link, posted)
 
     def _handle(self, command: ProfileCommand) -> None:
         assert self.profile is not None
@@ -200,31 +198,15 @@ class Profile:
                 return
             follows = p.follows | {author} if following else p.follows - {author}
             if follows == p.follows:  # a retry: answered once what it repeats is stored
-                self._last_ticket.then(_ok, (link, frame.id))
+                answer_once_stored(self._last_ticket, link, Ok(id=frame.id))
                 return
             record = FollowChanged(user=self.key, author=author, following=following, ts=now)
             new = FeedProfile(follows=follows, interests=p.interests, blocked_by=p.blocked_by)
         self._last_ticket = ticket = wb.enqueue(record, fence=self._fence)
-        ticket.then(_ok, (link, frame.id))
-        ticket.otherwise(_refused, (link, frame.id))
+        answer_once_stored(ticket, link, Ok(id=frame.id))
         self._tell(new)
 
     def _tell(self, profile: FeedProfile) -> None:
         self.profile = profile
         for link in self.subs.values():
             tell_session(link, ProfileChanged(profile))
-
-
-def _posted(args: tuple[SessionLink, Posted]) -> None:
-    link, posted = args
-    link.outbox.append(server_frame(encode(posted)))
-
-
-def _ok(args: tuple[SessionLink, int]) -> None:
-    link, request = args
-    link.outbox.append(server_frame(encode(Ok(id=request))))
-
-
-def _refused(args: tuple[SessionLink, int]) -> None:
-    link, request = args
-    tell_session(link, Refused(ErrorCode.TRY_LATER, "moved to another node; retry", request, None))

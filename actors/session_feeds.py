@@ -28,16 +28,14 @@ from actors.messages import (
     FeedDelta,
     FeedDirty,
     ProfileChanged,
-    Refused,
     Reply,
     RequestFailed,
     SessionLink,
+    answer_once_stored,
     answer_within,
     ask,
     deliver,
-    tell_session,
 )
-from protocol.codec import encode
 from protocol.errors import ErrorCode
 from protocol.frames import (
     FeedClose,
@@ -54,7 +52,6 @@ from protocol.frames import (
     Unlike,
     Unpost,
 )
-from protocol.wsframe import server_frame
 from storage.store import (
     FeedProfile,
     LikeChanged,
@@ -129,7 +126,8 @@ class SessionFeeds:
             await self._live_or_stored(post)
             ts = self._session._s.now_ms()
             ticket = self._enqueue(LikeChanged(post=post, user=link.user, liked=liked, ts=ts))
-        self._ok_once_stored(link, request, ticket)
+        # Without holding the session: its next frame is read at once.
+        answer_once_stored(ticket, link, Ok(id=request))
 
     async def _unpost(self, link: SessionLink, frame: Unpost) -> None:
         reply: Reply[Ticket | None] = Reply()
@@ -140,7 +138,7 @@ class SessionFeeds:
             if stored.created.author != link.user:
                 raise RequestFailed(ErrorCode.FORBIDDEN, "not your post")
             ticket = self._enqueue(PostDeleted(post=frame.post, ts=self._session._s.now_ms()))
-        self._ok_once_stored(link, frame.id, ticket)
+        answer_once_stored(ticket, link, Ok(id=frame.id))
 
     async def post_author(self, post: int) -> str:
         """The author of ``post``, which exists and is not deleted (else NOT_FOUND)."""
@@ -187,12 +185,6 @@ class SessionFeeds:
             raise RequestFailed(ErrorCode.TRY_LATER, "storage is behind")
         return wb.enqueue(record)
 
-    def _ok_once_stored(self, link: SessionLink, request: int, ticket: Ticket) -> None:
-        """``ok`` once the change is stored, without holding the session meanwhile: the
-        next frame is read at once, and the answers come in the order stored."""
-        ticket.then(_ok, (link, request))
-        ticket.otherwise(_refused, (link, request))
-
     # --- events ----------------------------------------------------------------------------
 
     def on_event(self, event: FeedDirty | FeedDelta | ProfileChanged) -> None:
@@ -235,16 +227,6 @@ class SessionFeeds:
                 await deliver(ref, Detach(link))
             except RequestFailed:
                 pass
-
-
-def _ok(args: tuple[SessionLink, int]) -> None:
-    link, request = args
-    link.outbox.append(server_frame(encode(Ok(id=request))))
-
-
-def _refused(args: tuple[SessionLink, int]) -> None:
-    link, request = args
-    tell_session(link, Refused(ErrorCode.TRY_LATER, "moved to another node; retry", request, None))
 
 
 def _cell(post: int) -> int:
