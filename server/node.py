@@ -162,6 +162,10 @@ class Node:
             return None
         if not cluster.redis.connected:
             return f"Redis unreachable ({cluster.redis.error}); sends to other nodes refused"
+        if not cluster.subscriber.resynced:
+            # Deaf to other nodes' events until every channel is back and its relays
+            # have sent their sessions to resume.
+            return "Redis pub/sub reconnecting; events from other nodes may be missed"
         if cluster.placement.error is not None:
             return cluster.placement.error
         return None

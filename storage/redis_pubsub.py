@@ -88,6 +88,12 @@ class Subscriber(Link):
         raise RedisUnavailable(f"Redis did not confirm the subscription within {self.timeout} s")
 
     @property
+    def resynced(self) -> bool:
+        """Connected, every subscription confirmed again, and ``on_reconnect`` run: what
+        is published from now on is heard, and what was missed has been dealt with."""
+        return self.connected and not self._resyncing
+
+    @property
     def channels(self) -> frozenset[bytes]:
         return frozenset(self._channels)
 
