@@ -1,0 +1,272 @@
+"""The Locust scenarios: the delivery check on its own, then `locust --headless` with every
+user class against a real server, alone and as a master with two workers."""
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loadtests.cli import free_port
+from loadtests.delivery import MAX_MISSING, Counts, DeliveryCheck, Verdict
+from tests.helpers import ADMIN, SECRET, server_process
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Every request the scenarios make, as Locust's CSV names them ("Type", "Name").
+REQUESTS = {
+    ("session", "connect"),
+    ("session", "hello→welcome"),
+    ("session", "resume→joined"),
+    ("chat", "join→joined"),
+    ("chat", "send→sent"),
+    ("chat", "receipt→ok"),
+    ("chat", "history→page"),
+    ("presence", "watch→presencelist"),
+    ("presence", "setstatus→ok"),
+    ("presence", "who→presencelist"),
+    ("kv", "kvput→kvack"),
+    ("kv", "kvsync→kvchanges"),
+    ("kv", "devices converge"),
+    ("deliver", "message: small rooms"),
+    ("deliver", "message: large room"),
+    ("deliver", "message: resumed"),
+    ("deliver", "message: replayed"),
+}
+
+
+# --- the delivery check -------------------------------------------------------------------
+
+
+def test_in_order_deliveries_are_counted_and_nothing_else() -> None:
+    check = DeliveryCheck()
+    check.joined("r", 5, None)
+    assert [check.message("r", s) for s in (6, 7, 8)] == [Verdict.IN_ORDER] * 3
+    assert check.finish("r", 8) == 0
+    assert check.counts == Counts(delivered=3)
+
+
+def test_a_gap_then_its_late_seq_is_reordered_and_the_rest_lost_at_the_end() -> None:
+    check = DeliveryCheck()
+    check.joined("r", 0, None)
+    assert check.message("r", 1) is Verdict.IN_ORDER
+    assert check.message("r", 4) is Verdict.GAP  # 2 and 3 missing
+    assert check.message("r", 3) is Verdict.REORDERED
+    assert check.message("r", 3) is Verdict.DUPLICATE
+    assert check.message("r", 4) is Verdict.DUPLICATE
+    assert not check.caught_up("r", 4)  # 2 is still missing
+    assert check.finish("r", 6) == 3  # 2, and the tail 5 and 6
+    assert check.counts == Counts(delivered=3, duplicated=2, reordered=1, lost=3)
+    assert check.message("r", 7) is Verdict.UNTRACKED  # finished: no longer checked
+
+
+def test_resumes_keep_the_position_or_skip_what_they_cannot_replay() -> None:
+    check = DeliveryCheck()
+    check.joined("r", 10, None)
+    check.message("r", 11)
+    assert check.positions() == {"r": 11}
+    check.joined("r", 15, True)  # recovered: 12..15 replayed next
+    assert [check.message("r", s) for s in range(12, 16)] == [Verdict.IN_ORDER] * 4
+    check.joined("r", 40, False)  # not recovered: 16..40 skipped, live from 41
+    assert check.message("r", 41) is Verdict.IN_ORDER
+    assert check.counts == Counts(delivered=6, unrecovered=25)
+
+
+def test_a_huge_gap_is_counted_lost_without_remembering_each_seq() -> None:
+    check = DeliveryCheck()
+    check.joined("r", 0, None)
+    assert check.message("r", MAX_MISSING + 10) is Verdict.GAP
+    assert check.counts.lost == MAX_MISSING + 9
+    assert check.finish("r", MAX_MISSING + 10) == 0
+
+
+def test_counts_add_up_and_take_resets() -> None:
+    a = Counts(delivered=2, lost=1)
+    b = a.take()
+    assert a == Counts() and b == Counts(delivered=2, lost=1) and b.faults == 1
+    a.add(b)
+    a.add(Counts(duplicated=4))
+    assert a == Counts(delivered=2, duplicated=4, lost=1) and a.faults == 5
+
+
+@given(st.lists(st.integers(1, 40), max_size=80), st.integers(0, 45))
+def test_check_matches_a_brute_force_count(arrivals: list[int], newest: int) -> None:
+    """Whatever order seqs arrive in: each seq is delivered once or is lost, every arrival
+    of a seq seen already is a duplicate, and one that came after a higher seq (while
+    missing) is reordered."""
+    check = DeliveryCheck()
+    check.joined("r", 0, None)
+    for seq in arrivals:
+        check.message("r", seq)
+    newest = max([newest, *arrivals])
+    lost = check.finish("r", newest)
+    distinct = set(arrivals)
+    assert check.counts.delivered == len(distinct)
+    assert check.counts.duplicated == len(arrivals) - len(distinct)
+    assert lost == check.counts.lost == newest - len(distinct)
+    reordered = 0
+    highest = 0
+    seen: set[int] = set()
+    for seq in arrivals:
+        if seq not in seen and seq < highest:
+            reordered += 1
+        seen.add(seq)
+        highest = max(highest, seq)
+    assert check.counts.reordered == reordered
+
+
+# --- Locust against a real server ---------------------------------------------------------
+
+
+def locust(server_port: int, ops_port: int, *extra: str, files: str = "") -> list[str]:
+    """The Locust command line of these tests; ``extra`` may name the tokens."""
+    tokens = () if "--parley-token-file" in extra else ("--parley-secret", SECRET)
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        "loadtests/locustfile.py" + files,
+        "--host",
+        f"ws://127.0.0.1:{server_port}",
+        *tokens,
+        "--parley-admin-token",
+        ADMIN,
+        "--parley-admin-url",
+        f"http://127.0.0.1:{ops_port}",
+        "--parley-prefix",
+        "t",
+        "--parley-pairs",
+        "4",
+        "--parley-groups",
+        "2",
+        "--parley-think",
+        "0.1",
+        "--parley-storm-every",
+        "2",
+        "--parley-drain",
+        "3",
+        "--only-summary",
+        *extra,
+    ]
+
+
+def stats_rows(prefix: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(f"{prefix}_stats.csv") as f:
+        rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(f)}
+    rows.pop(("", "Aggregated"))
+    return rows
+
+
+def parley_counts(prefix: Path) -> dict[str, int]:
+    with open(f"{prefix}_parley.csv") as f:
+        return {k: int(v) for k, v in next(csv.DictReader(f)).items()}
+
+
+async def run(command: list[str]) -> str:
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+        )
+    out = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 0, out
+    return out
+
+
+@pytest.mark.slow
+async def test_every_scenario_runs_clean_against_a_real_server(tmp_path: Path) -> None:
+    async with server_process(tmp_path) as server:
+        await server.start()
+        prefix = tmp_path / "run"
+        out = await run(
+            [
+                *locust(server.port, server.ops_port),
+                *("--headless", "-u", "14", "-r", "14", "-t", "8s", "--csv", str(prefix)),
+            ]
+        )
+    rows = stats_rows(prefix)
+    succeeded = {k for k, r in rows.items() if int(r["Request Count"]) > int(r["Failure Count"])}
+    assert REQUESTS - succeeded == set(), out
+    assert sum(int(r["Failure Count"]) for r in rows.values()) == 0, out
+    counts = parley_counts(prefix)
+    assert counts["delivered"] > 0
+    assert counts["lost"] == counts["duplicated"] == counts["reordered"] == 0
+    assert counts["unrecovered"] == 0
+    assert "parley deliveries:" in out
+
+
+@pytest.mark.slow
+async def test_a_master_adds_up_its_workers(tmp_path: Path) -> None:
+    async with server_process(tmp_path) as server, trio.open_nursery() as nursery:
+        await server.start()
+        prefix = tmp_path / "dist"
+        master_port = free_port()
+        outputs: list[str] = []
+
+        async def worker() -> None:
+            # A worker takes the run's options from the master.
+            command = [sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py"]
+            outputs.append(await run([*command, "--worker", "--master-port", str(master_port)]))
+
+        for _ in range(2):
+            nursery.start_soon(worker)
+        # Tokens from a file this time; the workers read the path from the master.
+        token_file = tmp_path / "tokens"
+        token_file.write_text("".join(f"u{i} {server.token(f'u{i}')}\n" for i in range(40)))
+        master = [
+            *locust(server.port, server.ops_port, "--parley-token-file", str(token_file)),
+            *("--master", "--master-bind-port", str(master_port), "--expect-workers", "2"),
+            *("--headless", "-u", "14", "-r", "14", "-t", "6s", "--csv", str(prefix)),
+        ]
+        master_out = await run(master)
+    assert len(outputs) == 2
+    totals = [
+        json.loads(m.group(1))
+        for out in outputs
+        for m in re.finditer(r"parley worker totals: (\{.*\})", out)
+    ]
+    assert len(totals) == 2, outputs
+    assert all(t["requests"] for t in totals), totals  # both workers ran users
+    rows = stats_rows(prefix)
+    master_requests = {f"{t} {n}": int(r["Request Count"]) for (t, n), r in rows.items()}
+    worker_requests: dict[str, int] = {}
+    for t in totals:
+        for key, n in t["requests"].items():
+            worker_requests[key] = worker_requests.get(key, 0) + n
+    assert master_requests == worker_requests, master_out
+    counts = parley_counts(prefix)
+    for key, value in counts.items():
+        assert value == sum(t["counts"][key] for t in totals), key
+    assert counts["delivered"] > 0 and counts["lost"] == 0
+
+
+@pytest.mark.slow
+async def test_the_step_and_spike_shapes_run_their_course(tmp_path: Path) -> None:
+    """The shapes end the run themselves and log each step's (each phase's) p99; the
+    target is out of reach here, so the step shape runs to its last step."""
+    async with server_process(tmp_path) as server, trio.open_nursery() as nursery:
+        await server.start()
+        logs: dict[str, str] = {}
+
+        async def shape(name: str, *options: str) -> None:
+            command = locust(server.port, server.ops_port, files=f",loadtests/{name}.py")
+            logs[name] = await run([*command, "--headless", "SmallRoomChatter", *options])
+
+        nursery.start_soon(
+            shape, "step_shape", "--step-users", "2", "--step-seconds", "2", "--step-max", "6",
+            "--step-p99-ms", "1000000",
+        )  # fmt: skip
+        nursery.start_soon(
+            shape, "spike_shape", "--spike-base", "1", "--spike-peak", "4", "--spike-at", "2",
+            "--spike-seconds", "2", "--spike-rate", "10",
+        )  # fmt: skip
+    step = logs["step_shape"]
+    assert [int(n) for n in re.findall(r"step \d+: (\d+) users: worst p99", step)] == [2, 4, 6]
+    assert "every step up to 6 users met the target" in step
+    spike = logs["spike_shape"]
+    assert re.findall(r"spike, (\w+): worst p99", spike) == ["before", "during", "after"]
