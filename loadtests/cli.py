@@ -116,6 +116,7 @@ def add_bench_parser(sub: "argparse._SubParsersAction[Any]") -> None:
     compare.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
     compare.add_argument("--sessions", type=int, default=10_000, help="scenario e/f sessions")
     compare.add_argument("--chat-rate", type=float, default=10_000, help="d-rate: total msg/s")
+    compare.add_argument("--chat-users", type=int, default=2000, help="d-rate: users, in pairs")
     compare.add_argument("--chat-window", type=int, default=4, help="d: sends awaiting ack")
     compare.add_argument(
         "--processes",

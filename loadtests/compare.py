@@ -125,12 +125,12 @@ def run_one(t: Target, scenario: str, args: argparse.Namespace, procs: int) -> l
         ]
     if scenario == "d-rate":
         per_user_s = 10  # seconds of load
-        n = max(1, int(args.chat_rate / 2000 * per_user_s))
+        n = max(1, int(args.chat_rate / args.chat_users * per_user_s))
         return [
             run_chat(
                 t,
                 "d-rate",
-                users=2000,
+                users=args.chat_users,
                 messages=n,
                 rate=args.chat_rate,
                 window=64,

@@ -34,7 +34,9 @@ def run(users: int, args: argparse.Namespace, out: Path) -> dict[str, object]:
     duration = spawn + args.warm + args.measure
     with (
         tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp,
-        start_server(port, secret, f"sqlite:///{tmp}/bench.db", args.server_cpu, flags) as pid,
+        start_server(
+            port, secret, f"sqlite:///{tmp}/bench.db", args.server_cpu, flags, args.trace
+        ) as pid,
     ):
         # start_server gives the server its own --ops-port; ours comes last and wins.
         pin = ["taskset", "-c", str(args.locust_cpu)]
@@ -56,6 +58,8 @@ def run(users: int, args: argparse.Namespace, out: Path) -> dict[str, object]:
             *("--parley-secret", secret, "--parley-admin-token", ADMIN),
             *("--parley-admin-url", f"http://127.0.0.1:{ops}", "--csv", str(prefix)),
             *("--parley-think", str(args.think), "--only-summary"),
+            # Rooms enough for pairs and groups of four (loadtests/README.md).
+            *("--parley-pairs", str(users // 4 + 1), "--parley-groups", str(users // 8 + 1)),
         ]
         master = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         time.sleep(spawn + args.warm)
@@ -64,8 +68,11 @@ def run(users: int, args: argparse.Namespace, out: Path) -> dict[str, object]:
         elapsed = time.monotonic() - t0
         worker_cpu = (cpu_seconds(worker.pid) - worker_cpu) / elapsed
         server_cpu = (cpu_seconds(pid) - server_cpu) / elapsed
-        output, _ = master.communicate(timeout=120)
-        worker.wait(60)
+        output, _ = master.communicate(timeout=300)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()  # a worker still busy with its users when the master quit
     with open(f"{prefix}_stats.csv") as f:
         rows = list(csv.DictReader(f))
     total_seconds = args.warm + args.measure  # stats were reset once all were spawned
@@ -103,6 +110,12 @@ def main() -> None:
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--locust-cpu", type=int, default=1)
     parser.add_argument("--out", default="", help="folder for Locust's CSV files")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="append the server's loop waits and GC pauses to this file every 4 s",
+    )
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="parley-locust-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,8 @@ class Session:
         """Open the WebSocket and say hello (with the rooms' positions if ``resume``).
         Reported as ``connect`` (the handshake) and ``hello→welcome``, or
         ``resume→joined`` when resuming: timed to the last resumed room's ``joined``."""
+        if self._ws is not None:
+            self.drop()  # what is left of a connection whose hello failed
         self.close_code = None
         self.wanted = True
         positions = self.check.positions() if resume else {}

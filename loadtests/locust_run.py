@@ -79,8 +79,18 @@ def _options(parser: Any, **_: Any) -> None:
         "when they are not given",
     )
     group.add_argument("--parley-prefix", default="lt", help="names of the run's users and rooms")
-    group.add_argument("--parley-pairs", type=int, default=200, help="1:1 rooms to create")
-    group.add_argument("--parley-groups", type=int, default=50, help="group rooms to create")
+    group.add_argument(
+        "--parley-pairs",
+        type=int,
+        default=500,
+        help="1:1 rooms to create; chatters share them two by two up to 4 times this many users",
+    )
+    group.add_argument(
+        "--parley-groups",
+        type=int,
+        default=250,
+        help="group rooms to create; four chatters each up to 8 times this many users",
+    )
     group.add_argument(
         "--parley-storm-every",
         type=float,
@@ -166,7 +176,8 @@ def room_names(environment: Environment) -> list[str]:
 
 
 def create_rooms(environment: Environment) -> None:
-    """Make the run's open rooms through the admin API; those that exist are kept."""
+    """Make the run's open rooms through the admin API, 16 requests at a time; those
+    that exist are kept."""
     opts = options(environment)
     admin_token = opts.parley_admin_token or _dev_file(environment).get("admin_token", "")
     url = opts.parley_admin_url
@@ -174,31 +185,39 @@ def create_rooms(environment: Environment) -> None:
         host = urllib.parse.urlsplit(environment.host or "").hostname or "127.0.0.1"
         url = f"http://{host}:9090"
     target = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port or 80, 10)
     headers = {"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"}
-    made = 0
+    rooms = room_names(environment)
+    made: list[str] = []
+
+    def create(share: list[str]) -> None:
+        conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port or 80, 10)
+        try:
+            for room in share:
+                conn.request("POST", "/admin/rooms", json.dumps({"room": room}), headers)
+                answer = conn.getresponse()
+                answer.read()
+                if answer.status == 201:
+                    made.append(room)
+                elif answer.status != 409:
+                    raise RuntimeError(
+                        f"creating room {room} at {url}/admin/rooms: HTTP {answer.status} "
+                        "(is --parley-admin-token the server's --admin-token?)"
+                    )
+        except OSError as exc:
+            raise RuntimeError(f"creating rooms at {url}: {exc} (set --parley-admin-url)") from exc
+        finally:
+            conn.close()
+
     started = time.perf_counter()
-    try:
-        for room in room_names(environment):
-            body = json.dumps({"room": room, "kind": "open"})
-            conn.request("POST", "/admin/rooms", body, headers)
-            answer = conn.getresponse()
-            answer.read()
-            if answer.status == 201:
-                made += 1
-            elif answer.status != 409:
-                raise SystemExit(
-                    f"creating room {room} at {url}/admin/rooms: HTTP {answer.status} "
-                    "(is --parley-admin-token the server's --admin-token?)"
-                )
-    except OSError as exc:
-        raise SystemExit(f"creating rooms at {url}: {exc} (set --parley-admin-url)") from exc
-    finally:
-        conn.close()
+    greenlets = [gevent.spawn(create, rooms[i::16]) for i in range(16)]
+    gevent.joinall(greenlets)
+    for greenlet in greenlets:
+        if greenlet.exception is not None:
+            raise SystemExit(str(greenlet.exception))  # the run cannot go on without them
     log.info(
         "rooms: %d created, %d there already (%.1f s)",
-        made,
-        len(room_names(environment)) - made,
+        len(made),
+        len(rooms) - len(made),
         time.perf_counter() - started,
     )
 

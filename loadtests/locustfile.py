@@ -47,7 +47,8 @@ PRESENCE = "presence"
 KV = "kv"
 
 _tokens: list[locust_run.Tokens] = []  # made by the first user of the process
-_numbers = itertools.count()
+_numbers = itertools.count()  # users of this process, for their ids
+_seats: dict[str, "itertools.count[int]"] = {}  # users of each class, for their rooms
 _present: list[str] = []  # the presence churners' user ids in this process
 _WORDS = "the quick brown fox jumps over a lazy dog while we wait for the build".split()
 
@@ -75,6 +76,9 @@ def step(weight: int, scenario: str) -> Callable[[Callable[[Any], None]], Any]:
     def decorate(body: Callable[[Any], None]) -> Any:
         @functools.wraps(body)
         def run(user: "ParleyUser") -> None:
+            if not user.begun:
+                user.try_to_begin()
+                return
             try:
                 for session in user.sessions:
                     if session.wanted and not session.connected:
@@ -102,6 +106,7 @@ class ParleyUser(User):
         super().__init__(environment)
         opts = locust_run.options(environment)
         self.number = next(_numbers)
+        self.seat = next(_seats.setdefault(type(self).__name__, itertools.count()))
         self.worker = locust_run.worker_index(environment)
         self.user_id = f"{opts.parley_prefix}-{self.worker}-{self.number}"
         if not _tokens:
@@ -110,6 +115,7 @@ class ParleyUser(User):
         self.sessions = [self.open_session()]
         self.session = self.sessions[0]
         self.rooms: dict[str, int] = {}  # room -> last seq this user's receipts covered
+        self.me = self.user_id
 
     def open_session(self) -> Session:
         return Session(
@@ -123,8 +129,23 @@ class ParleyUser(User):
 
     def on_start(self) -> None:
         locust_run.settlers.add(self.settle)
-        for session in self.sessions:
-            session.connect()
+        self.begun = False
+        self.try_to_begin()
+
+    def try_to_begin(self) -> None:
+        """Connect and do what the scenario starts with; a failure (reported already)
+        leaves it to the next task to try again, as an app retries."""
+        try:
+            for session in self.sessions:
+                if not session.connected:
+                    session.connect()
+            self.begin()
+            self.begun = True
+        except ParleyFailure:
+            pass
+
+    def begin(self) -> None:
+        """The scenario's first steps once connected: rooms to join, contacts to watch."""
 
     def on_stop(self) -> None:
         locust_run.settlers.discard(self.settle)
@@ -133,17 +154,19 @@ class ParleyUser(User):
 
     def wait(self) -> None:
         if locust_run.draining.is_set():
-            locust_run.draining.wait()  # the run ends; this user does nothing more
-            gevent.sleep(3600)
+            gevent.sleep(3600)  # the run ends: this user does nothing more
         super().wait()
 
-    def room(self, kind: str, size: int) -> str:
-        """This user's room of ``kind`` ("pair" or "group"): ``size`` consecutive users
-        of this worker share one, wrapping around the rooms the run made."""
+    def small_room(self) -> str:
+        """Of every eight users of this class on a worker, the first two share a pair
+        room, the next two another, the last four a group room; the rooms wrap around
+        once the users outnumber them."""
         opts = locust_run.options(self.environment)
-        count = opts.parley_pairs if kind == "pair" else opts.parley_groups
-        index = (self.worker * 100_003 + self.number // size) % count
-        return f"{opts.parley_prefix}-{kind}-{index}"
+        block, seat = divmod(self.seat, 8)
+        block += self.worker * 100_003
+        if seat < 4:
+            return f"{opts.parley_prefix}-pair-{(2 * block + seat // 2) % opts.parley_pairs}"
+        return f"{opts.parley_prefix}-group-{block % opts.parley_groups}"
 
     def join(self, room: str, session: Session | None = None) -> Joined:
         session = session or self.session
@@ -178,7 +201,7 @@ class ParleyUser(User):
     def settle(self, deadline: float) -> None:
         """At the end of the run: wait for every room's newest message; the rest is lost."""
         for session in self.sessions:
-            while not session.connected and time.monotonic() < deadline:
+            while session.wanted and not session.connected and time.monotonic() < deadline:
                 gevent.sleep(0.05)  # a reconnector between a drop and its resume
             for room in session.check.rooms():
                 try:
@@ -212,10 +235,8 @@ class SmallRoomChatter(ParleyUser):
     wait_time = think(1, 9)
     deliver_name = "message: small rooms"
 
-    def on_start(self) -> None:
-        super().on_start()
-        kind, size = ("pair", 2) if self.number % 8 < 4 else ("group", 4)
-        self.my_room = self.room(kind, size)
+    def begin(self) -> None:
+        self.my_room = self.small_room()
         self.join(self.my_room)
 
     @step(6, "chat")
@@ -238,8 +259,7 @@ class LargeRoomReader(ParleyUser):
     wait_time = think(10, 30)
     deliver_name = "message: large room"
 
-    def on_start(self) -> None:
-        super().on_start()
+    def begin(self) -> None:
         self.large = f"{locust_run.options(self.environment).parley_prefix}-large"
         self.join(self.large)
 
@@ -270,9 +290,7 @@ class PresenceChurner(ParleyUser):
     weight = 3
     wait_time = think(2, 6)
 
-    def on_start(self) -> None:
-        self.me = self.user_id
-        super().on_start()
+    def begin(self) -> None:
         self.me = self.session.user  # the token's, which a token file decides
         _present.append(self.me)
         self.watch()
@@ -333,8 +351,7 @@ class KvDevices(ParleyUser):
 
         return on_frame
 
-    def on_start(self) -> None:
-        super().on_start()
+    def begin(self) -> None:
         for device in range(2):
             self.sync(device)
 
@@ -421,8 +438,7 @@ class Reconnector(ParleyUser):
     wait_time = constant(0)
     deliver_name = "message: resumed"
 
-    def on_start(self) -> None:
-        super().on_start()
+    def begin(self) -> None:
         self.large = f"{locust_run.options(self.environment).parley_prefix}-large"
         self.join(self.large)
 
