@@ -365,11 +365,13 @@ class SetTyping:
 @attrs.frozen(kw_only=True)
 class SetBlock:
     """For a direct room: ``user`` blocks (or unblocks) the other member. ``ticket`` is
-    the block's record: the room does not retire before it is stored."""
+    the block's record: the room does not retire before it is stored. ``applied`` is set
+    once the room refuses (or allows) accordingly, wherever it runs."""
 
     user: str
     blocked: bool
     ticket: Ticket
+    applied: Reply[None] | None = None
 
 
 @attrs.frozen

@@ -639,6 +639,8 @@ class Room:
         self._s.metrics.frames_out_by[Typing].inc(n)
 
     def _set_block(self, cmd: SetBlock) -> None:
+        if cmd.applied is not None:
+            cmd.applied.set(None)  # before a later request of either user is handled
         pair = direct_room_users(self.key)
         if pair is None or cmd.user not in pair:
             return

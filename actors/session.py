@@ -967,7 +967,8 @@ class Session:
         # running is told at once; one that starts once the block is stored reads it; one
         # that started in between (and read storage without it) is told after the commit.
         room = direct_room_id(self.user, frame.user)
-        block = SetBlock(user=self.user, blocked=blocked, ticket=ticket)
+        applied: Reply[None] = Reply()
+        block = SetBlock(user=self.user, blocked=blocked, ticket=ticket, applied=applied)
         before = self._s.directory.get(ActorKind.ROOM, room)
         if before is not None:
             await self._tell(before, block)
@@ -977,6 +978,15 @@ class Session:
         ticket.then(stored.set, None)
         with answer_within(self._settings.request_timeout):
             await stored.wait()
+        if before is not None:
+            # A room on another node hears of the block through Redis, apart from the
+            # other user's requests: "ok" waits until it refuses them. Bounded: a room
+            # that stopped meanwhile reads the stored block when it starts again.
+            with trio.move_on_after(self._settings.request_timeout):
+                try:
+                    await applied.wait()
+                except RequestFailed:
+                    pass  # the block is stored; a room that moved reads it when it starts
         self._send(Ok(id=frame.id))
 
 
