@@ -188,6 +188,7 @@ def create_rooms(environment: Environment) -> None:
     headers = {"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"}
     rooms = room_names(environment)
     made: list[str] = []
+    errors: list[str] = []
 
     def create(share: list[str]) -> None:
         conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port or 80, 10)
@@ -199,21 +200,21 @@ def create_rooms(environment: Environment) -> None:
                 if answer.status == 201:
                     made.append(room)
                 elif answer.status != 409:
-                    raise RuntimeError(
+                    errors.append(
                         f"creating room {room} at {url}/admin/rooms: HTTP {answer.status} "
                         "(is --parley-admin-token the server's --admin-token?)"
                     )
+                    return
         except OSError as exc:
-            raise RuntimeError(f"creating rooms at {url}: {exc} (set --parley-admin-url)") from exc
+            errors.append(f"creating rooms at {url}: {exc} (set --parley-admin-url)")
         finally:
             conn.close()
 
     started = time.perf_counter()
     greenlets = [gevent.spawn(create, rooms[i::16]) for i in range(16)]
     gevent.joinall(greenlets)
-    for greenlet in greenlets:
-        if greenlet.exception is not None:
-            raise SystemExit(str(greenlet.exception))  # the run cannot go on without them
+    if errors:
+        raise SystemExit(errors[0])  # the run cannot go on without its rooms
     log.info(
         "rooms: %d created, %d there already (%.1f s)",
         len(made),
@@ -277,6 +278,7 @@ def _start(environment: Environment, **_: Any) -> None:
     draining.clear()
     _drained.clear()
     if not isinstance(environment.runner, WorkerRunner):
+        Tokens(environment)  # no way to make tokens: say so now, not in every user
         create_rooms(environment)
 
 
@@ -359,7 +361,9 @@ def snapshot(environment: Environment) -> Snapshot:
 
 def worst_p99(environment: Environment, since: Snapshot, types: set[str]) -> tuple[int, str]:
     """The highest p99 among the entries of ``types`` over what they logged after
-    ``since``, and which entry it was ("type name"); (0, "") if none logged anything."""
+    ``since``, and which entry it was ("type name"); (0, "") if none logged enough.
+    Entries with fewer than 100 samples in the window are left out: their p99 would be
+    their maximum (a few joins of users that came late, say)."""
     worst, which = 0, ""
     for (name, method), entry in environment.stats.entries.items():
         if method not in types:
@@ -367,7 +371,7 @@ def worst_p99(environment: Environment, since: Snapshot, types: set[str]) -> tup
         before = since.get((name, method), {})
         window = {ms: n - before.get(ms, 0) for ms, n in entry.response_times.items()}
         count = sum(window.values())
-        if count:
+        if count >= 100:
             p99 = calculate_response_time_percentile(window, count, 0.99)
             if p99 > worst:
                 worst, which = p99, f"{method} {name}"
