@@ -112,6 +112,19 @@ class DeliveryCheck:
         self.counts.duplicated += 1
         return Verdict.DUPLICATE
 
+    def forget(self, room: str) -> None:
+        """Stop checking ``room``: the session is no longer subscribed (a resume was
+        refused); what it lacks of it cannot be told from what it was never sent."""
+        self._rooms.pop(room, None)
+
+    def abandon(self) -> int:
+        """The user stops before the end of the run: what is missing now is lost (the
+        tail may still be on its way, and is not counted)."""
+        lost = sum(len(state.missing) for state in self._rooms.values())
+        self.counts.lost += lost
+        self._rooms.clear()
+        return lost
+
     def rooms(self) -> list[str]:
         return list(self._rooms)
 

@@ -14,6 +14,8 @@ This module imports no trio: the Locust processes run gevent only.
 """
 
 import itertools
+import logging
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from protocol.frames import (
     PROTOCOL_VERSION,
     Error,
     Frame,
+    Goaway,
     Hello,
     Joined,
     Message,
@@ -44,6 +47,13 @@ F = TypeVar("F", bound=Frame)
 # Request types, Locust's "Type" column; the name says which request and which answer.
 SESSION = "session"
 DELIVER = "deliver"
+REPLAY = "replay"  # messages a resume replayed: their latency includes the time away
+
+# Close codes after which reconnecting cannot help (PROTOCOL.md section 13).
+FINAL_CLOSES = {4001: "UNAUTHORIZED", 4002: "UNSUPPORTED_VERSION", 4006: "TOO_MANY_ERRORS"}
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+
+log = logging.getLogger("parley.locust")
 
 
 class ParleyFailure(Exception):
@@ -91,6 +101,10 @@ class Session:
         self.epochs: dict[str, str] = {}  # room -> epoch, for the next resume
         self.close_code: int | None = None
         self.wanted = False  # connected, or meant to be: dropped, not closed
+        self.retry_at = 0.0  # time.monotonic() before which not to reconnect
+        self.given_up: str | None = None  # a close after which reconnecting cannot help
+        self.connecting = False
+        self._backoff = BACKOFF_FIRST
         self.user = ""
         self._fire = request_event.fire
         self._ids = itertools.count(1)
@@ -107,34 +121,61 @@ class Session:
     def connect(self, *, resume: bool = False) -> Welcome:
         """Open the WebSocket and say hello (with the rooms' positions if ``resume``).
         Reported as ``connect`` (the handshake) and ``hello→welcome``, or
-        ``resume→joined`` when resuming: timed to the last resumed room's ``joined``."""
+        ``resume→joined`` when resuming: timed to the last resumed room's ``joined``.
+        A failure leaves no connection behind and sets ``retry_at``: a backoff doubling
+        from 0.5 s to 30 s with jitter, or the server's ``Retry-After``."""
         if self._ws is not None:
-            self.drop()  # what is left of a connection whose hello failed
-        self.close_code = None
+            self.drop()
         self.wanted = True
+        self.connecting = True
+        try:
+            welcome = self._connect(resume)
+        except ParleyFailure:
+            self.drop()
+            if self.retry_at <= time.monotonic():
+                self.retry_at = time.monotonic() + random.uniform(0.5, 1.0) * self._backoff
+            self._backoff = min(BACKOFF_MAX, self._backoff * 2)
+            raise
+        finally:
+            self.connecting = False
+        self._backoff = BACKOFF_FIRST
+        return welcome
+
+    def _connect(self, resume: bool) -> Welcome:
+        self.close_code = None
         positions = self.check.positions() if resume else {}
         rooms = {r: (seq, self.epochs[r]) for r, seq in positions.items() if r in self.epochs}
         started = time.perf_counter()
         try:
-            self._ws = websocket.create_connection(
+            ws = websocket.create_connection(
                 self.url,
                 timeout=self.timeout,
                 subprotocols=["parley.v1"],
                 enable_multithread=True,  # the send lock: tasks and the reader both write
                 skip_utf8_validation=True,
             )
+        except websocket.WebSocketBadStatusException as exc:
+            # 429 or 503 (PROTOCOL.md section 1): wait at least Retry-After.
+            headers = exc.resp_headers or {}
+            wait = headers.get("retry-after", "")
+            if wait.isdigit():
+                self.retry_at = time.monotonic() + int(wait) * random.uniform(1.0, 1.5)
+            refused = ParleyFailure(f"HTTP {exc.status_code}")
+            self._report(SESSION, "connect", started, 0, refused)
+            raise refused from exc
         except (OSError, websocket.WebSocketException) as exc:
             self._report(SESSION, "connect", started, 0, ParleyFailure(type(exc).__name__))
             raise ParleyFailure(f"connect: {type(exc).__name__}") from exc
+        self._ws = ws
         self._report(SESSION, "connect", started, 0, None)
-        assert self._ws.sock is not None
-        self._ws.sock.settimeout(None)  # the reader waits as long as the session lives
-        self._ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert ws.sock is not None
+        ws.sock.settimeout(None)  # the reader waits as long as the session lives
+        ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._replaying = set(rooms)
         self._hello = _Pending()
         self._resumed = _Pending()
         self._resume_fault = None
-        self._reader = gevent.spawn(self._read_loop, self._ws)
+        self._reader = gevent.spawn(self._read_loop, ws)
         hello = Hello(v=PROTOCOL_VERSION, token=self.token, resume=rooms or None)
         try:
             self.send(hello)
@@ -197,10 +238,20 @@ class Session:
         """Send a frame that has no answer to wait for."""
         if self._ws is None:
             raise ParleyFailure("not connected")
+        # The socket has no timeout (the reader's wait is unbounded): bound the send,
+        # which a server that stopped reading would otherwise hold forever.
+        timer = gevent.Timeout(self.timeout)
+        timer.start()
         try:
             self._ws.send_bytes(encode(frame))
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            raise ParleyFailure(f"send: no progress in {self.timeout:g} s") from None
         except (OSError, websocket.WebSocketException) as exc:
             raise ParleyFailure(f"send: {type(exc).__name__}") from exc
+        finally:
+            timer.close()
 
     def _ask(self, frame: Frame, key: int, expect: type[F], kind: str, name: str) -> F:
         pending = self._pending[key] = _Pending()
@@ -264,23 +315,32 @@ class Session:
     # --- reading -------------------------------------------------------------------
 
     def _read_loop(self, ws: websocket.WebSocket) -> None:
+        """Read until the connection ends; only the current connection's reader touches
+        the session's state (an old one may still be unwinding after a reconnect)."""
+        code, why = 1006, "connection lost"
         try:
             while True:
                 opcode, data = ws.recv_data()
                 if opcode == websocket.ABNF.OPCODE_CLOSE:
                     code = int.from_bytes(data[:2], "big") if len(data) >= 2 else 1005
-                    self.close_code = code
-                    self._fail_pending(f"closed {code}")
+                    why = f"closed {code}"
                     return
-                if opcode == websocket.ABNF.OPCODE_BINARY:
+                if opcode == websocket.ABNF.OPCODE_BINARY and self._ws is ws:
                     self._dispatch(data)
-        except (OSError, websocket.WebSocketException):
-            if self.close_code is None:
-                self.close_code = 1006
-            self._fail_pending("connection lost")
+        except (OSError, websocket.WebSocketException, ParleyFailure):
+            pass
+        except Exception:
+            log.exception("the reader of %s failed; closing the connection", self.user)
+            why = "the load generator's reader failed"
         finally:
             if self._ws is ws:
+                self.close_code = code
+                if code in FINAL_CLOSES:
+                    self.given_up = f"closed {code} ({FINAL_CLOSES[code]})"
+                self._fail_pending(why)
                 self._ws = None
+                if code == 1006 and ws.sock is not None:
+                    ws.sock.close()  # whatever broke, the connection is over
 
     def _dispatch(self, data: bytes) -> None:
         try:
@@ -305,7 +365,11 @@ class Session:
             self._hello.answered_at = time.perf_counter()
             self._hello.result.set(frame)
         elif type(frame) is Error and frame.room in self._replaying:
+            self.check.forget(frame.room)  # not subscribed: the user joins it again
             self._resumed_room(frame.room, f"resumed room: {error_name(frame.code)}")
+        elif type(frame) is Goaway:
+            delay = (frame.delay or 0) / 1000
+            self.retry_at = time.monotonic() + delay * random.uniform(1.0, 1.5)
         elif self.on_frame is not None:
             self.on_frame(frame)
 
@@ -337,8 +401,8 @@ class Session:
             if isinstance(sent, float):
                 latency = max(0.0, time.time() - sent) * 1000
                 self._fire(
-                    request_type=DELIVER,
-                    name="message: replayed" if replayed else self.deliver_name,
+                    request_type=REPLAY if replayed else DELIVER,
+                    name=self.deliver_name,
                     response_time=latency,
                     response_length=len(frame.text or ""),
                     exception=None,

@@ -93,20 +93,27 @@ def _options(parser: Any, **_: Any) -> None:
     )
     group.add_argument(
         "--parley-storm-every",
-        type=float,
+        type=_positive,
         default=20.0,
         help="seconds between reconnect storms (every reconnector drops at once)",
     )
     group.add_argument(
         "--parley-think",
-        type=float,
+        type=_positive,
         default=1.0,
         help="scales every user's think time (0.1: ten times as busy)",
     )
-    group.add_argument("--parley-timeout", type=float, default=10.0, help="request timeout, s")
+    group.add_argument("--parley-timeout", type=_positive, default=10.0, help="request timeout, s")
     group.add_argument(
-        "--parley-drain", type=float, default=5.0, help="seconds receivers may take to settle"
+        "--parley-drain", type=_positive, default=5.0, help="seconds receivers may take to settle"
     )
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
 
 
 def options(environment: Environment) -> Any:
@@ -117,7 +124,9 @@ def ws_url(host: str) -> str:
     """``--host`` as given, with ``/ws`` added when it names no path."""
     parts = urllib.parse.urlsplit(host)
     if parts.scheme not in ("ws", "wss"):
-        raise ValueError(f"--host must be ws://HOST:PORT or wss://…, not {host!r}")
+        raise ValueError(
+            f"--host must be ws://HOST:PORT or wss://HOST (the client URL), not {host!r}"
+        )
     return host if parts.path not in ("", "/") else host.rstrip("/") + "/ws"
 
 
@@ -168,11 +177,17 @@ class Tokens:
 
 
 def room_names(environment: Environment) -> list[str]:
+    """The rooms the run's user classes need (their ``room_kinds``)."""
     opts = options(environment)
     prefix = opts.parley_prefix
-    pairs = [f"{prefix}-pair-{i}" for i in range(opts.parley_pairs)]
-    groups = [f"{prefix}-group-{i}" for i in range(opts.parley_groups)]
-    return [*pairs, *groups, f"{prefix}-large"]
+    needed = {kind for cls in environment.user_classes for kind in getattr(cls, "room_kinds", ())}
+    names = []
+    if "small" in needed:
+        names += [f"{prefix}-pair-{i}" for i in range(opts.parley_pairs)]
+        names += [f"{prefix}-group-{i}" for i in range(opts.parley_groups)]
+    if "large" in needed:
+        names.append(f"{prefix}-large")
+    return names
 
 
 def create_rooms(environment: Environment) -> None:
@@ -210,6 +225,8 @@ def create_rooms(environment: Environment) -> None:
         finally:
             conn.close()
 
+    if not rooms:
+        return
     started = time.perf_counter()
     greenlets = [gevent.spawn(create, rooms[i::16]) for i in range(16)]
     gevent.joinall(greenlets)
@@ -273,11 +290,25 @@ def _init(environment: Environment, **_: Any) -> None:
         runner.register_message("parley_drained", on_drained)
 
 
+def is_worker(environment: Environment) -> bool:
+    # Not the runner's type: a worker that joins a running test hears of it before its
+    # runner is set.
+    return bool(getattr(options(environment), "worker", False))
+
+
 @events.test_start.add_listener
 def _start(environment: Environment, **_: Any) -> None:
     draining.clear()
     _drained.clear()
-    if not isinstance(environment.runner, WorkerRunner):
+    for counts in (unreported, total):
+        counts.take()  # a new run in the web UI starts from zero
+    requests.clear()
+    failures.clear()
+    if not is_worker(environment):
+        try:
+            ws_url(environment.host or "")
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         Tokens(environment)  # no way to make tokens: say so now, not in every user
         create_rooms(environment)
 

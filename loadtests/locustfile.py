@@ -8,8 +8,10 @@ its sender's clock, and a duplicate, reordered or lost delivery is a ``deliver``
 failure and fails the run.
 """
 
+import contextlib
 import functools
 import itertools
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from typing import Any, ClassVar
 import gevent
 from locust import User, constant, tag, task
 from locust.env import Environment
+from locust.exception import StopUser
 
 from loadtests import locust_run
 from loadtests.delivery import DeliveryCheck
@@ -41,6 +44,8 @@ from protocol.frames import (
     Who,
 )
 from protocol.kv import KvReplica
+
+log = logging.getLogger("parley.locust")
 
 CHAT = "chat"
 PRESENCE = "presence"
@@ -69,21 +74,27 @@ def pause(user: User, low: float, high: float) -> None:
 
 
 def step(weight: int, scenario: str) -> Callable[[Callable[[Any], None]], Any]:
-    """A task of ``scenario`` (its tag): first a session that lost its connection is
-    resumed, as an app does; a failure ends the task (Locust has it already: every
-    request reports its own), and the user goes on with the next."""
+    """A task of ``scenario`` (its tag). Before it runs: once the run drains, nothing
+    more; a session that lost its connection is resumed when its backoff allows, as an
+    app does, and its rooms joined again if the resume lost them; after a close that
+    reconnecting cannot help (4001, 4002, 4006) the user stops. A failure ends the task
+    (Locust has it already: every request reports its own)."""
 
     def decorate(body: Callable[[Any], None]) -> Any:
         @functools.wraps(body)
         def run(user: "ParleyUser") -> None:
-            if not user.begun:
-                user.try_to_begin()
+            if locust_run.draining.is_set():
+                gevent.sleep(3600)  # the run ends: this user does nothing more
                 return
+            for session in user.sessions:
+                if session.given_up:
+                    log.error("%s stops: %s", user.user_id, session.given_up)
+                    raise StopUser()
             try:
-                for session in user.sessions:
-                    if session.wanted and not session.connected:
-                        session.connect(resume=True)
-                body(user)
+                if not user.begun:
+                    user.try_to_begin()
+                elif user.reconnect():
+                    body(user)
             except ParleyFailure:
                 pass
 
@@ -101,6 +112,7 @@ class ParleyUser(User):
 
     abstract = True
     deliver_name = "message"
+    room_kinds: tuple[str, ...] = ()  # the rooms the run makes for it: "small", "large"
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
@@ -134,10 +146,14 @@ class ParleyUser(User):
 
     def try_to_begin(self) -> None:
         """Connect and do what the scenario starts with; a failure (reported already)
-        leaves it to the next task to try again, as an app retries."""
+        leaves it to a later task to try again, after the session's backoff."""
         try:
             for session in self.sessions:
                 if not session.connected:
+                    wait = session.retry_at - time.monotonic()
+                    if wait > 0:
+                        locust_run.draining.wait(wait)
+                        return
                     session.connect()
             self.begin()
             self.begun = True
@@ -147,15 +163,35 @@ class ParleyUser(User):
     def begin(self) -> None:
         """The scenario's first steps once connected: rooms to join, contacts to watch."""
 
+    def reconnect(self) -> bool:
+        """Resume every session that should be connected; False while one must wait
+        out its backoff (the task is skipped, after a pause of at most that wait)."""
+        for session in self.sessions:
+            if not session.wanted or session.connected:
+                continue
+            wait = session.retry_at - time.monotonic()
+            if wait > 0:
+                locust_run.draining.wait(wait)
+                return False
+            session.connect(resume=True)
+            for room in set(self.rooms) - set(session.check.rooms()):
+                if session is self.session:
+                    self.join(room)  # its resume was refused (PROTOCOL.md section 5)
+        return True
+
     def on_stop(self) -> None:
         locust_run.settlers.discard(self.settle)
         for session in self.sessions:
+            if session.check.abandon():  # stopped early (a shape's ramp-down): gaps lost
+                self.environment.events.request.fire(
+                    request_type=DELIVER,
+                    name=self.deliver_name,
+                    response_time=0,
+                    response_length=0,
+                    exception=ParleyFailure("lost"),
+                    context={},
+                )
             session.close()
-
-    def wait(self) -> None:
-        if locust_run.draining.is_set():
-            gevent.sleep(3600)  # the run ends: this user does nothing more
-        super().wait()
 
     def small_room(self) -> str:
         """Of every eight users of this class on a worker, the first two share a pair
@@ -163,7 +199,7 @@ class ParleyUser(User):
         once the users outnumber them."""
         opts = locust_run.options(self.environment)
         block, seat = divmod(self.seat, 8)
-        block += self.worker * 100_003
+        block = block * max(1, opts.expect_workers) + self.worker  # workers interleave
         if seat < 4:
             return f"{opts.parley_prefix}-pair-{(2 * block + seat // 2) % opts.parley_pairs}"
         return f"{opts.parley_prefix}-group-{block % opts.parley_groups}"
@@ -202,7 +238,11 @@ class ParleyUser(User):
         """At the end of the run: wait for every room's newest message; the rest is lost."""
         for session in self.sessions:
             while session.wanted and not session.connected and time.monotonic() < deadline:
-                gevent.sleep(0.05)  # a reconnector between a drop and its resume
+                if session.connecting or session.retry_at > time.monotonic():
+                    gevent.sleep(0.05)  # a reconnector between a drop and its resume
+                    continue
+                with contextlib.suppress(ParleyFailure):  # reported; tried again
+                    session.connect(resume=True)
             for room in session.check.rooms():
                 try:
                     page = session.request(
@@ -231,6 +271,8 @@ class SmallRoomChatter(ParleyUser):
     """1:1 and group chat: of every eight users, two pairs and a group of four, each
     sending a message every few seconds and marking what arrived as read."""
 
+    room_kinds = ("small",)  # the rooms the run makes for it
+
     weight = 10
     wait_time = think(1, 9)
     deliver_name = "message: small rooms"
@@ -252,16 +294,21 @@ class SmallRoomChatter(ParleyUser):
         self.history(self.my_room)
 
 
-class LargeRoomReader(ParleyUser):
-    """A member of a large room (a channel, a live event) who mostly reads."""
-
-    weight = 20
-    wait_time = think(10, 30)
+class LargeRoomMember(ParleyUser):
+    abstract = True
     deliver_name = "message: large room"
+    room_kinds = ("large",)
 
     def begin(self) -> None:
         self.large = f"{locust_run.options(self.environment).parley_prefix}-large"
         self.join(self.large)
+
+
+class LargeRoomReader(LargeRoomMember):
+    """A member of a large room (a channel, a live event) who mostly reads."""
+
+    weight = 20
+    wait_time = think(10, 30)
 
     @step(3, "large-room")
     def mark_read(self) -> None:
@@ -272,7 +319,7 @@ class LargeRoomReader(ParleyUser):
         self.history(self.large)
 
 
-class LargeRoomWriter(LargeRoomReader):
+class LargeRoomWriter(LargeRoomMember):
     """One of the few who speak in the large room: a message a second."""
 
     weight = 1
@@ -371,9 +418,9 @@ class KvDevices(ParleyUser):
         put = replica.put_frame(session.next_id())
         replica.on_ack(put, session.request(put, KvAck, KV, "kvput→kvack"))
 
-    def edit(self, device: int, count: int) -> None:
+    def edit(self, device: int, count: int, keys: list[str] | None = None) -> None:
         replica, now = self.replicas[device], int(time.time() * 1000)
-        for key in random.sample(self.keys, count):
+        for key in keys or random.sample(self.keys, count):
             if random.random() < 0.1:
                 replica.delete(key, now)
             else:
@@ -387,9 +434,15 @@ class KvDevices(ParleyUser):
 
     @step(2, "kv")
     def same_key_at_once(self) -> None:
+        key = random.choice(self.keys)
         for device in range(2):
-            self.edit(device, 1)
-        gevent.joinall([gevent.spawn(self.push, device) for device in range(2)])
+            self.edit(device, 1, [key])
+        gevent.joinall([gevent.spawn(self.push_quietly, device) for device in range(2)])
+
+    def push_quietly(self, device: int) -> None:
+        """``push`` in a greenlet of its own: its failure is reported already."""
+        with contextlib.suppress(ParleyFailure):
+            self.push(device)
 
     @step(1, "kv")
     def offline_then_catch_up(self) -> None:
@@ -437,6 +490,7 @@ class Reconnector(ParleyUser):
     weight = 2
     wait_time = constant(0)
     deliver_name = "message: resumed"
+    room_kinds = ("large",)
 
     def begin(self) -> None:
         self.large = f"{locust_run.options(self.environment).parley_prefix}-large"

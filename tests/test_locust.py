@@ -1,19 +1,39 @@
 """The Locust scenarios: the delivery check on its own, then `locust --headless` with every
 user class against a real server, alone and as a master with two workers."""
 
+import contextlib
 import csv
 import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
+import cbor2
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
 
 from loadtests.cli import free_port
 from loadtests.delivery import MAX_MISSING, Counts, DeliveryCheck, Verdict
+from protocol.codec import encode
+from protocol.frames import (
+    Frame,
+    Hello,
+    History,
+    Join,
+    Joined,
+    Message,
+    Ok,
+    Page,
+    RoomKind,
+    Send,
+    Sent,
+    Welcome,
+)
 from tests.helpers import ADMIN, SECRET, server_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +56,7 @@ REQUESTS = {
     ("deliver", "message: small rooms"),
     ("deliver", "message: large room"),
     ("deliver", "message: resumed"),
-    ("deliver", "message: replayed"),
+    ("replay", "message: resumed"),
 }
 
 
@@ -270,3 +290,105 @@ async def test_the_step_and_spike_shapes_run_their_course(tmp_path: Path) -> Non
     assert "every step up to 6 users met the target" in step
     spike = logs["spike_shape"]
     assert re.findall(r"spike, (\w+): worst p99", spike) == ["before", "during", "after"]
+
+
+# --- a server that loses and repeats messages: the run must fail ------------------------
+
+
+class FaultyRoomServer:
+    """Just enough of Parley for ``SmallRoomChatter``, over real sockets, with two faults:
+    every third message gets a seq one past the next (the skipped seq is never sent:
+    lost), and every fifth is delivered twice (duplicated). Its admin endpoint answers
+    every request 201."""
+
+    def __init__(self) -> None:
+        self.seqs: dict[str, int] = {}
+        self.members: dict[str, list[tuple[trio.abc.Stream, WSConnection]]] = {}
+        self.sent = 0
+
+    async def admin(self, stream: trio.abc.Stream) -> None:
+        buffer = b""
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                while len(buffer) < length:
+                    buffer += await stream.receive_some(65536)
+                buffer = buffer[length:]
+                await stream.send_all(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n")
+
+    async def client(self, stream: trio.abc.Stream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        async with stream:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                ws.receive_data(bytes(data))
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        accept = AcceptConnection(subprotocol="parley.v1")
+                        await stream.send_all(ws.send(accept))
+                    elif isinstance(event, BytesMessage):
+                        await self.frame(stream, ws, cbor2.loads(event.data))
+                    elif isinstance(event, CloseConnection):
+                        await stream.send_all(ws.send(event.response()))
+                        return
+
+    async def frame(self, stream: trio.abc.Stream, ws: WSConnection, f: dict[int, Any]) -> None:
+        async def out(frame: Frame, to: tuple[trio.abc.Stream, WSConnection] = (stream, ws)):
+            await to[0].send_all(to[1].send(BytesMessage(data=encode(frame))))
+
+        kind = f[0]
+        rid: Any = f.get(1)
+        room: Any = f.get(2)
+        if kind == Hello.TYPE:
+            await out(Welcome(session="s", user="u", v=1, ping=25, ts=0, limits={}))
+        elif kind == Join.TYPE:
+            self.members.setdefault(room, []).append((stream, ws))
+            seq = self.seqs.get(room, 0)
+            await out(Joined(id=rid, room=room, kind=RoomKind.OPEN, seq=seq, epoch="e"))
+        elif kind == Send.TYPE:
+            self.sent += 1
+            seq = self.seqs[room] = self.seqs.get(room, 0) + (2 if self.sent % 3 == 0 else 1)
+            message = Message(room=room, seq=seq, ts=0, cid=f[6], user="u", text=f.get(7))
+            for member in self.members[room] * (2 if self.sent % 5 == 0 else 1):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await out(message, member)
+            await out(Sent(id=rid, room=room, cid=f[6], seq=seq, ts=0))
+        elif kind == History.TYPE:
+            seq = self.seqs.get(room, 0)
+            items = (Message(room=room, seq=seq, ts=0, cid="c", text="t"),) if seq else ()
+            await out(Page(id=rid, room=room, epoch="e", items=items))
+        elif rid is not None:
+            await out(Ok(id=rid))
+
+
+@pytest.mark.slow
+async def test_a_server_that_loses_and_repeats_messages_fails_the_run(tmp_path: Path) -> None:
+    server = FaultyRoomServer()
+    async with trio.open_nursery() as nursery:
+        ws_port, admin_port = free_port(), free_port()
+        await nursery.start(trio.serve_tcp, server.client, ws_port)
+        await nursery.start(trio.serve_tcp, server.admin, admin_port)
+        prefix = tmp_path / "faulty"
+        command = [
+            *locust(ws_port, admin_port),
+            *("--headless", "SmallRoomChatter", "-u", "4", "-r", "4", "-t", "4s"),
+            *("--csv", str(prefix)),
+        ]
+        with trio.fail_after(60):
+            done = await trio.run_process(command, cwd=ROOT, capture_stdout=True, check=False)
+        nursery.cancel_scope.cancel()
+    out = done.stdout.decode(errors="replace")
+    assert done.returncode == 1, out
+    assert "parley: FAILED" in out
+    counts = parley_counts(prefix)
+    assert counts["lost"] > 0 and counts["duplicated"] > 0, counts
+    failures = stats_rows(prefix)[("deliver", "message: small rooms")]["Failure Count"]
+    assert int(failures) >= counts["lost"] + counts["duplicated"]
