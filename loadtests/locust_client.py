@@ -97,7 +97,6 @@ class Session:
         self.timeout = timeout
         self.deliver_name = deliver_name
         self.on_frame = on_frame
-        self.on_message: Callable[[Message], None] | None = None
         self.epochs: dict[str, str] = {}  # room -> epoch, for the next resume
         self.close_code: int | None = None
         self.wanted = False  # connected, or meant to be: dropped, not closed
@@ -206,17 +205,17 @@ class Session:
         """Close with 1000, as a client that quits does."""
         self.wanted = False
         ws, self._ws = self._ws, None
+        self._stop_reader(block=True)  # the close handshake reads the socket itself
         if ws is not None:
             try:
                 ws.close(timeout=1)
             except (OSError, websocket.WebSocketException):
                 pass  # closing anyway; nothing waits on it
-        self._stop_reader()
 
-    def _stop_reader(self) -> None:
+    def _stop_reader(self, block: bool = False) -> None:
         reader, self._reader = self._reader, None
         if reader is not None and reader is not gevent.getcurrent():
-            reader.kill(block=False)
+            reader.kill(block=block)
         self._fail_pending("connection closed")
 
     @property
@@ -426,5 +425,3 @@ class Session:
                 exception=ParleyFailure("gap (missing seqs)"),
                 context={},
             )
-        if self.on_message is not None:
-            self.on_message(frame)
