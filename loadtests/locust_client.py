@@ -408,20 +408,18 @@ class Session:
                     context={},
                 )
         elif verdict is not Verdict.UNTRACKED:
-            self._fire(
-                request_type=DELIVER,
-                name=self.deliver_name,
-                response_time=0,
-                response_length=0,
-                exception=ParleyFailure(verdict.value),
-                context={},
-            )
+            self.fault(verdict.value)
         if verdict is Verdict.GAP:
+            self.fault("gap (missing seqs)")
+
+    def fault(self, what: str, count: int = 1) -> None:
+        """Report ``count`` faulty deliveries ("lost", "duplicate", …) as failures."""
+        for _ in range(count):
             self._fire(
                 request_type=DELIVER,
                 name=self.deliver_name,
                 response_time=0,
                 response_length=0,
-                exception=ParleyFailure("gap (missing seqs)"),
+                exception=ParleyFailure(what),
                 context={},
             )

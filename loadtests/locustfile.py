@@ -24,7 +24,7 @@ from locust.exception import StopUser
 
 from loadtests import locust_run
 from loadtests.delivery import DeliveryCheck
-from loadtests.locust_client import DELIVER, ParleyFailure, Session
+from loadtests.locust_client import ParleyFailure, Session
 from protocol.frames import (
     History,
     Join,
@@ -182,15 +182,8 @@ class ParleyUser(User):
     def on_stop(self) -> None:
         locust_run.settlers.discard(self.settle)
         for session in self.sessions:
-            if session.check.abandon():  # stopped early (a shape's ramp-down): gaps lost
-                self.environment.events.request.fire(
-                    request_type=DELIVER,
-                    name=self.deliver_name,
-                    response_time=0,
-                    response_length=0,
-                    exception=ParleyFailure("lost"),
-                    context={},
-                )
+            # Stopped early (a shape's ramp-down): what is missing now is lost.
+            session.fault("lost", session.check.abandon())
             session.close()
 
     def small_room(self) -> str:
@@ -256,15 +249,7 @@ class ParleyUser(User):
                 newest = page.items[-1].seq if page.items else 0
                 while not session.check.caught_up(room, newest) and time.monotonic() < deadline:
                     gevent.sleep(0.05)
-                for _ in range(session.check.finish(room, newest)):
-                    self.environment.events.request.fire(
-                        request_type=DELIVER,
-                        name=self.deliver_name,
-                        response_time=0,
-                        response_length=0,
-                        exception=ParleyFailure("lost"),
-                        context={},
-                    )
+                session.fault("lost", session.check.finish(room, newest))
 
 
 class SmallRoomChatter(ParleyUser):

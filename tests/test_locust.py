@@ -304,6 +304,7 @@ class FaultyRoomServer:
     def __init__(self) -> None:
         self.seqs: dict[str, int] = {}
         self.members: dict[str, list[tuple[trio.abc.Stream, WSConnection]]] = {}
+        self.locks: dict[trio.abc.Stream, trio.Lock] = {}  # a room's sends reach any stream
         self.sent = 0
 
     async def admin(self, stream: trio.abc.Stream) -> None:
@@ -323,6 +324,10 @@ class FaultyRoomServer:
                 await stream.send_all(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n")
 
     async def client(self, stream: trio.abc.Stream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.session(stream)
+
+    async def session(self, stream: trio.abc.Stream) -> None:
         ws = WSConnection(ConnectionType.SERVER)
         async with stream:
             while True:
@@ -342,7 +347,8 @@ class FaultyRoomServer:
 
     async def frame(self, stream: trio.abc.Stream, ws: WSConnection, f: dict[int, Any]) -> None:
         async def out(frame: Frame, to: tuple[trio.abc.Stream, WSConnection] = (stream, ws)):
-            await to[0].send_all(to[1].send(BytesMessage(data=encode(frame))))
+            async with self.locks.setdefault(to[0], trio.Lock()):
+                await to[0].send_all(to[1].send(BytesMessage(data=encode(frame))))
 
         kind = f[0]
         rid: Any = f.get(1)
