@@ -15,7 +15,6 @@ This module imports no trio: the Locust processes run gevent only.
 
 import itertools
 import logging
-import random
 import socket
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import websocket
 from gevent.event import AsyncResult
 from locust.event import EventHook
 
+from loadtests.backoff import FINAL_CLOSES, Backoff
 from loadtests.delivery import DeliveryCheck, Verdict
 from protocol.codec import decode_server, encode
 from protocol.errors import ErrorCode, RemoteProtocolError
@@ -48,10 +48,6 @@ F = TypeVar("F", bound=Frame)
 SESSION = "session"
 DELIVER = "deliver"
 REPLAY = "replay"  # messages a resume replayed: their latency includes the time away
-
-# Close codes after which reconnecting cannot help (PROTOCOL.md section 13).
-FINAL_CLOSES = {4001: "UNAUTHORIZED", 4002: "UNSUPPORTED_VERSION", 4006: "TOO_MANY_ERRORS"}
-BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 
 log = logging.getLogger("parley.locust")
 
@@ -100,10 +96,9 @@ class Session:
         self.epochs: dict[str, str] = {}  # room -> epoch, for the next resume
         self.close_code: int | None = None
         self.wanted = False  # connected, or meant to be: dropped, not closed
-        self.retry_at = 0.0  # time.monotonic() before which not to reconnect
+        self.backoff = Backoff()  # when to reconnect
         self.given_up: str | None = None  # a close after which reconnecting cannot help
         self.connecting = False
-        self._backoff = BACKOFF_FIRST
         self.user = ""
         self._fire = request_event.fire
         self._ids = itertools.count(1)
@@ -121,8 +116,7 @@ class Session:
         """Open the WebSocket and say hello (with the rooms' positions if ``resume``).
         Reported as ``connect`` (the handshake) and ``hello→welcome``, or
         ``resume→joined`` when resuming: timed to the last resumed room's ``joined``.
-        A failure leaves no connection behind and sets ``retry_at``: a backoff doubling
-        from 0.5 s to 30 s with jitter, or the server's ``Retry-After``."""
+        A failure leaves no connection behind and backs off (``loadtests.backoff``)."""
         if self._ws is not None:
             self.drop()
         self.wanted = True
@@ -131,13 +125,11 @@ class Session:
             welcome = self._connect(resume)
         except ParleyFailure:
             self.drop()
-            if self.retry_at <= time.monotonic():
-                self.retry_at = time.monotonic() + random.uniform(0.5, 1.0) * self._backoff
-            self._backoff = min(BACKOFF_MAX, self._backoff * 2)
+            self.backoff.failed(time.monotonic())
             raise
         finally:
             self.connecting = False
-        self._backoff = BACKOFF_FIRST
+        self.backoff.succeeded()
         return welcome
 
     def _connect(self, resume: bool) -> Welcome:
@@ -158,15 +150,15 @@ class Session:
             headers = exc.resp_headers or {}
             wait = headers.get("retry-after", "")
             if wait.isdigit():
-                self.retry_at = time.monotonic() + int(wait) * random.uniform(1.0, 1.5)
+                self.backoff.server_asks(time.monotonic(), int(wait))
             refused = ParleyFailure(f"HTTP {exc.status_code}")
-            self._report(SESSION, "connect", started, 0, refused)
+            self._report(SESSION, "connect", started, refused)
             raise refused from exc
         except (OSError, websocket.WebSocketException) as exc:
-            self._report(SESSION, "connect", started, 0, ParleyFailure(type(exc).__name__))
+            self._report(SESSION, "connect", started, ParleyFailure(type(exc).__name__))
             raise ParleyFailure(f"connect: {type(exc).__name__}") from exc
         self._ws = ws
-        self._report(SESSION, "connect", started, 0, None)
+        self._report(SESSION, "connect", started, None)
         assert ws.sock is not None
         ws.sock.settimeout(None)  # the reader waits as long as the session lives
         ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -179,7 +171,7 @@ class Session:
         try:
             self.send(hello)
         except ParleyFailure as exc:
-            self._report(SESSION, "hello→welcome", self._hello.started, 0, exc)
+            self._report(SESSION, "hello→welcome", self._hello.started, exc)
             raise
         welcome = self._wait(self._hello, SESSION, "hello→welcome")
         if not isinstance(welcome, Welcome):
@@ -258,7 +250,7 @@ class Session:
             self.send(frame)
         except ParleyFailure as exc:
             self._pending.pop(key, None)
-            self._report(kind, name, pending.started, 0, exc)
+            self._report(kind, name, pending.started, exc)
             raise
         try:
             reply = self._wait(pending, kind, name)
@@ -266,7 +258,7 @@ class Session:
             self._pending.pop(key, None)
         if not isinstance(reply, expect):
             wrong = ParleyFailure(f"expected {expect.__name__}, got {type(reply).__name__}")
-            self._report(kind, name, pending.started, 0, wrong, pending.answered_at)
+            self._report(kind, name, pending.started, wrong, pending.answered_at)
             raise wrong
         return reply
 
@@ -275,16 +267,16 @@ class Session:
             reply = pending.result.get(timeout=self.timeout)
         except gevent.Timeout:
             late = ParleyFailure(f"no answer in {self.timeout:g} s")
-            self._report(kind, name, pending.started, 0, late)
+            self._report(kind, name, pending.started, late)
             raise late from None
         except ParleyFailure as exc:
-            self._report(kind, name, pending.started, 0, exc)
+            self._report(kind, name, pending.started, exc)
             raise
         if isinstance(reply, Error):
             refused = ParleyFailure(error_name(reply.code))
-            self._report(kind, name, pending.started, 0, refused, pending.answered_at)
+            self._report(kind, name, pending.started, refused, pending.answered_at)
             raise refused
-        self._report(kind, name, pending.started, 0, None, pending.answered_at)
+        self._report(kind, name, pending.started, None, pending.answered_at)
         return reply
 
     def _report(
@@ -292,7 +284,6 @@ class Session:
         kind: str,
         name: str,
         started: float,
-        length: int,
         exc: Exception | None,
         ended: float = 0.0,
     ) -> None:
@@ -301,7 +292,7 @@ class Session:
             request_type=kind,
             name=name,
             response_time=elapsed * 1000,
-            response_length=length,
+            response_length=0,
             exception=exc,
             context={},
         )
@@ -367,8 +358,7 @@ class Session:
             self.check.forget(frame.room)  # not subscribed: the user joins it again
             self._resumed_room(frame.room, f"resumed room: {error_name(frame.code)}")
         elif type(frame) is Goaway:
-            delay = (frame.delay or 0) / 1000
-            self.retry_at = time.monotonic() + delay * random.uniform(1.0, 1.5)
+            self.backoff.server_asks(time.monotonic(), (frame.delay or 0) / 1000)
         elif self.on_frame is not None:
             self.on_frame(frame)
 

@@ -37,7 +37,6 @@ log = logging.getLogger("parley.locust")
 unreported = Counts()
 total = Counts()
 requests: dict[str, int] = {}  # "type name" -> requests fired in this process (ok + failed)
-failures: dict[str, int] = {}
 draining = Event()  # set: writers stop, receivers settle; tasks wait for the end
 settlers: set[Callable[[float], None]] = set()  # each live user's settle(deadline)
 _drained: dict[str, dict[str, int]] = {}  # worker id -> its final tallies (on the master)
@@ -244,11 +243,9 @@ def create_rooms(environment: Environment) -> None:
 
 
 @events.request.add_listener
-def _count(request_type: str, name: str, exception: Exception | None, **_: Any) -> None:
+def _count(request_type: str, name: str, **_: Any) -> None:
     key = f"{request_type} {name}"
     requests[key] = requests.get(key, 0) + 1
-    if exception is not None:
-        failures[key] = failures.get(key, 0) + 1
 
 
 def _take() -> dict[str, int]:
@@ -303,7 +300,6 @@ def _start(environment: Environment, **_: Any) -> None:
     for counts in (unreported, total):
         counts.take()  # a new run in the web UI starts from zero
     requests.clear()
-    failures.clear()
     if not is_worker(environment):
         try:
             ws_url(environment.host or "")

@@ -127,7 +127,6 @@ class ParleyUser(User):
         self.sessions = [self.open_session()]
         self.session = self.sessions[0]
         self.rooms: dict[str, int] = {}  # room -> last seq this user's receipts covered
-        self.me = self.user_id
 
     def open_session(self) -> Session:
         return Session(
@@ -149,16 +148,22 @@ class ParleyUser(User):
         leaves it to a later task to try again, after the session's backoff."""
         try:
             for session in self.sessions:
-                if not session.connected:
-                    wait = session.retry_at - time.monotonic()
-                    if wait > 0:
-                        locust_run.draining.wait(wait)
-                        return
-                    session.connect()
+                if not session.connected and not self.connect(session, resume=False):
+                    return
             self.begin()
             self.begun = True
         except ParleyFailure:
             pass
+
+    def connect(self, session: Session, *, resume: bool) -> bool:
+        """Connect ``session`` if its backoff allows; else pause (at most that long) and
+        return False."""
+        wait = session.backoff.wait(time.monotonic())
+        if wait > 0:
+            locust_run.draining.wait(wait)
+            return False
+        session.connect(resume=resume)
+        return True
 
     def begin(self) -> None:
         """The scenario's first steps once connected: rooms to join, contacts to watch."""
@@ -169,13 +174,10 @@ class ParleyUser(User):
         for session in self.sessions:
             if not session.wanted or session.connected:
                 continue
-            wait = session.retry_at - time.monotonic()
-            if wait > 0:
-                locust_run.draining.wait(wait)
+            if not self.connect(session, resume=True):
                 return False
-            session.connect(resume=True)
-            for room in set(self.rooms) - set(session.check.rooms()):
-                if session is self.session:
+            if session is self.session:
+                for room in set(self.rooms) - set(session.check.rooms()):
                     self.join(room)  # its resume was refused (PROTOCOL.md section 5)
         return True
 
@@ -197,10 +199,9 @@ class ParleyUser(User):
             return f"{opts.parley_prefix}-pair-{(2 * block + seat // 2) % opts.parley_pairs}"
         return f"{opts.parley_prefix}-group-{block % opts.parley_groups}"
 
-    def join(self, room: str, session: Session | None = None) -> Joined:
-        session = session or self.session
-        frame = Join(id=session.next_id(), room=room)
-        joined = session.request(frame, Joined, CHAT, "join→joined")
+    def join(self, room: str) -> Joined:
+        frame = Join(id=self.session.next_id(), room=room)
+        joined = self.session.request(frame, Joined, CHAT, "join→joined")
         self.rooms[room] = joined.seq
         return joined
 
@@ -216,8 +217,9 @@ class ParleyUser(User):
 
     def receipt(self) -> None:
         """Mark read what arrived since the last receipt, as an open chat screen does."""
+        positions = self.session.check.positions()
         for room, covered in self.rooms.items():
-            newest = self.session.check.positions().get(room, 0)
+            newest = positions.get(room, 0)
             if newest > covered:
                 frame = Receipt(id=self.session.next_id(), room=room, read=newest)
                 self.session.request(frame, Ok, CHAT, "receipt→ok")
@@ -231,7 +233,7 @@ class ParleyUser(User):
         """At the end of the run: wait for every room's newest message; the rest is lost."""
         for session in self.sessions:
             while session.wanted and not session.connected and time.monotonic() < deadline:
-                if session.connecting or session.retry_at > time.monotonic():
+                if session.connecting or session.backoff.wait(time.monotonic()):
                     gevent.sleep(0.05)  # a reconnector between a drop and its resume
                     continue
                 with contextlib.suppress(ParleyFailure):  # reported; tried again
@@ -321,6 +323,10 @@ class PresenceChurner(ParleyUser):
 
     weight = 3
     wait_time = think(2, 6)
+
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        self.me = self.user_id  # until the welcome says which user the token is for
 
     def begin(self) -> None:
         self.me = self.session.user  # the token's, which a token file decides

@@ -4,6 +4,7 @@ user class against a real server, alone and as a master with two workers."""
 import contextlib
 import csv
 import json
+import random
 import re
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
 
+from loadtests.backoff import Backoff
 from loadtests.cli import free_port
 from loadtests.delivery import MAX_MISSING, Counts, DeliveryCheck, Verdict
 from protocol.codec import encode
@@ -138,6 +140,34 @@ def test_check_matches_a_brute_force_count(arrivals: list[int], newest: int) -> 
         seen.add(seq)
         highest = max(highest, seq)
     assert check.counts.reordered == reordered
+
+
+# --- when a session may reconnect ----------------------------------------------------------
+
+
+def test_backoff_doubles_with_jitter_up_to_its_ceiling_and_resets() -> None:
+    backoff = Backoff(rng=random.Random(7))
+    waits = []
+    for _ in range(10):
+        backoff.failed(now=0.0)
+        waits.append(backoff.wait(0.0))
+        backoff.retry_at = 0.0  # as if the wait had passed
+    nominal = [min(30.0, 0.5 * 2**i) for i in range(10)]
+    assert all(n / 2 <= w <= n for w, n in zip(waits, nominal, strict=True)), waits
+    assert max(waits) > 15  # it reached the ceiling's range
+    backoff.succeeded()
+    backoff.failed(now=100.0)
+    assert 100.25 <= backoff.retry_at <= 100.5
+
+
+def test_the_servers_wait_is_kept_and_spread() -> None:
+    backoff = Backoff(rng=random.Random(1))
+    backoff.server_asks(now=0.0, seconds=10)  # Retry-After: 10, or a goaway's delay
+    assert 10 <= backoff.retry_at <= 15
+    asked = backoff.retry_at
+    backoff.failed(now=0.0)  # a failed attempt does not shorten it
+    assert backoff.retry_at == asked and backoff.wait(asked - 4) == pytest.approx(4)
+    assert backoff.wait(asked + 1) == 0
 
 
 # --- Locust against a real server ---------------------------------------------------------
