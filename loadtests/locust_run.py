@@ -171,6 +171,8 @@ class Tokens:
                 self.dealt += 1
                 self.given[user] = self.lines[self.dealt % len(self.lines)]
             return self.given[user]
+        # As server.tokens.issue_token does; importing it would bring the server's
+        # packages (trio, the actors, storage) into this gevent process.
         claims = {"sub": user, "exp": int(time.time()) + 86_400}
         return jwt.encode(claims, self.secret, algorithm="HS256")
 
