@@ -14,11 +14,9 @@ The pump writes only to outboxes in pump mode, and a connection leaves pump mode
 newer connection is never written by mistake.
 """
 
-import os
-
 import trio
 
-from actors.outbox import Outbox
+from actors.outbox import Outbox, write_ready
 
 
 class WritePump:
@@ -41,18 +39,4 @@ class WritePump:
             self.write(dirty)
 
     def write(self, outboxes: list[Outbox]) -> None:
-        for outbox in outboxes:
-            data = outbox.take()
-            if data is None:
-                continue  # written already, closing, or the writer task has it
-            assert outbox.fd is not None
-            try:
-                n = os.write(outbox.fd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                outbox.broken()
-                continue
-            self.writes += 1
-            if n < len(data):
-                outbox.blocked(data[n:])
+        self.writes += write_ready(outboxes)

@@ -98,21 +98,33 @@ def add_bench_parser(sub: "argparse._SubParsersAction[Any]") -> None:
         "against Parley and its peers, side by side",
         description="Runs each scenario against each target in turn, a fresh server per "
         "run pinned to --server-cpu, the load generator's processes on the other cores. "
-        "Installs the peers (Node Socket.IO, python-socketio on uvicorn, websockets) under "
+        "Installs the peers (Node Socket.IO, Node ws, python-socketio on uvicorn, websockets, "
+        "and floor: a raw epoll loop with a write per delivery, to measure the floor) under "
         "$PARLEY_BENCH_CACHE (default ~/.cache/parley-bench) the first time. Scenarios: "
         "a fan-out 1000 receivers; b 100 receivers x 20000 messages; c 1000 receivers at "
-        "each --rates msg/s for 10 s; d 1:1 chat (2000 users, acks and receipts) at full "
+        "each --rates msg/s for 10 s; k the same at --keep-rates, where every receiver keeps "
+        "up and each delivery is its own write; d 1:1 chat (2000 users, acks and receipts) at full "
         "speed; d-rate the same at --chat-rate; e/f idle sessions and the connect storm. "
         "Mind the open-file limit (ulimit -n) for e/f.",
         formatter_class=_Help,
     )
     compare.add_argument(
         "--targets",
-        default="parley,websockets,socketio-node,python-socketio",
+        default="parley,ws-node,websockets,socketio-node,python-socketio",
         help="comma-separated: parley and peers",
     )
-    compare.add_argument("--scenarios", default="a,b,c,d,d-rate,e/f", help="comma-separated")
+    compare.add_argument("--scenarios", default="a,b,c,k,d,d-rate,e/f", help="comma-separated")
     compare.add_argument("--rates", default="200", help="scenario c: messages/s, comma-separated")
+    compare.add_argument(
+        "--keep-rates", default="20,200", help="scenario k: messages/s, comma-separated"
+    )
+    compare.add_argument(
+        "--parley-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run Parley with --workers N, unpinned (CPU and memory are the workers' sum)",
+    )
     compare.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
     compare.add_argument("--sessions", type=int, default=10_000, help="scenario e/f sessions")
     compare.add_argument("--chat-rate", type=float, default=10_000, help="d-rate: total msg/s")

@@ -23,7 +23,7 @@ from loadtests import peers
 from loadtests.proc import progress
 from loadtests.scenarios import Row, Target, run_broadcast, run_chat, run_idle
 
-SCENARIOS = ("a", "b", "c", "d", "d-rate", "e/f")
+SCENARIOS = ("a", "b", "c", "k", "d", "d-rate", "e/f")
 
 
 def _parley_version() -> str:
@@ -71,10 +71,14 @@ def peer_target(name: str, cpu: int | None) -> Iterator[Target]:
         )
 
 
-def target(name: str, cpu: int | None, scenario: str, trace: Path | None = None) -> Any:
+def target(
+    name: str, cpu: int | None, scenario: str, trace: Path | None = None, workers: int = 1
+) -> Any:
     if name == "parley":
         # No pings inside the idle measurement; the publisher is not rate-limited.
         extra = ["--ping-interval", "3600"] if scenario == "e/f" else []
+        if workers > 1:
+            extra += ["--workers", str(workers)]
         return parley_target(cpu, extra, trace)
     return peer_target(name, cpu)
 
@@ -95,13 +99,14 @@ def run_one(t: Target, scenario: str, args: argparse.Namespace, procs: int) -> l
                 t, "b", receivers=100, messages=n, rate=0, processes=procs, timeout=args.timeout
             )
         ]
-    if scenario == "c":
+    if scenario in ("c", "k"):
         rows = []
-        for rate in (float(r) for r in args.rates.split(",")):
+        rates = args.rates if scenario == "c" else args.keep_rates
+        for rate in (float(r) for r in rates.split(",")):
             rows.append(
                 run_broadcast(
                     t,
-                    "c",
+                    scenario,
                     receivers=1000,
                     messages=int(rate * 10),
                     rate=rate,
@@ -157,7 +162,9 @@ def compare(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     for scenario in scenarios:
         for name in targets:
-            with target(name, args.server_cpu, scenario, args.trace) as t:
+            workers = args.parley_workers
+            cpu = None if name == "parley" and workers > 1 else args.server_cpu
+            with target(name, cpu, scenario, args.trace, workers) as t:
                 versions[name] = t.version
                 for row in run_one(t, scenario, args, procs):
                     rows.append(row)
@@ -177,19 +184,21 @@ def _ms(x: float) -> str:
 def report(rows: list[Row], versions: dict[str, str], procs: int) -> str:
     lines = [f"load generator: {procs} process(es) on CPUs {sorted(os.sched_getaffinity(0))}"]
     lines += [f"- {name}: {v}" for name, v in versions.items()]
-    broadcast = [r for r in rows if r.scenario in ("a", "b", "c")]
+    broadcast = [r for r in rows if r.scenario in ("a", "b", "c", "k")]
     if broadcast:
         lines += [
             "",
-            "| scenario | server | offered msg/s | deliveries/s | server µs/delivery | p50 | p90 "
-            "| p99 | max (ms) | lost / gaps / reordered / dup | peak RSS | load-gen CPU |",
+            "| scenario | server | offered msg/s | deliveries/s | server µs/delivery "
+            "(user + system) | p50 | p90 | p99 | max (ms) | lost / gaps / reordered / dup "
+            "| peak RSS | load-gen CPU |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in broadcast:
             d = r.as_dict()
+            total, system = d["server_us_per_delivery"], d["server_system_us_per_delivery"]
             lines.append(
                 f"| {r.scenario} | {r.target} | {d['offered'] or 'max'} | "
-                f"{d['deliveries_per_s']:,} | {d['server_us_per_delivery']:.2f} | "
+                f"{d['deliveries_per_s']:,} | {total:.2f} ({total - system:.2f} + {system:.2f}) | "
                 f"{_ms(d['p50_ms'])} | {_ms(d['p90_ms'])} | {_ms(d['p99_ms'])} | "
                 f"{_ms(d['max_ms'])} | {d['lost']} / {d['gaps']} / {d['reordered']} / "
                 f"{d['duplicates']} | {d['peak_rss_mib']} MiB | {_load(d)} |"
@@ -218,7 +227,7 @@ def report(rows: list[Row], versions: dict[str, str], procs: int) -> str:
         lines += [
             "",
             "| server | sessions | connect storm (sessions/s) | server µs per connect "
-            "(of it system) | KiB per idle session | peak RSS | load-gen CPU |",
+            "(user + system) | KiB per idle session | peak RSS | load-gen CPU |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in idle:
@@ -228,7 +237,8 @@ def report(rows: list[Row], versions: dict[str, str], procs: int) -> str:
             lines.append(
                 f"| {r.target} | {n:,} ({d['failed']} failed) | {rate:,.0f} | "
                 f"{d['server_cpu_s'] / max(1, n) * 1e6:,.0f} "
-                f"({d['server_system_s'] / max(1, n) * 1e6:,.0f}) | {d['idle_kib']:.1f} | "
+                f"({(d['server_cpu_s'] - d['server_system_s']) / max(1, n) * 1e6:,.0f} + "
+                f"{d['server_system_s'] / max(1, n) * 1e6:,.0f}) | {d['idle_kib']:.1f} | "
                 f"{d['peak_rss_mib']} MiB | {_load(d)} |"
             )
     return "\n".join(lines)

@@ -9,6 +9,8 @@ Scenarios (issue 6):
   a  fan-out: 1,000 receivers in one room, one publisher, as fast as acked
   b  100 receivers, 20,000 messages
   c  latency at a fixed load: 1,000 receivers, N messages/s for 10 s (``--rates``)
+  k  receivers that keep up: as c, at rates where each delivery is its own write
+     (``--keep-rates``), for the server's user and system CPU per delivery
   d  1:1 chat: 2,000 users in 1,000 direct rooms, acks and receipts; at full speed
      (``d``) and at a fixed total rate (``d-rate``)
   e  idle: server memory per authenticated idle session, 10,000 sessions
@@ -73,6 +75,11 @@ class Row:
     def cpu_per_delivery_us(self) -> float:
         return self.server_cpu_s / self.tally.deliveries * 1e6 if self.tally.deliveries else 0.0
 
+    @property
+    def system_per_delivery_us(self) -> float:
+        n = self.tally.deliveries
+        return self.server_system_s / n * 1e6 if n else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         t = self.tally
         return {
@@ -98,6 +105,7 @@ class Row:
             "server_cpu_s": round(self.server_cpu_s, 3),
             "server_system_s": round(self.server_system_s, 3),
             "server_us_per_delivery": round(self.cpu_per_delivery_us, 3),
+            "server_system_us_per_delivery": round(self.system_per_delivery_us, 3),
             "peak_rss_mib": round(self.peak_rss_kib / 1024, 1),
             "loadgen_cpu_s": round(t.cpu_s, 3),
             "connected": t.connected,

@@ -12,7 +12,7 @@ Each peer runs as its own process on 127.0.0.1:PORT (optionally pinned to one CP
     ``431[]``; every other socket in room ``bench`` gets ``42["m","hello"]``. The server
     pings with ``2`` every 25 s and expects ``3`` within 20 s.
 
-``websockets`` (peer ``websockets``)
+``websockets`` (peers ``websockets``, ``ws-node`` and ``floor``)
     Connect to ``ws://127.0.0.1:PORT/?room=NAME``. A text frame ``<room>\\n<text>`` is
     broadcast as ``<text>`` to every other connection in ``<room>``, then the sender gets
     the text frame ``ok``. Standard WebSocket pings (the client library answers them).
@@ -42,7 +42,7 @@ CACHE = Path(os.environ.get("PARLEY_BENCH_CACHE", Path.home() / ".cache" / "parl
 
 HERE = Path(__file__).resolve().parent
 
-SOCKETIO_NODE_VERSION = "4.8.4"
+NODE_PINS: dict[str, str] = {"socket.io": "4.8.4", "ws": "8.23.0"}
 PYTHON_PINS: dict[str, str] = {
     "python-socketio": "5.18.1",
     "uvicorn": "0.54.0",
@@ -57,7 +57,7 @@ PYTHON_PINS: dict[str, str] = {
 _PIP_EXTRAS: dict[str, str] = {"uvicorn": "uvicorn[standard]"}
 
 Kind = Literal["socketio", "websockets"]
-Runtime = Literal["node", "python"]
+Runtime = Literal["node", "python", "stdlib"]
 
 
 class PeerError(RuntimeError):
@@ -68,13 +68,16 @@ class PeerError(RuntimeError):
 class Peer:
     name: str
     kind: Kind  # the wire protocol the load generator speaks to it
-    runtime: Runtime  # node: CACHE/node; python: CACHE/venv
+    runtime: Runtime  # node: CACHE/node; python: CACHE/venv; stdlib: this interpreter
     script: str  # file beside this module, started with the runtime and the port
 
     def command(self, port: int) -> list[str]:
         """The argv that starts this peer on 127.0.0.1:``port`` (the process is the server
         itself: no shell, no npm, no forking launcher)."""
-        runtime = _node() if self.runtime == "node" else str(_venv_python())
+        if self.runtime == "node":
+            runtime = _node()
+        else:
+            runtime = str(_venv_python()) if self.runtime == "python" else sys.executable
         return [runtime, str(HERE / self.script), str(port)]
 
     def environment(self) -> dict[str, str]:
@@ -95,6 +98,8 @@ PEERS: dict[str, Peer] = {
         Peer("socketio-node", "socketio", "node", "socketio_server.js"),
         Peer("python-socketio", "socketio", "python", "pysio_server.py"),
         Peer("websockets", "websockets", "python", "ws_server.py"),
+        Peer("ws-node", "websockets", "node", "ws_server.js"),
+        Peer("floor", "websockets", "stdlib", "floor_server.py"),
     )
 }
 
@@ -129,7 +134,7 @@ def _node() -> str:
     node = shutil.which("node")
     if node is None:
         raise PeerError(
-            "the socketio-node peer needs Node.js and npm on PATH: install "
+            "the Node peers need Node.js and npm on PATH: install "
             "them, e.g. `apt-get install nodejs npm` on Debian"
         )
     return node
@@ -140,22 +145,26 @@ def _npm() -> str:
     npm = shutil.which("npm")
     if npm is None:
         raise PeerError(
-            "the socketio-node peer needs npm on PATH (Node.js is there): install it, e.g. "
+            "the Node peers need npm on PATH (Node.js is there): install it, e.g. "
             "`apt-get install npm` on Debian"
         )
     return npm
 
 
-def _installed_socketio() -> str | None:
-    """The version of socket.io under CACHE/node, or None."""
+def _installed_node(package: str) -> str | None:
+    """The version of ``package`` under CACHE/node, or None."""
     import json
 
     try:
-        manifest = json.loads((_node_modules() / "socket.io" / "package.json").read_text())
+        manifest = json.loads((_node_modules() / package / "package.json").read_text())
     except (OSError, ValueError):
         return None
     version = manifest.get("version")
     return version if isinstance(version, str) else None
+
+
+def _node_ok() -> bool:
+    return all(_installed_node(name) == version for name, version in NODE_PINS.items())
 
 
 def _normalize(project: str) -> str:
@@ -184,10 +193,9 @@ def _install_node() -> None:
     npm = _npm()
     prefix = _node_prefix()
     prefix.mkdir(parents=True, exist_ok=True)
+    pins = [f"{name}@{version}" for name, version in NODE_PINS.items()]
     print(
-        f"peers: installing socket.io {SOCKETIO_NODE_VERSION} into {prefix} (npm) ...",
-        file=sys.stderr,
-        flush=True,
+        f"peers: installing {' '.join(pins)} into {prefix} (npm) ...", file=sys.stderr, flush=True
     )
     subprocess.run(
         [
@@ -199,13 +207,13 @@ def _install_node() -> None:
             "--no-audit",
             "--no-fund",
             "--loglevel=error",
-            f"socket.io@{SOCKETIO_NODE_VERSION}",
+            *pins,
         ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    if _installed_socketio() != SOCKETIO_NODE_VERSION:
-        raise PeerError(f"npm did not install socket.io {SOCKETIO_NODE_VERSION} in {prefix}")
+    if not _node_ok():
+        raise PeerError(f"npm did not install {' '.join(pins)} in {prefix}")
 
 
 def _install_venv() -> None:
@@ -236,12 +244,12 @@ def _install_venv() -> None:
 
 def ensure_installed(names: Iterable[str]) -> None:
     """Install what the named peers need under CACHE, unless it is there already at the
-    pinned versions: socket.io (npm) in CACHE/node, the Python peers in the virtualenv
+    pinned versions: socket.io and ws (npm) in CACHE/node, the Python peers in the virtualenv
     CACHE/venv (made with this interpreter)."""
     runtimes = {_peer(name).runtime for name in names}
     if "node" in runtimes:
         _node()
-        if _installed_socketio() != SOCKETIO_NODE_VERSION:
+        if not _node_ok():
             _install_node()
     if "python" in runtimes and not _venv_ok():
         _install_venv()
@@ -255,13 +263,14 @@ def versions(name: str) -> str:
     "socket.io 4.8.4 on Node v20.20.2"."""
     peer = _peer(name)
     if peer.runtime == "node":
-        socketio_version = _installed_socketio()
-        if socketio_version is None:
-            raise PeerError(f"socket.io is not installed in {_node_prefix()}: ensure_installed")
+        package = "socket.io" if peer.kind == "socketio" else "ws"
+        version = _installed_node(package)
+        if version is None:
+            raise PeerError(f"{package} is not installed in {_node_prefix()}: ensure_installed")
         node = subprocess.run(
             [_node(), "--version"], check=True, capture_output=True, text=True
         ).stdout.strip()
-        return f"socket.io {socketio_version} on Node {node}"
+        return f"{package} {version} on Node {node}"
     if not _venv_python().exists():
         raise PeerError(f"no virtualenv at {_venv()}: ensure_installed first")
     have = _venv_distributions()
@@ -269,13 +278,22 @@ def versions(name: str) -> str:
     def v(project: str) -> str:
         return have.get(_normalize(project), "(missing)")
 
+    if name == "floor":
+        import platform
+
+        python = f"{platform.python_implementation()} {platform.python_version()}"
+        return f"a raw epoll loop with os.write per delivery on {python}"
     if name == "python-socketio":
         # pysio_server.py selects these explicitly (what uvicorn's "auto" picks).
         return (
             f"python-socketio {v('python-socketio')} on uvicorn {v('uvicorn')}"
             f" (uvloop {v('uvloop')}, httptools {v('httptools')}, websockets {v('websockets')})"
         )
-    python = subprocess.run(
+    return f"websockets {v('websockets')} on {_python_version()} (asyncio event loop)"
+
+
+def _python_version() -> str:
+    return subprocess.run(
         [
             str(_venv_python()),
             "-c",
@@ -285,7 +303,6 @@ def versions(name: str) -> str:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    return f"websockets {v('websockets')} on {python} (asyncio event loop)"
 
 
 # --- running ------------------------------------------------------------------------------
@@ -326,8 +343,10 @@ def start(name: str, port: int, cpu: int | None, *, startup_timeout: float = 30)
     process itself (taskset execs it), for /proc/PID/stat and VmRSS. At exit: SIGTERM, and
     SIGKILL if it has not stopped within 10 s. Call ``ensure_installed`` first."""
     peer = _peer(name)
-    if peer.runtime == "node" and _installed_socketio() is None:
-        raise PeerError(f"socket.io is not installed in {_node_prefix()}: ensure_installed")
+    if peer.runtime == "node" and not _node_ok():
+        raise PeerError(
+            f"{' '.join(NODE_PINS)} not installed in {_node_prefix()}: ensure_installed"
+        )
     if peer.runtime == "python" and not _venv_python().exists():
         raise PeerError(f"no virtualenv at {_venv()}: ensure_installed first")
     try:
