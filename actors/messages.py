@@ -72,8 +72,11 @@ class Reply(Generic[T]):
     async def wait(self) -> T:
         """The value, or ``RequestFailed``. Callers bound this with ``trio.fail_after``."""
         await self._done.wait()
-        if self._error is not None:
-            raise self._error
+        error = self._error
+        if error is not None:
+            # A new exception each time: raising the stored one would give it a traceback
+            # through this frame, which holds the reply, which holds it (a cycle).
+            raise RequestFailed(error.code, error.message)
         return self._value  # type: ignore[return-value]
 
 

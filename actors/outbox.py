@@ -212,6 +212,11 @@ class Outbox:
         if self._on_broken is not None:
             self._on_broken()
 
+    def disown(self) -> None:
+        """The connection is over: drop the callbacks into it, which are the cycle
+        connection -> outbox -> connection (see ``Session.release``)."""
+        self._on_overflow = self._on_broken = self._start_writer = None
+
     # --- the writer's side ----------------------------------------------------------
 
     async def next_batch(self) -> list[bytes]:

@@ -143,6 +143,10 @@ _HELLO, _QUIET, _BUSY, _PINGED = range(4)
 CloseFn = Callable[[CloseCode, str], None]
 
 
+def _closed(code: CloseCode, reason: str) -> None:
+    """A released session's close: its connection is over already."""
+
+
 class Session:
     # Slots: a session has over 30 attributes, past which CPython's instance dicts stop
     # sharing their keys: 1.4 KiB more per idle session (BENCHMARKS.md, "Idle sessions").
@@ -214,7 +218,7 @@ class Session:
         self._rosters: dict[str, frozenset[str]] = {}  # small room -> members followed
         self._watched = _NOBODY  # replaced, not mutated: most sessions watch nobody
         self._kv = False  # has spoken to the user's kv actor, which may follow it
-        self._feeds = SessionFeeds(self)
+        self._feeds: SessionFeeds | None = None  # made by the first feed frame or event
 
     # --- driven by the connection -----------------------------------------------------
 
@@ -309,9 +313,10 @@ class Session:
             self.blocks = event.blocks
             if self._blocks_known is not None:
                 self._blocks_known.set()
-            self._feeds.blocks_changed(event.blocks)
+            if self._feeds is not None:
+                self._feeds.blocks_changed(event.blocks)
         elif type(event) is FeedDelta or type(event) is FeedDirty or type(event) is ProfileChanged:
-            self._feeds.on_event(event)
+            self._feed_side().on_event(event)
         elif type(event) is Refused:
             self._error(event.code, event.message, request_id=event.id, room=event.room)
         elif type(event) is ActorMoved:
@@ -341,7 +346,9 @@ class Session:
         if self._kv:
             targets.append((ActorKind.KV, link.user, Detach(link)))
         self.rooms.clear()
-        await self._feeds.detach(link)
+        feeds, self._feeds = self._feeds, None
+        if feeds is not None:
+            await feeds.detach(link)
         for kind, key, command in targets:
             ref = self._s.directory.get(kind, key)
             if ref is None:
@@ -619,8 +626,24 @@ class Session:
             blocks = await self.known_blocks()
             return self._send(BlockList(id=frame.id, users=tuple(sorted(blocks))))
         if type(frame) in FEED_FRAMES:
-            return await self._feeds.handle(frame)
+            return await self._feed_side().handle(frame)
         raise AssertionError(f"no handler for {frame!r}")
+
+    def _feed_side(self) -> SessionFeeds:
+        feeds = self._feeds
+        if feeds is None:
+            feeds = self._feeds = SessionFeeds(self)
+        return feeds
+
+    def release(self) -> None:
+        """The connection is over and detached: drop what refers back to it, so that the
+        connection and this session are freed by reference counting as soon as they are
+        let go, not left to the cyclic collector (whose passes are the server's longest
+        stalls: BENCHMARKS.md, "Stalls")."""
+        self._close_connection = _closed
+        self._timer.cancel()
+        self._feeds = None
+        self.link = None
 
     async def known_blocks(self) -> frozenset[str]:
         """Whom the user blocks, once the user actor has said (it may still be loading)."""
@@ -636,7 +659,7 @@ class Session:
         number = frame.room[len(POST_PREFIX) :]
         if not number.isdigit() or number != str(int(number)):
             raise RequestFailed(ErrorCode.NOT_FOUND, "no such room")
-        author = await self._feeds.post_author(int(number))
+        author = await self._feed_side().post_author(int(number))
         await self._attach(
             frame.id,
             frame.room,

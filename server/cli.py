@@ -2,7 +2,6 @@
 
 import argparse
 import functools
-import gc
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ import trio
 from protocol.client import TokenSource
 from protocol.limits import is_room_id
 from protocol.validate import ROOM_RULE
+from server import collector
 from server.chat import ChatError
 from server.config import (
     DATABASE_POOL,
@@ -194,7 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         resolved = attrs.evolve(config, secret=secrets.secret, admin_token=secrets.admin_token)
         return trio.run(run_workers, resolved)
-    tune_gc()
+    collector.install()
     verifier = token_verifier(secrets.secret, require_exp=not config.allow_tokens_without_exp)
     trio.run(functools.partial(serve, config, verifier, secrets.admin_token, worker=args.worker))
     return 0
@@ -209,17 +209,6 @@ def _worker_setup(index: int, *, pin: bool) -> None:
         handler.setFormatter(prefix)
     if pin:
         log.info("pinned to CPU %d", pin_to_cpu(index))
-
-
-def tune_gc() -> None:
-    """Collect cycles less often than CPython's default (700 allocations).
-
-    Measured (BENCHMARKS.md, "Idle sessions"): a node holds many long-lived objects per
-    session, and the default thresholds made the collector walk them all again and
-    again: connecting 5,000 sessions cost 1.35 ms of server CPU each, 0.97 ms with these
-    thresholds (0.74 ms with no collector at all)."""
-    gc.freeze()  # what start-up made lives as long as the process: out of every pass
-    gc.set_threshold(50_000, 20, 100)
 
 
 def cmd_token(args: argparse.Namespace) -> int:

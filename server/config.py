@@ -371,6 +371,12 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "seconds SIGTERM waits for storage and clients before exiting",
         _positive_float,
     ),
+    Option(
+        "--gc-sweep-interval",
+        "seconds between full garbage-collector passes, one pause that walks every "
+        "object (0: only after a million more objects)",
+        _non_negative_float,
+    ),
 )
 
 
@@ -441,6 +447,7 @@ class Config:
     write_batch: int = 5000
     actor_idle: float = _d.actor_idle
     storage_probe_interval: float = 5.0
+    gc_sweep_interval: float = 3600.0
     drain_timeout: float = 10.0
 
     def settings(self) -> Settings:

@@ -138,6 +138,8 @@ class Connection:
             with trio.move_on_after(DETACH_TIMEOUT, shield=True):
                 await self.session.detach()
             await trio.aclose_forcefully(self._stream)
+            self.outbox.disown()
+            self.session.release()
 
     async def _internal_error(self) -> None:
         """Close with 1011 after a bug here, in the session or in the writer."""

@@ -52,6 +52,7 @@ from actors.services import Claims, Services
 from actors.timers import Timers
 from actors.user import User
 from protocol.errors import CloseCode
+from server import collector
 from server.config import Config
 from server.connection import Admission, Connection
 from storage.bus import InProcessBus
@@ -328,6 +329,7 @@ async def _open_node(
             await nursery.start(pump.run)
             timers = Timers()
             await nursery.start(timers.run)
+            nursery.start_soon(collector.run, config.gc_sweep_interval)
             directory = Directory(nursery, metrics, mailbox_size=settings.mailbox_size)
             services = Services(
                 settings=settings,

@@ -3,7 +3,9 @@
 
 Every ``INTERVAL`` seconds it appends to FILE what the benchmark tables cannot show:
 how often the event loop waited for I/O and how many task steps ran, by task (rooms and
-users summed), and the cyclic garbage collector's passes and pauses per generation.
+users summed), the longest task step (the longest the loop ran nothing else: the stall a
+client feels, garbage-collector passes included), and the cyclic garbage collector's
+passes and pauses per generation.
 Divided by the messages of that interval, these say how much work one message costs
 the loop, which is what separates the cost of a message at a fixed rate from its cost
 at full speed (BENCHMARKS.md). Adds a few µs per task step: for diagnosis, not for the
@@ -66,9 +68,20 @@ def _install(path: str) -> None:
             self.steps: Counter[str] = Counter()
             self.waits = 0
             self.since = time.monotonic()
+            self.step_started = 0.0
+            self.longest = (0.0, "")  # the longest task step: the loop ran nothing else
+            self.over = 0  # steps of 20 ms or more
 
         def before_task_step(self, task: trio.lowlevel.Task) -> None:
             self.steps[task.name] += 1
+            self.step_started = time.perf_counter()
+
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            took = time.perf_counter() - self.step_started
+            if took >= 0.02:
+                self.over += 1
+            if took > self.longest[0]:
+                self.longest = (took, task.name)
 
         def before_io_wait(self, timeout: float) -> None:
             self.waits += 1
@@ -81,11 +94,14 @@ def _install(path: str) -> None:
             with open(path, "a") as f:
                 f.write(
                     f"--- {now - self.since:.1f} s: {self.waits} waits for I/O, "
-                    f"{sum(by.values())} task steps\n"
+                    f"{sum(by.values())} task steps; longest step {self.longest[0] * 1e3:.1f} ms "
+                    f"({_group(self.longest[1])}), {self.over} of 20 ms or more\n"
                 )
                 f.writelines(f"{n:9d} {name}\n" for name, n in by.most_common(10))
                 f.write(collector.line() + "\n")
             self.steps.clear()
+            self.longest = (0.0, "")
+            self.over = 0
             self.waits = 0
             self.since = now
 
