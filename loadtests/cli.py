@@ -118,13 +118,6 @@ def add_bench_parser(sub: "argparse._SubParsersAction[Any]") -> None:
     compare.add_argument(
         "--keep-rates", default="20,200", help="scenario k: messages/s, comma-separated"
     )
-    compare.add_argument(
-        "--parley-workers",
-        type=int,
-        default=1,
-        metavar="N",
-        help="run Parley with --workers N, unpinned (CPU and memory are the workers' sum)",
-    )
     compare.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
     compare.add_argument("--sessions", type=int, default=10_000, help="scenario e/f sessions")
     compare.add_argument("--chat-rate", type=float, default=10_000, help="d-rate: total msg/s")

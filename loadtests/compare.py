@@ -71,14 +71,10 @@ def peer_target(name: str, cpu: int | None) -> Iterator[Target]:
         )
 
 
-def target(
-    name: str, cpu: int | None, scenario: str, trace: Path | None = None, workers: int = 1
-) -> Any:
+def target(name: str, cpu: int | None, scenario: str, trace: Path | None = None) -> Any:
     if name == "parley":
         # No pings inside the idle measurement; the publisher is not rate-limited.
         extra = ["--ping-interval", "3600"] if scenario == "e/f" else []
-        if workers > 1:
-            extra += ["--workers", str(workers)]
         return parley_target(cpu, extra, trace)
     return peer_target(name, cpu)
 
@@ -162,9 +158,7 @@ def compare(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     for scenario in scenarios:
         for name in targets:
-            workers = args.parley_workers
-            cpu = None if name == "parley" and workers > 1 else args.server_cpu
-            with target(name, cpu, scenario, args.trace, workers) as t:
+            with target(name, args.server_cpu, scenario, args.trace) as t:
                 versions[name] = t.version
                 for row in run_one(t, scenario, args, procs):
                     rows.append(row)
