@@ -18,6 +18,8 @@ import trio
 
 from actors.outbox import Outbox, write_ready
 
+CHUNK = 256  # outboxes written per step: about 1 to 3 ms of system calls
+
 
 class WritePump:
     def __init__(self) -> None:
@@ -36,7 +38,13 @@ class WritePump:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             dirty, self._dirty = self._dirty, []
-            self.write(dirty)
+            # A few ms of writes per step at most: 2,000 outboxes in one step held the
+            # loop for 26 ms (BENCHMARKS.md, "Stalls"). An outbox appended to meanwhile
+            # is written with its chunk or marked again.
+            for start in range(0, len(dirty), CHUNK):
+                if start:
+                    await trio.lowlevel.checkpoint()
+                self.write(dirty[start : start + CHUNK])
 
     def write(self, outboxes: list[Outbox]) -> None:
         self.writes += write_ready(outboxes)

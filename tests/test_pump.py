@@ -198,3 +198,38 @@ async def test_the_writer_task_runs_only_while_the_pump_cannot_write() -> None:
         nursery.cancel_scope.cancel()
     await sender.aclose()
     await receiver.aclose()
+
+
+async def test_pump_writes_a_large_fan_out_in_steps_of_a_chunk() -> None:
+    from actors.pump import CHUNK
+
+    pairs = [socket.socketpair() for _ in range(CHUNK * 2 + 10)]
+    pump = WritePump()
+    outboxes = [Outbox(2**20, pump=pump, fd=a.fileno()) for a, _ in pairs]
+
+    class Steps(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.pump = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task.name.endswith("WritePump.run"):
+                self.pump += 1
+
+    steps = Steps()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.add_instrument(steps)
+            for n, outbox in enumerate(outboxes):
+                outbox.append(b"frame %d" % n)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.remove_instrument(steps)
+            nursery.cancel_scope.cancel()
+        assert pump.writes == len(pairs)
+        assert [b.recv(100) for _, b in pairs] == [b"frame %d" % n for n in range(len(pairs))]
+        assert steps.pump == 3  # woken, then two checkpoints between three chunks
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
