@@ -66,7 +66,7 @@ from actors.messages import (
     refuse,
     tell_session,
 )
-from actors.outbox import Sink
+from actors.outbox import Sink, write_through
 from actors.receipts import RoomReceipts
 from actors.services import Services, claim_fence, read_until_stored
 from actors.timers import Timer
@@ -95,6 +95,7 @@ from storage.write_behind import COMMITTED, Ticket
 log = logging.getLogger(__name__)
 
 TURN = 64  # most messages a room publishes before letting other tasks run
+WRITE_THROUGH_MAX = 2048  # members a fan-out writes itself (~10 ms); more: the pump
 LIGHT_PER_TURN = 16  # a receipt or any other command costs 1/16 of a publish
 PRUNE_EVERY = 1024  # messages between sweeps for closed outboxes
 
@@ -175,6 +176,7 @@ class Room:
         # from one publish, ``actors.cluster``), and how many such publishes so far.
         self._fence: Fence | None = None
         self._locals = self.subs if services.cluster is None else {}
+        self._alone = False  # the command being handled has nothing queued behind it
         self._remote = 0
         self._pub = 0
         self.released = COMMITTED  # the record that lets the room go, once retired
@@ -229,7 +231,10 @@ class Room:
         while True:
             if not isinstance(command, _Tick):
                 budget -= LIGHT_PER_TURN if type(command) is Publish else 1
+                # Nothing queued behind it: its frames go straight to the sockets.
+                self._alone = inbox.statistics().current_buffer_used == 0
                 self._dispatch(command)
+                self._alone = False
                 handled = True
             if budget <= 0:
                 return handled
@@ -655,8 +660,11 @@ class Room:
 
     def _fan_out(self, frame: bytes, kind: type[Frame]) -> None:
         subs = self._locals
-        for outbox in subs:
-            outbox.append(frame)
+        if self._alone and len(subs) <= WRITE_THROUGH_MAX:
+            write_through(subs, frame)
+        else:
+            for outbox in subs:
+                outbox.append(frame)
         if self._remote:
             self._pub += 1
             self._s.cluster.broadcast(self.key, self._pub, frame)  # type: ignore[union-attr]

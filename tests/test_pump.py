@@ -233,3 +233,28 @@ async def test_pump_writes_a_large_fan_out_in_steps_of_a_chunk() -> None:
         for a, b in pairs:
             a.close()
             b.close()
+
+
+async def test_write_through_writes_idle_outboxes_itself_and_keeps_order_elsewhere() -> None:
+    from actors.outbox import write_through
+
+    pairs = [socket.socketpair() for _ in range(3)]
+    pump = WritePump()
+    idle, busy, held = (Outbox(2**20, pump=pump, fd=a.fileno()) for a, _ in pairs)
+    busy.append(b"first;")  # pending: the pump has not run
+    held.hold()  # a replay is being written
+    write_through([idle, busy, held], b"live;")
+    assert pump.writes == 0
+    assert pairs[0][1].recv(100) == b"live;"  # written at once, no pump
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pairs[1][1].recv(100) == b"first;live;"  # after what was pending
+        held.append_direct(b"replay;")
+        held.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert pairs[2][1].recv(100) == b"replay;live;"  # after the replay
+        nursery.cancel_scope.cancel()
+    for a, b in pairs:
+        a.close()
+        b.close()
