@@ -5,7 +5,10 @@ import time
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from protocol.limits import is_user_id
 from server.tokens import ALGORITHM, LEEWAY_SECONDS, issue_token, token_verifier
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -29,6 +32,8 @@ def reference(token: str, *, require_exp: bool = True) -> str:
         return f"error: {exc}"
     except jwt.InvalidTokenError as exc:
         return f"error: {exc or type(exc).__name__}"
+    if not isinstance(claims["sub"], str) or not is_user_id(claims["sub"]):
+        return "error: token subject is not a valid user id"  # the server's own rule
     return f"{claims['sub']} until {claims.get('exp')}"
 
 
@@ -82,3 +87,63 @@ def test_an_asymmetric_key_is_refused_as_a_secret_at_once() -> None:
     pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYI\n-----END PUBLIC KEY-----"
     with pytest.raises(jwt.InvalidKeyError):
         token_verifier(pem)
+
+
+def test_the_servers_own_tokens_take_the_fast_path() -> None:
+    import hashlib
+    import hmac
+
+    from server.tokens import _valid_as_issued
+
+    mac = hmac.new(SECRET.encode(), digestmod=hashlib.sha256)
+    token = issue_token(SECRET, "alice", 3600)
+    claims = _valid_as_issued(token, mac, True, time.time())
+    assert claims is not None and claims["sub"] == "alice"
+    # Anything else is PyJWT's to judge: a wrong key, another header, an extra claim.
+    other = hmac.new(b"another secret", digestmod=hashlib.sha256)
+    assert _valid_as_issued(token, other, True, time.time()) is None
+    extra = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60, "x": 1}, SECRET, "HS256")
+    assert _valid_as_issued(extra, mac, True, time.time()) is None
+
+
+claim_values = st.one_of(
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.text(max_size=8),
+    st.none(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    claims=st.dictionaries(
+        st.sampled_from(["sub", "iat", "exp", "nbf", "aud", "x"]), claim_values, max_size=4
+    ),
+    near=st.sampled_from([None, "sub", "iat", "exp"]),
+    offset=st.integers(-7200, 7200),
+    key=st.sampled_from([SECRET, SECRET + "x"]),
+    tamper=st.sampled_from(["none", "payload", "signature", "header"]),
+    require_exp=st.booleans(),
+)
+def test_same_verdicts_as_pyjwt_for_any_claims(
+    claims: dict[str, object],
+    near: str | None,
+    offset: int,
+    key: str,
+    tamper: str,
+    require_exp: bool,
+) -> None:
+    if near == "sub":
+        claims["sub"] = "alice"
+    elif near is not None:
+        claims[near] = int(time.time()) + offset  # around now and the leeway
+    token = jwt.encode(claims, key, algorithm="HS256")
+    head, payload, signature = token.split(".")
+    if tamper == "payload":
+        token = f"{head}.{payload}A.{signature}"
+    elif tamper == "signature":
+        token = f"{head}.{payload}.{signature[:-2]}AA"
+    elif tamper == "header":
+        token = jwt.encode(claims, key, algorithm="HS256", headers={"kid": "1"})
+    assert ours(token, require_exp=require_exp) == reference(token, require_exp=require_exp)
