@@ -159,6 +159,8 @@ class RemoteActor:
                 try:  # what is queued first: a wait with a deadline costs a cancel scope
                     command = inbox.receive_nowait()
                 except trio.WouldBlock:
+                    pass  # not waited for in here: the WouldBlock would live as long
+                if command is None:
                     with trio.move_on_after(idle):
                         command = await inbox.receive()
                 if command is None or self._moved:

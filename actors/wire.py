@@ -158,35 +158,38 @@ _PLAIN = (str, int, bytes, bool, float, type(None))
 
 def pack(record: object, exits: Exits) -> bytes:
     """``record`` as bytes for another node."""
+    return cbor2.dumps(_out(record, exits))
 
-    def out(value: Any) -> Any:
-        cls = type(value)
-        if cls in _PLAIN:
-            return value
-        if cls is tuple:  # cbor2 would write a plain array, which reads back as a list
-            return cbor2.CBORTag(TUPLE, [out(v) for v in value])
-        if cls is frozenset:
-            return cbor2.CBORTag(FROZENSET, [out(v) for v in value])
-        if cls is list:
-            return [out(v) for v in value]
-        if cls is dict:
-            return {k: out(v) for k, v in value.items()}
-        if cls is Raw:
-            return cbor2.CBORTag(RAW, value.cbor)
-        if cls is Ticket:
-            return cbor2.CBORTag(TICKET, None)
-        if cls is messages.SessionLink:
-            value, cls = exits.link(value), LinkRef
-        elif isinstance(value, messages.Reply):
-            value, cls = exits.reply(value), ReplyRef
-        elif isinstance(value, enum.Enum):
-            return cbor2.CBORTag(ENUM, [cls.__name__, value.value])
-        names = _FIELDS.get(cls)
-        if names is None:
-            raise WireError(f"{cls.__name__} cannot be sent to another node")
-        return cbor2.CBORTag(RECORD, [cls.__name__, *(out(getattr(value, n)) for n in names)])
 
-    return cbor2.dumps(out(record))
+def _out(value: Any, exits: Exits) -> Any:
+    # A module function, not a closure in pack: a nested function that calls itself
+    # holds its own cell, a cycle per call that only the collector frees (and the node
+    # runs it hourly: ARCHITECTURE.md, "Garbage collection").
+    cls = type(value)
+    if cls in _PLAIN:
+        return value
+    if cls is tuple:  # cbor2 would write a plain array, which reads back as a list
+        return cbor2.CBORTag(TUPLE, [_out(v, exits) for v in value])
+    if cls is frozenset:
+        return cbor2.CBORTag(FROZENSET, [_out(v, exits) for v in value])
+    if cls is list:
+        return [_out(v, exits) for v in value]
+    if cls is dict:
+        return {k: _out(v, exits) for k, v in value.items()}
+    if cls is Raw:
+        return cbor2.CBORTag(RAW, value.cbor)
+    if cls is Ticket:
+        return cbor2.CBORTag(TICKET, None)
+    if cls is messages.SessionLink:
+        value, cls = exits.link(value), LinkRef
+    elif isinstance(value, messages.Reply):
+        value, cls = exits.reply(value), ReplyRef
+    elif isinstance(value, enum.Enum):
+        return cbor2.CBORTag(ENUM, [cls.__name__, value.value])
+    names = _FIELDS.get(cls)
+    if names is None:
+        raise WireError(f"{cls.__name__} cannot be sent to another node")
+    return cbor2.CBORTag(RECORD, [cls.__name__, *(_out(getattr(value, n), exits) for n in names)])
 
 
 def unpack(data: bytes, entries: Entries) -> Any:

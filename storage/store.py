@@ -7,6 +7,7 @@ activation, history and resume. Backends translate their own exceptions into the
 """
 
 import re
+import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -20,6 +21,27 @@ from protocol.frames import KvEntry, Message, RoomKind, RoomState, Status
 
 class StorageError(Exception):
     """A store operation failed."""
+
+
+def forget_frames(exc: BaseException) -> None:
+    """Clear the finished frames in the tracebacks of ``exc`` and of what caused it.
+
+    A failed call into a driver leaves a cycle: its task holds the exception, whose
+    traceback holds the frames that hold the task. The node's garbage collector runs
+    hourly (ARCHITECTURE.md, "Garbage collection"), so such cycles are cut here; line
+    numbers stay for the logs, the frames' locals go. Only for an exception caught where
+    it surfaced: every frame it went through has finished, and the catching frame, still
+    running, is left alone (a suspended coroutine's frame would be closed)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)
+        if isinstance(current, BaseExceptionGroup):
+            for inner in current.exceptions:
+                forget_frames(inner)
+        current = current.__cause__ or current.__context__
 
 
 class StorageUnavailable(StorageError):

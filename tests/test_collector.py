@@ -112,3 +112,35 @@ async def test_the_collector_task_sweeps_on_its_interval(
         monkeypatch.setattr(collector, "_installed", False)
         gc.unfreeze()
         gc.enable()
+
+
+def test_forget_frames_cuts_the_cycle_of_a_failed_driver_call() -> None:
+    from storage.store import forget_frames
+
+    class Task:  # as an asyncio task keeps the exception it ended with
+        exception: BaseException | None = None
+
+    def driver(task: Task) -> None:
+        try:
+            raise ConnectionResetError("gone")
+        except ConnectionResetError as exc:
+            task.exception = exc  # task -> exception -> traceback -> this frame -> task
+            raise
+
+    def call(forget: bool) -> int:
+        gc.collect()
+        task = Task()
+        try:
+            driver(task)
+        except OSError as exc:
+            if forget:
+                forget_frames(exc)
+        del task
+        return gc.collect()
+
+    gc.disable()
+    try:
+        assert call(forget=False) > 0
+        assert call(forget=True) == 0
+    finally:
+        gc.enable()
