@@ -8,7 +8,9 @@ never copies. Who writes them depends on the socket:
   (``actors.pump``) does: the first append to an empty outbox marks it dirty, and the
   pump, woken once for all the outboxes a fan-out touched, writes each one's pending
   bytes with one non-blocking system call, in one task, with no task switch per
-  recipient.
+  recipient. A room's fan-out with nothing queued behind it skips even that for an
+  outbox with nothing pending (``write_through``): it makes the system call itself,
+  which is in order since nothing is ahead of that frame.
 - When a write would block (a slow client, a big backlog), or the connection is
   closing, or there is no socket (a memory stream in tests), the outbox belongs to its
   connection's writer task, which waits with ``next_batch`` and sends with ``send_all``

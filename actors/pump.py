@@ -9,7 +9,9 @@ is woken once per fan-out and writes each dirty outbox with one non-blocking
 everything goes back to its connection's writer task (``Outbox.blocked``), which waits
 for it with ``send_all``, so a slow client never holds the pump up.
 
-The pump writes only to outboxes in pump mode, and a connection leaves pump mode
+A room's fan-out with nothing queued behind it writes idle outboxes itself
+(``actors.outbox.write_through``); the pump has the rest. The pump and that fan-out write
+only to outboxes in pump mode, and a connection leaves pump mode
 (``Outbox.close``) before its socket is closed, so a file descriptor number reused by a
 newer connection is never written by mistake.
 """

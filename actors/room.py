@@ -95,7 +95,9 @@ from storage.write_behind import COMMITTED, Ticket
 log = logging.getLogger(__name__)
 
 TURN = 64  # most messages a room publishes before letting other tasks run
-WRITE_THROUGH_MAX = 2048  # members a fan-out writes itself (~10 ms); more: the pump
+# Members a fan-out writes itself, one step of ~4 to 12 ms; more go to the pump, which
+# writes 256 per step (actors.pump: a step is the loop's stall).
+WRITE_THROUGH_MAX = 1024
 LIGHT_PER_TURN = 16  # a receipt or any other command costs 1/16 of a publish
 PRUNE_EVERY = 1024  # messages between sweeps for closed outboxes
 
@@ -233,8 +235,10 @@ class Room:
                 budget -= LIGHT_PER_TURN if type(command) is Publish else 1
                 # Nothing queued behind it: its frames go straight to the sockets.
                 self._alone = inbox.statistics().current_buffer_used == 0
-                self._dispatch(command)
-                self._alone = False
+                try:
+                    self._dispatch(command)
+                finally:
+                    self._alone = False
                 handled = True
             if budget <= 0:
                 return handled

@@ -9,14 +9,20 @@ def progress(text: str) -> None:
 
 
 def family(pid: int) -> list[int]:
-    """``pid`` and its live descendants (a server started with ``--workers N``)."""
+    """``pid`` and its live descendants (a server started with ``--workers N``): the
+    children of every thread, as trio starts processes from worker threads."""
     found, i = [pid], 0
     while i < len(found):
         try:
-            with open(f"/proc/{found[i]}/task/{found[i]}/children") as f:
-                found += [int(child) for child in f.read().split()]
+            threads = os.listdir(f"/proc/{found[i]}/task")
         except OSError:
-            pass
+            threads = []
+        for thread in threads:
+            try:
+                with open(f"/proc/{found[i]}/task/{thread}/children") as f:
+                    found += [int(child) for child in f.read().split()]
+            except OSError:
+                pass
         i += 1
     return found
 

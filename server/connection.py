@@ -135,11 +135,13 @@ class Connection:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await self._stop_writer()
             self.outbox.close()  # out of the pump's hands before the socket closes
-            with trio.move_on_after(DETACH_TIMEOUT, shield=True):
-                await self.session.detach()
-            await trio.aclose_forcefully(self._stream)
-            self.outbox.disown()
-            self.session.release()
+            try:
+                with trio.move_on_after(DETACH_TIMEOUT, shield=True):
+                    await self.session.detach()
+                await trio.aclose_forcefully(self._stream)  # raises Cancelled at shutdown
+            finally:
+                self.outbox.disown()
+                self.session.release()
 
     async def _internal_error(self) -> None:
         """Close with 1011 after a bug here, in the session or in the writer."""

@@ -80,8 +80,8 @@ def _valid_as_issued(
     try:
         signed = mac.copy()
         signed.update(f"{parts[0]}.{parts[1]}".encode("ascii"))
-        signature = base64.urlsafe_b64encode(signed.digest()).rstrip(b"=").decode("ascii")
-        if not hmac.compare_digest(signature, parts[2]):
+        signature = base64.urlsafe_b64encode(signed.digest()).rstrip(b"=")
+        if not hmac.compare_digest(signature, parts[2].encode("ascii")):
             return None
         payload = parts[1] + "=" * (-len(parts[1]) % 4)
         claims = json.loads(base64.urlsafe_b64decode(payload))
@@ -89,14 +89,17 @@ def _valid_as_issued(
         return None
     if type(claims) is not dict or not claims.keys() <= _OUR_CLAIMS:
         return None
-    exp, iat = claims.get("exp"), claims.get("iat")
-    if exp is None:
-        if require_exp:
+    # PyJWT checks a claim whenever its key is there, null included.
+    if "exp" in claims:
+        exp = claims["exp"]
+        if type(exp) is not int or exp <= now - LEEWAY_SECONDS:
             return None
-    elif type(exp) is not int or exp <= now - LEEWAY_SECONDS:
+    elif require_exp:
         return None
-    if iat is not None and (type(iat) is not int or iat > now + LEEWAY_SECONDS):
-        return None
+    if "iat" in claims:
+        iat = claims["iat"]
+        if type(iat) is not int or iat > now + LEEWAY_SECONDS:
+            return None
     if type(claims.get("sub")) is not str:
         return None
     return claims

@@ -32,10 +32,18 @@ def test_parley_keeps_up_with_the_k_scenario_and_the_row_splits_cpu() -> None:
 
 
 SPIN_IN_A_CHILD = """
-import subprocess, sys
-child = subprocess.Popen([sys.executable, "-c",
-    "import time\\nend = time.process_time() + 0.4\\nwhile time.process_time() < end: pass\\n"
-    "print('spun', flush=True)\\ntime.sleep(30)"], stdout=subprocess.PIPE, text=True)
+import subprocess, sys, threading, time
+started = []
+def start():  # from a thread that lives on, as trio.run_process's does
+    started.append(subprocess.Popen([sys.executable, "-c",
+        "import time\\nend = time.process_time() + 0.4\\nwhile time.process_time() < end: pass\\n"
+        "print('spun', flush=True)\\ntime.sleep(30)"], stdout=subprocess.PIPE, text=True))
+    time.sleep(30)
+thread = threading.Thread(target=start, daemon=True)
+thread.start()
+while not started:
+    time.sleep(0.01)
+child = started[0]
 print(child.pid, flush=True)
 child.stdout.readline()
 print("spun", flush=True)

@@ -73,6 +73,7 @@ async def test_the_collector_task_sweeps_when_objects_grow(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
     monkeypatch.setattr(collector, "GROWTH", 1000)
+    monkeypatch.setattr(collector, "_installed", False)  # restored after the test
     collector.install()
     try:
         assert not gc.isenabled()
@@ -88,7 +89,6 @@ async def test_the_collector_task_sweeps_when_objects_grow(
             nursery.cancel_scope.cancel()
         assert ref() is None and len(keep) == 2000
     finally:
-        monkeypatch.setattr(collector, "_installed", False)
         gc.unfreeze()
         gc.enable()
 
@@ -96,8 +96,13 @@ async def test_the_collector_task_sweeps_when_objects_grow(
 async def test_the_collector_task_sweeps_on_its_interval(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
+    monkeypatch.setattr(collector, "_installed", False)  # restored after the test
     collector.install()
     try:
+        frozen = Cycle()  # older than the last pass: only the full sweep walks it
+        frozen_ref = weakref.ref(frozen)
+        del frozen
+        gc.freeze()
         cycle = Cycle()
         ref = weakref.ref(cycle)
         del cycle
@@ -106,10 +111,9 @@ async def test_the_collector_task_sweeps_on_its_interval(
             await trio.sleep(55)
             assert ref() is not None  # no growth, not yet due: no pass
             await trio.sleep(10)
-            assert ref() is None
+            assert ref() is None and frozen_ref() is None
             nursery.cancel_scope.cancel()
     finally:
-        monkeypatch.setattr(collector, "_installed", False)
         gc.unfreeze()
         gc.enable()
 

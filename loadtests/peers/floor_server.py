@@ -112,10 +112,13 @@ def main() -> None:
                 for fd in rooms.get(target.decode(), {}):
                     if fd != c.fd:
                         try:
-                            write(fd, out)
+                            write(fd, out)  # a short write tears the frame: it shows as lost
                         except OSError:
                             pass  # a full or reset socket: that delivery is lost, and shows
-                write(c.fd, OK)
+                try:
+                    write(c.fd, OK)
+                except OSError:
+                    pass
         c.buf = buf
 
     while True:

@@ -2,8 +2,9 @@
 // loadtests/peers/__init__.py (the same one ws_server.py serves).
 //   NODE_PATH=CACHE/node/node_modules node ws_server.js PORT
 // A client connects to /?room=NAME and joins NAME. Each text frame "<room>\n<text>" is
-// sent as "text" to every other member of <room>, one `send` per member as ws's README
-// broadcasts; then the sender gets the text frame "ok". No per-message compression, no
+// sent as "text" to every other member of <room>, one `send` per member of the received
+// bytes as ws's README broadcasts (no re-encoding per member); then the sender gets the
+// text frame "ok". No per-message compression, no
 // server pings, no optional native add-ons (bufferutil): ws as `npm install ws` gives it.
 "use strict";
 
@@ -32,15 +33,14 @@ wss.on("connection", (ws, request) => {
     if (isBinary) {
       return;
     }
-    const frame = data.toString();
-    const cut = frame.indexOf("\n");
+    const cut = data.indexOf(10); // "\n"
     if (cut < 0) {
       return;
     }
-    const text = frame.slice(cut + 1);
-    for (const member of rooms.get(frame.slice(0, cut)) || []) {
+    const text = data.subarray(cut + 1);
+    for (const member of rooms.get(data.toString("utf8", 0, cut)) || []) {
       if (member !== ws && member.readyState === 1) {
-        member.send(text);
+        member.send(text, { binary: false });
       }
     }
     ws.send("ok");
