@@ -98,6 +98,7 @@ TURN = 64  # most messages a room publishes before letting other tasks run
 # Members a fan-out writes itself, one step of ~4 to 12 ms; more go to the pump, which
 # writes 256 per step (actors.pump: a step is the loop's stall).
 WRITE_THROUGH_MAX = 1024
+DELIVERIES_PER_TURN = 16_384  # appends a turn makes at most (the message that crosses it ends it)
 LIGHT_PER_TURN = 16  # a receipt or any other command costs 1/16 of a publish
 PRUNE_EVERY = 1024  # messages between sweeps for closed outboxes
 
@@ -226,13 +227,21 @@ class Room:
         (receive() is a schedule point): the pump then writes many frames per socket in
         one syscall, instead of one frame per wake-up (BENCHMARKS.md). Receipts are
         cheap and come from every member at once: a turn that stopped at 64 of them
-        would leave a thousand sessions blocked on a full mailbox. False if there were
-        only ticks."""
+        would leave a thousand sessions blocked on a full mailbox. A large room's turn
+        also ends after ``DELIVERIES_PER_TURN`` appends: 64 messages to 1,000 members held
+        the loop 20 to 30 ms (BENCHMARKS.md, "Stalls"). False if there were only ticks."""
         budget = TURN * LIGHT_PER_TURN
+        deliveries = DELIVERIES_PER_TURN
         handled = False
         while True:
             if not isinstance(command, _Tick):
-                budget -= LIGHT_PER_TURN if type(command) is Publish else 1
+                if type(command) is Publish:
+                    budget -= LIGHT_PER_TURN
+                    deliveries -= len(self._locals)
+                    if deliveries < 0:
+                        budget = 0
+                else:
+                    budget -= 1
                 # Nothing queued behind it: its frames go straight to the sockets.
                 self._alone = inbox.statistics().current_buffer_used == 0
                 try:
