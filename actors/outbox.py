@@ -259,12 +259,10 @@ class Outbox:
 def write_ready(outboxes: list[Outbox]) -> int:
     """The pump's side: write each outbox's pending bytes to its socket with one
     non-blocking ``os.write``, skipping those the pump may not write (closing, or the
-    writer task has them). A socket that takes only part goes to its writer task; one
-    that fails is ``broken``. Returns the system calls made.
+    writer task has them). Returns the system calls made.
 
     This loop runs once per delivery, so it reads the outboxes' fields directly instead
     of calling a method per outbox (BENCHMARKS.md, "Receivers that keep up")."""
-    write = os.write
     writes = 0
     for outbox in outboxes:
         pending = outbox._pending
@@ -273,16 +271,7 @@ def write_ready(outboxes: list[Outbox]) -> int:
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
         outbox.nbytes -= len(data)  # held frames stay counted
-        try:
-            n = write(outbox.fd, data)  # type: ignore[arg-type]  # in pump mode: a socket
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            outbox.broken()
-            continue
-        writes += 1
-        if n < len(data):
-            outbox.blocked(data[n:])
+        writes += _write(outbox, data)
     return writes
 
 
@@ -293,17 +282,24 @@ def write_through(sinks: Iterable[Sink], data: bytes) -> None:
     behind (receivers that keep up: each delivery is its own write whoever makes it);
     when more is queued, ``append`` lets the pump write several frames per call
     (BENCHMARKS.md, "Receivers that keep up")."""
-    write = os.write
     for sink in sinks:
         if type(sink) is not Outbox or sink._pump is None or sink._pending or sink._holds:
             sink.append(data)
-            continue
-        try:
-            n = write(sink.fd, data)  # type: ignore[arg-type]  # in pump mode: a socket
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            sink.broken()
-            continue
-        if n < len(data):
-            sink.blocked(data[n:])
+        else:
+            _write(sink, data)
+
+
+def _write(outbox: Outbox, data: bytes) -> bool:
+    """One non-blocking write of ``data``, which nothing may precede. A socket that takes
+    only part goes to the outbox's writer task; one that fails is ``broken``. True if
+    the system call was made and did not fail."""
+    try:
+        n = os.write(outbox.fd, data)  # type: ignore[arg-type]  # in pump mode: a socket
+    except BlockingIOError:
+        n = 0
+    except OSError:
+        outbox.broken()
+        return False
+    if n < len(data):
+        outbox.blocked(data[n:])
+    return True
