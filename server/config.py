@@ -374,7 +374,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option(
         "--gc-sweep-interval",
         "seconds between full garbage-collector passes, one pause that walks every "
-        "object (0: only after a million more objects)",
+        "object (0: none; a pass over new objects after every million still runs)",
         _non_negative_float,
     ),
 )
