@@ -9,6 +9,7 @@ import cbor2
 import pytest
 import trio
 
+import actors.room as room_module
 from actors.directory import ActorKind
 from actors.room import TURN
 from loadtests.rawclient import RawClient
@@ -506,3 +507,45 @@ async def test_a_crashed_room_restarts_from_storage(server: RunningServer) -> No
         )
         assert crashes == 1.0
         assert [m.seq for m in (await bob.history("r")).items] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("budget", [room_module.DELIVERIES_PER_TURN, 2])
+async def test_a_turn_ends_after_its_deliveries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int
+) -> None:
+    """A room's turn stops after DELIVERIES_PER_TURN appends, so a large room at full
+    speed does not hold the loop: here two members, so a budget of 2 ends each turn
+    after the second message, and nothing is lost or reordered for it."""
+    monkeypatch.setattr(room_module, "DELIVERIES_PER_TURN", budget)
+    count = 2 * TURN
+
+    class RoomSteps(trio.abc.Instrument):
+        steps = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task.name.startswith("room:"):
+                RoomSteps.steps += 1
+
+    async with (
+        run_server(tmp_path, rate=1000.0, burst=1000) as server,
+        server.client("bob") as bob,
+    ):
+        await bob.create("r")
+        host, port = server.addresses.client
+        alice = await RawClient.connect(host, port, server.token("alice"))
+        async with alice.stream:
+            await alice.send(Join(id=1, room="r"))
+            burst = [
+                client_frame(encode(Send(id=i + 2, room="r", cid=f"c{i}", text=str(i))))
+                for i in range(count)
+            ]
+            instrument = RoomSteps()
+            trio.lowlevel.add_instrument(instrument)
+            await alice.stream.send_all(b"".join(burst))
+            got = await messages(bob, count)
+            trio.lowlevel.remove_instrument(instrument)
+            assert [(m.seq, m.cid) for m in got] == [(i + 1, f"c{i}") for i in range(count)]
+    if budget == 2:
+        assert RoomSteps.steps >= count // 2  # at most two messages per turn
+    else:
+        assert RoomSteps.steps < count // 2  # many messages per turn
