@@ -1,6 +1,7 @@
 """actors/room.py end to end: real listener, real SQLite, the Python client."""
 
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,13 @@ async def test_many_senders_one_order_for_everyone(server: RunningServer) -> Non
         assert mine == [f"user{s}:{i}" for i in range(per_sender)]
 
 
-async def test_a_burst_of_sends_loses_nothing(tmp_path: Path) -> None:
-    """More sends queued at once than a room handles in one turn (room.TURN): the whole
-    burst goes out in one TCP write, so the server reads it in a few large chunks."""
-    count = 3 * TURN + 5
+@asynccontextmanager
+async def a_burst(
+    tmp_path: Path, count: int, watch: trio.abc.Instrument | None = None
+) -> AsyncIterator[RawClient]:
+    """Alice sends ``count`` messages to room r in one TCP write, so the server reads them
+    in a few large chunks, and bob gets all of them in order; ``watch`` runs meanwhile.
+    Yields alice, for her acks."""
     async with (
         run_server(tmp_path, rate=1000.0, burst=1000) as server,
         server.client("bob") as bob,
@@ -85,17 +89,28 @@ async def test_a_burst_of_sends_loses_nothing(tmp_path: Path) -> None:
                 client_frame(encode(Send(id=i + 2, room="r", cid=f"c{i}", text=str(i))))
                 for i in range(count)
             ]
+            if watch is not None:
+                trio.lowlevel.add_instrument(watch)
             await alice.stream.send_all(b"".join(burst))
             got = await messages(bob, count)
+            if watch is not None:
+                trio.lowlevel.remove_instrument(watch)
             assert [(m.seq, m.cid) for m in got] == [(i + 1, f"c{i}") for i in range(count)]
-            acked: set[int] = set()
-            with trio.fail_after(20):
-                while len(acked) < count:
-                    for payload in await alice.receive():
-                        frame = decode_server(payload)
-                        if isinstance(frame, Sent):
-                            acked.add(frame.seq)
-            assert acked == set(range(1, count + 1))
+            yield alice
+
+
+async def test_a_burst_of_sends_loses_nothing(tmp_path: Path) -> None:
+    """More sends queued at once than a room handles in one turn (room.TURN)."""
+    count = 3 * TURN + 5
+    async with a_burst(tmp_path, count) as alice:
+        acked: set[int] = set()
+        with trio.fail_after(20):
+            while len(acked) < count:
+                for payload in await alice.receive():
+                    frame = decode_server(payload)
+                    if isinstance(frame, Sent):
+                        acked.add(frame.seq)
+        assert acked == set(range(1, count + 1))
 
 
 async def test_sender_gets_echo_and_durable_ack(server: RunningServer) -> None:
@@ -526,25 +541,8 @@ async def test_a_turn_ends_after_its_deliveries(
             if task.name.startswith("room:"):
                 RoomSteps.steps += 1
 
-    async with (
-        run_server(tmp_path, rate=1000.0, burst=1000) as server,
-        server.client("bob") as bob,
-    ):
-        await bob.create("r")
-        host, port = server.addresses.client
-        alice = await RawClient.connect(host, port, server.token("alice"))
-        async with alice.stream:
-            await alice.send(Join(id=1, room="r"))
-            burst = [
-                client_frame(encode(Send(id=i + 2, room="r", cid=f"c{i}", text=str(i))))
-                for i in range(count)
-            ]
-            instrument = RoomSteps()
-            trio.lowlevel.add_instrument(instrument)
-            await alice.stream.send_all(b"".join(burst))
-            got = await messages(bob, count)
-            trio.lowlevel.remove_instrument(instrument)
-            assert [(m.seq, m.cid) for m in got] == [(i + 1, f"c{i}") for i in range(count)]
+    async with a_burst(tmp_path, count, RoomSteps()):
+        pass
     if budget == 2:
         assert RoomSteps.steps >= count // 2  # at most two messages per turn
     else:
