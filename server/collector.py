@@ -13,11 +13,11 @@ tests/test_collector.py keeps it so). So the automatic collector is off, and the
 collector task runs one full pass:
 
 - every ``sweep_interval`` seconds (``--gc-sweep-interval``, an hour by default), over
-  every object: about 0.3 µs each on our reference machine, 150 ms for 10,000 idle
-  sessions;
+  every object: about 0.8 µs each on our reference machine, 0.55 to 0.66 s for 10,000
+  idle sessions (700,000 objects);
 - and, between those, over the objects made since the last pass once they grew by
   ``GROWTH``, in case something leaks cycles faster than expected: a pause of up to
-  about 0.3 s, at most once per million new objects (some 20,000 sessions).
+  about 0.8 s, at most once per million new objects (some 15,000 sessions).
 
 After a pass, what survived is frozen (``gc.freeze``), so a growth pass walks only what
 is new. Each pass logs what it freed: a few dozen objects in our measurements; a
