@@ -72,7 +72,7 @@ from storage.store import (
     StoredPresence,
     UserSeen,
     UserSnapshot,
-    forget_frames,
+    forget_tracebacks,
     redact_url,
 )
 
@@ -197,7 +197,7 @@ class PostgresStore:
                 bounded = asyncio.wait_for(run(), bound or self._timeout * 3)
                 result: T = await self._loop.run_aio_coroutine(bounded)
             except Exception as exc:  # the driver's, the socket's, or a timeout
-                forget_frames(exc)
+                forget_tracebacks(exc)
                 raise _translate(exc) from exc
         return result
 

@@ -28,7 +28,7 @@ import attrs
 import hiredis
 import trio
 
-from storage.store import forget_frames
+from storage.store import forget_tracebacks
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class Link:
             try:
                 stream, reader = await self._connect()
             except CONNECTION_ERRORS as exc:
-                forget_frames(exc)  # trio's connect attempts hold it: a cycle per attempt
+                forget_tracebacks(exc)  # trio's connect attempts hold it: a cycle per attempt
                 self.error = f"cannot connect to Redis at {self.address}: {describe(exc)}"
                 log.warning("%s: %s", self.name, self.error)
             else:
@@ -296,7 +296,7 @@ class Link:
                 nursery.start_soon(self._write, stream)
                 await self._read(stream, reader)
         except* CONNECTION_ERRORS as group:
-            forget_frames(group)  # a cancelled writer's group loops back through trio
+            forget_tracebacks(group)  # a cancelled writer's group loops back through trio
             reason = describe(_first(group))
         finally:
             self._connected = False

@@ -7,7 +7,6 @@ activation, history and resume. Backends translate their own exceptions into the
 """
 
 import re
-import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -23,25 +22,27 @@ class StorageError(Exception):
     """A store operation failed."""
 
 
-def forget_frames(exc: BaseException) -> None:
-    """Clear the finished frames in the tracebacks of ``exc`` and of what caused it.
+def forget_tracebacks(exc: BaseException) -> None:
+    """Drop the tracebacks of ``exc`` and of what caused it (groups included).
 
     A failed call into a driver leaves a cycle: its task holds the exception, whose
     traceback holds the frames that hold the task. The node's garbage collector runs
-    hourly (ARCHITECTURE.md, "Garbage collection"), so such cycles are cut here; line
-    numbers stay for the logs, the frames' locals go. Only for an exception caught where
-    it surfaced: every frame it went through has finished, and the catching frame, still
-    running, is left alone (a suspended coroutine's frame would be closed)."""
+    hourly (ARCHITECTURE.md, "Garbage collection"), so such cycles are cut here. The
+    messages stay for the logs; the frames are not touched (clearing a frame that
+    belongs to a suspended coroutine would close it)."""
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
         seen.add(id(current))
-        if current.__traceback__ is not None:
-            traceback.clear_frames(current.__traceback__)
+        current.__traceback__ = None
         if isinstance(current, BaseExceptionGroup):
-            for inner in current.exceptions:
-                forget_frames(inner)
-        current = current.__cause__ or current.__context__
+            pending.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                pending.append(linked)
 
 
 class StorageUnavailable(StorageError):

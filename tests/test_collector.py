@@ -118,8 +118,8 @@ async def test_the_collector_task_sweeps_on_its_interval(
         gc.enable()
 
 
-def test_forget_frames_cuts_the_cycle_of_a_failed_driver_call() -> None:
-    from storage.store import forget_frames
+def test_forget_tracebacks_cuts_the_cycle_of_a_failed_driver_call() -> None:
+    from storage.store import forget_tracebacks
 
     class Task:  # as an asyncio task keeps the exception it ended with
         exception: BaseException | None = None
@@ -138,7 +138,7 @@ def test_forget_frames_cuts_the_cycle_of_a_failed_driver_call() -> None:
             driver(task)
         except OSError as exc:
             if forget:
-                forget_frames(exc)
+                forget_tracebacks(exc)
         del task
         return gc.collect()
 
