@@ -1,5 +1,5 @@
 """How the node runs CPython's cyclic garbage collector: not during the load, but in rare
-full passes.
+passes of its own.
 
 Why: a collector pass stops the whole node while it walks the objects it collects. With
 CPython's generations, a node stopped for 35 to 130 ms in young passes and 400 ms in an
@@ -10,7 +10,7 @@ connection, 17 ms for 2,000 chatting sessions, whatever the thresholds. Yet a no
 next to no cyclic garbage: messages, frames and requests are freed by reference
 counting, and a session breaks its own cycles when it ends (``Session.release``;
 tests/test_collector.py keeps it so). So the automatic collector is off, and the node's
-collector task runs one full pass:
+collector task runs a pass:
 
 - every ``sweep_interval`` seconds (``--gc-sweep-interval``, an hour by default), over
   every object: about 0.8 µs each on our reference machine, 0.55 to 0.66 s for 10,000
