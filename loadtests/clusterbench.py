@@ -109,10 +109,6 @@ class Node:
                     raise RuntimeError(f"{self.name}: not {self.workers} workers listening")
                 time.sleep(0.1)
 
-    def pids(self) -> list[int]:
-        """The process and, under ``--workers``, its workers."""
-        return [self.pid, *_children(self.pid)]
-
     def kill(self) -> None:
         """SIGKILL: no goodbye to Redis, its clients or its leases."""
         if self.proc is not None:
@@ -188,28 +184,14 @@ def _listeners(port: int) -> int:
     return sum(1 for r in rows if r[1] == f"0100007F:{port:04X}" and r[3] == "0A")
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == pid:
-                kids.append(int(entry))
-    return kids
-
-
 def _cpu_of(nodes: list[Node]) -> tuple[float, float]:
-    """(user, system) of every node process and, under ``--workers``, its workers: a
-    worker restarted during the measurement would be missed, and is not expected."""
+    """(user, system) of every node process and, under ``--workers``, its workers
+    (``cpu_times`` counts descendants): a worker restarted during the measurement would
+    be missed, and is not expected."""
     user = system = 0.0
     for node in nodes:
-        for pid in node.pids():
-            u, s = cpu_times(pid)
-            user, system = user + u, system + s
+        u, s = cpu_times(node.pid)
+        user, system = user + u, system + s
     return user, system
 
 

@@ -72,8 +72,9 @@ def _valid_as_issued(
     valid now; else None, and PyJWT decides, with its own error.
 
     Why: PyJWT's decode was 12 % of the server's CPU per session connect (cProfile of a
-    connect storm, BENCHMARKS.md "Connects"); this is an HMAC and a JSON parse. It only
-    ever accepts what PyJWT accepts: every check it skips, it leaves to PyJWT."""
+    connect storm, BENCHMARKS.md "Connects and idle memory"); this is an HMAC and a JSON
+    parse. It only ever accepts what PyJWT accepts: every check it skips, it leaves to
+    PyJWT."""
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != _OUR_HEADER:
         return None

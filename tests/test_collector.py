@@ -18,7 +18,7 @@ from actors.session import Session
 from protocol.client import ServerError
 from server import collector
 from server.connection import Connection
-from tests.helpers import run_server
+from tests.helpers import RunningServer, run_server
 
 SERVER_TYPES = (Connection, Session, Outbox, Reply, RequestFailed)
 
@@ -39,8 +39,8 @@ def saved_garbage() -> Iterator[list[object]]:
         gc.collect()  # what DEBUG_SAVEALL kept
 
 
-def sessions(server: object) -> float:
-    registry = server.node.services.metrics.registry  # type: ignore[attr-defined]
+def sessions(server: RunningServer) -> float:
+    registry = server.node.services.metrics.registry
     return registry.get_sample_value("parley_sessions") or 0.0
 
 
