@@ -271,6 +271,11 @@ def versions(name: str) -> str:
             [_node(), "--version"], check=True, capture_output=True, text=True
         ).stdout.strip()
         return f"{package} {version} on Node {node}"
+    if name == "floor":  # the standard library of this interpreter: no virtualenv
+        import platform
+
+        python = f"{platform.python_implementation()} {platform.python_version()}"
+        return f"a raw epoll loop with os.write per delivery on {python}"
     if not _venv_python().exists():
         raise PeerError(f"no virtualenv at {_venv()}: ensure_installed first")
     have = _venv_distributions()
@@ -278,11 +283,6 @@ def versions(name: str) -> str:
     def v(project: str) -> str:
         return have.get(_normalize(project), "(missing)")
 
-    if name == "floor":
-        import platform
-
-        python = f"{platform.python_implementation()} {platform.python_version()}"
-        return f"a raw epoll loop with os.write per delivery on {python}"
     if name == "python-socketio":
         # pysio_server.py selects these explicitly (what uvicorn's "auto" picks).
         return (
