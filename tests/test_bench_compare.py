@@ -1,10 +1,12 @@
-"""Pieces of ``parley bench compare`` that its figures rest on: the floor peer and the
+"""Pieces of ``parley bench compare`` that its figures rest on: the floor peers and the
 keep-up scenario deliver everything, and a server's CPU counts its worker processes."""
 
 import subprocess
 import sys
 from contextlib import AbstractContextManager
 from typing import Any
+
+import pytest
 
 from loadtests.compare import parley_target, peer_target
 from loadtests.proc import cpu_times, family
@@ -17,8 +19,9 @@ def _keep_up(target: AbstractContextManager[Target]) -> dict[str, Any]:
     return row.as_dict()
 
 
-def test_the_floor_peer_delivers_every_message_in_order() -> None:
-    d = _keep_up(peer_target("floor", None))
+@pytest.mark.parametrize("ruler", ["floor", "trio-floor"])
+def test_the_floor_peers_deliver_every_message_in_order(ruler: str) -> None:
+    d = _keep_up(peer_target(ruler, None))
     assert d["deliveries"] == 20 * 40
     assert (d["lost"], d["gaps"], d["reordered"], d["duplicates"]) == (0, 0, 0, 0)
     assert d["messages_per_s"] > 0  # the publisher's frames were acked with "ok"

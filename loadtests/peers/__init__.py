@@ -100,6 +100,7 @@ PEERS: dict[str, Peer] = {
         Peer("websockets", "websockets", "python", "ws_server.py"),
         Peer("ws-node", "websockets", "node", "ws_server.js"),
         Peer("floor", "websockets", "stdlib", "floor_server.py"),
+        Peer("trio-floor", "websockets", "stdlib", "trio_floor_server.py"),
     )
 }
 
@@ -271,10 +272,13 @@ def versions(name: str) -> str:
             [_node(), "--version"], check=True, capture_output=True, text=True
         ).stdout.strip()
         return f"{package} {version} on Node {node}"
-    if name == "floor":  # the standard library of this interpreter: no virtualenv
+    if name in ("floor", "trio-floor"):  # this interpreter and its venv: no peers' venv
         import platform
 
         python = f"{platform.python_implementation()} {platform.python_version()}"
+        if name == "trio-floor":
+            trio = importlib.metadata.version("trio")
+            return f"a task per connection on trio {trio}, os.write per delivery, on {python}"
         return f"a raw epoll loop with os.write per delivery on {python}"
     if not _venv_python().exists():
         raise PeerError(f"no virtualenv at {_venv()}: ensure_installed first")

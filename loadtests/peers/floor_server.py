@@ -47,6 +47,52 @@ class Conn:
         self.upgraded = False
 
 
+def upgrade_response(buf: bytes) -> tuple[bytes | None, str, bytes]:
+    """The 101 answer to a complete upgrade request at the head of ``buf``, the room its
+    URL names and the bytes after it; (None, "", buf) while the head is incomplete."""
+    head, sep, rest = buf.partition(b"\r\n\r\n")
+    if not sep:
+        return None, "", buf
+    lines = head.split(b"\r\n")
+    key = b""
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"sec-websocket-key":
+            key = value.strip()
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    path = lines[0].split(b" ")[1].decode()
+    room = parse_qs(urlsplit(path).query).get("room", [""])[0]
+    answer = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    return answer, room, rest
+
+
+def unmask_frames(buf: bytes) -> tuple[list[tuple[str, bytes]], bytes, bool]:
+    """The complete client frames at the head of ``buf``: each text frame's (room, text),
+    the bytes after them, and whether a close frame came (what follows it is dropped)."""
+    texts: list[tuple[str, bytes]] = []
+    while len(buf) >= 6:
+        opcode, n = buf[0] & 0x0F, buf[1] & 0x7F
+        at = 2
+        if n == 126:
+            n, at = struct.unpack_from("!H", buf, 2)[0], 4
+        elif n == 127:
+            n, at = struct.unpack_from("!Q", buf, 2)[0], 10
+        if len(buf) < at + 4 + n:
+            break
+        mask = buf[at : at + 4]
+        data = bytes(b ^ mask[i & 3] for i, b in enumerate(buf[at + 4 : at + 4 + n]))
+        buf = buf[at + 4 + n :]
+        if opcode == 8:
+            return texts, b"", True
+        if opcode == 1:
+            target, _, text = data.partition(b"\n")
+            texts.append((target.decode(), text))
+    return texts, buf, False
+
+
 def main() -> None:
     if len(sys.argv) != 2 or not sys.argv[1].isdigit():
         sys.exit("usage: floor_server.py PORT")
@@ -68,58 +114,29 @@ def main() -> None:
         c.sock.close()
 
     def upgrade(c: Conn) -> None:
-        head, sep, rest = c.buf.partition(b"\r\n\r\n")
-        if not sep:
-            return
-        lines = head.split(b"\r\n")
-        key = b""
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"sec-websocket-key":
-                key = value.strip()
-        accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-        path = lines[0].split(b" ")[1].decode()
-        c.room = parse_qs(urlsplit(path).query).get("room", [""])[0]
-        rooms.setdefault(c.room, {})[c.fd] = c
-        c.sock.send(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
-        c.upgraded = True
-        c.buf = rest
+        answer, c.room, c.buf = upgrade_response(c.buf)
+        if answer is not None:
+            rooms.setdefault(c.room, {})[c.fd] = c
+            c.sock.send(answer)
+            c.upgraded = True
 
     def frames(c: Conn) -> None:
-        buf = c.buf
-        while len(buf) >= 6:
-            opcode, n = buf[0] & 0x0F, buf[1] & 0x7F
-            at = 2
-            if n == 126:
-                n, at = struct.unpack_from("!H", buf, 2)[0], 4
-            elif n == 127:
-                n, at = struct.unpack_from("!Q", buf, 2)[0], 10
-            if len(buf) < at + 4 + n:
-                break
-            mask = buf[at : at + 4]
-            data = bytes(b ^ mask[i & 3] for i, b in enumerate(buf[at + 4 : at + 4 + n]))
-            buf = buf[at + 4 + n :]
-            if opcode == 8:
-                drop(c)
-                return
-            if opcode == 1:
-                target, _, text = data.partition(b"\n")
-                out = frame(text)
-                write = os.write
-                for fd in rooms.get(target.decode(), {}):
-                    if fd != c.fd:
-                        try:
-                            write(fd, out)  # a short write tears the frame: it shows as lost
-                        except OSError:
-                            pass  # a full or reset socket: that delivery is lost, and shows
-                try:
-                    write(c.fd, OK)
-                except OSError:
-                    pass
-        c.buf = buf
+        texts, c.buf, closed = unmask_frames(c.buf)
+        write = os.write
+        for target, text in texts:
+            out = frame(text)
+            for fd in rooms.get(target, {}):
+                if fd != c.fd:
+                    try:
+                        write(fd, out)  # a short write tears the frame: it shows as lost
+                    except OSError:
+                        pass  # a full or reset socket: that delivery is lost, and shows
+            try:
+                write(c.fd, OK)
+            except OSError:
+                pass
+        if closed:
+            drop(c)
 
     while True:
         for fd, _ in ep.poll():
