@@ -194,7 +194,9 @@ class Session:
         self.id = secrets.token_hex(8)
         self.user: str | None = None
         self.link: SessionLink | None = None
-        self.rooms: set[str] = set()
+        # An ordered set: an empty dict is 64 B, an empty set 216 B, and most of a
+        # node's sessions idle in few rooms or none.
+        self.rooms: dict[str, None] = {}
         self.closing = False
         self.going_away = False
         self.busy = False  # a request is being handled
@@ -303,7 +305,7 @@ class Session:
 
     def _on_event(self, event: SessionEvent) -> None:
         if type(event) is RoomDropped:
-            self.rooms.discard(event.room)
+            self.rooms.pop(event.room, None)
             self._set_roster(event.room, None)
         elif type(event) is Roster:
             if event.room in self.rooms:
@@ -793,7 +795,7 @@ class Session:
             raise RequestFailed(ErrorCode.TOO_MANY_ROOMS, f"at most {limit} rooms per session")
         reply: Reply[Attached] = Reply()
         command = Attach(link=self.link, mode=mode, reply=reply, **options)
-        self.rooms.add(room)  # first: if the session ends mid-request, detach() covers it
+        self.rooms[room] = None  # first: if the session ends mid-request, detach() covers it
         outbox = self.outbox
         outbox.hold()  # live frames of the room wait until the replay is written
         try:
@@ -801,7 +803,7 @@ class Session:
                 attached: Attached = await self._ask(ActorKind.ROOM, room, command, reply)
             except RequestFailed as exc:
                 if new:
-                    self.rooms.discard(room)
+                    self.rooms.pop(room, None)
                     ref = self._s.directory.get(ActorKind.ROOM, room)
                     if exc.code is ErrorCode.TIMEOUT and ref is not None:
                         await self._tell(ref, Detach(self.link))  # it may have subscribed us
@@ -870,7 +872,7 @@ class Session:
     async def _unsubscribe(self, frame: Unsubscribe) -> None:
         assert self.link is not None
         if frame.room in self.rooms:
-            self.rooms.discard(frame.room)
+            self.rooms.pop(frame.room, None)
             self._set_roster(frame.room, None)
             ref = self._s.directory.get(ActorKind.ROOM, frame.room)
             if ref is not None:
@@ -887,7 +889,7 @@ class Session:
             command = AddMember(by=self.user, user=user, reply=reply)
         await self._ask(ActorKind.ROOM, room, command, reply)
         if remove:
-            self.rooms.discard(room)
+            self.rooms.pop(room, None)
             self._set_roster(room, None)
         self._send(Ok(id=request_id))
 

@@ -158,7 +158,9 @@ class ClientFrames:
         self._fragments = 0  # frames of the message in progress so far
         self._skip = 0  # bytes of an oversize frame still to discard
         self._skipping = False  # in an oversize message: its frames are discarded
-        self._utf8 = _utf8_decoder()  # checks a text message, fragment by fragment
+        # Checks a text message, fragment by fragment; made as one begins (88 B that an
+        # idle binary-only connection need not hold).
+        self._utf8: codecs.IncrementalDecoder | None = None
         self._done = False  # closed or failed: nothing more is parsed
         self.completed = False  # the last feed completed a frame, of any kind
         self.started = False  # what is incomplete after the last feed began in it
@@ -284,6 +286,7 @@ class ClientFrames:
                         self._utf8 = _utf8_decoder()
                 text = self._opcode == OP_TEXT
                 if text:
+                    assert self._utf8 is not None  # made as the text message began
                     try:
                         self._utf8.decode(payload, fin)  # fails on the first bad fragment
                     except UnicodeDecodeError:
@@ -293,7 +296,7 @@ class ClientFrames:
                         self._parts += payload
                         payload = bytes(self._parts)
                         self._parts, self._fragments = None, 0
-                    self._opcode = None
+                    self._opcode = self._utf8 = None
                     events.append(Message(payload, text))
                 else:
                     if self._parts is None:

@@ -134,9 +134,9 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
-def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+def _connect(path: Path, *, readonly: bool, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     conn.execute("PRAGMA synchronous = FULL")
     if readonly:
         conn.execute("PRAGMA query_only = ON")
@@ -190,8 +190,11 @@ class SqliteStore:
         for reader in self._readers:
             self._idle_send.send_nowait(reader)
         self._read_limiter = trio.CapacityLimiter(READERS)
+        # The event loop's reader: it never waits for a lock (_read_inline).
+        self._inline = _connect(path, readonly=True, busy_ms=0)
 
     def close(self) -> None:
+        self._inline.close()
         for reader in self._readers:
             reader.close()
         self._writer.close()
@@ -209,6 +212,21 @@ class SqliteStore:
             return await self._run(lambda: fn(reader), self._read_limiter)
         finally:
             self._idle_send.send_nowait(reader)
+
+    async def _read_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn``, a few indexed lookups, on the event loop's own reader connection,
+        for the reads every connect makes: a thread hop cost more than the lookups, and
+        its short-lived objects, made between each session's long-lived ones, kept 3 KiB
+        of pymalloc pools alive per idle session (BENCHMARKS.md, "Connects and idle
+        memory"). This connection never waits for a lock: locked (only while SQLite
+        recovers a crashed writer's log: this node is the file's only writer) is
+        ``StorageUnavailable`` at once, which callers retry."""
+        try:
+            result = fn(self._inline)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        await trio.lowlevel.checkpoint()
+        return result
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
         def run() -> T:
@@ -463,7 +481,7 @@ class SqliteStore:
                 return UserSnapshot(blocks=blocks)
             return UserSnapshot(status=Status(row[0]), last_seen=row[1], blocks=blocks)
 
-        return await self._read(load)
+        return await self._read_inline(load)
 
     async def load_kv(self, user: str) -> KvSnapshot:
         def load(reader: sqlite3.Connection) -> KvSnapshot:

@@ -22,6 +22,7 @@ from storage.store import (
     Record,
     RoomCreated,
     StorageConfigError,
+    StorageUnavailable,
     Store,
     StoredPresence,
     UserSeen,
@@ -281,6 +282,21 @@ async def test_user_state_and_blocks(store: Store) -> None:
         StoredPresence(user="bob", status=Status.ONLINE, last_seen=700, hidden=False),
     ]
     assert await store.stored_presence([], "bob") == []
+
+
+async def test_a_failed_sqlite_user_read_is_unavailable(tmp_path: Path) -> None:
+    """The user's read runs on the event loop's own connection; an error there is typed
+    like any other read's (callers retry ``StorageUnavailable``)."""
+    import sqlite3
+
+    path = tmp_path / "broken.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        assert await store.load_user("alice") == UserSnapshot()
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("DROP TABLE blocks")
+        other.close()
+        with pytest.raises(StorageUnavailable, match="no such table: blocks"):
+            await store.load_user("alice")
 
 
 # --- kv ---------------------------------------------------------------------------------
