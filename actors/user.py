@@ -49,6 +49,24 @@ log = logging.getLogger(__name__)
 
 
 class User:
+    __slots__ = (
+        "_fence",
+        "_hibernating",
+        "_last_ticket",
+        "_loaded",
+        "_s",
+        "_unsubscribe",
+        "_waiting",
+        "blocks",
+        "grace_until",
+        "key",
+        "last_seen",
+        "loaded",
+        "online",
+        "sessions",
+        "status",
+    )
+
     def __init__(self, key: str, services: Services, predecessor: "User | None") -> None:
         self.key = key
         self._s = services

@@ -90,6 +90,26 @@ async def _handshake(stream: trio.abc.Stream) -> bytes | None:
 
 
 class Connection:
+    __slots__ = (
+        "_close_frame",
+        "_crashed",
+        "_early",
+        "_flushed",
+        "_frame_timer",
+        "_scope",
+        "_services",
+        "_stopped",
+        "_stream",
+        "_writer_exited",
+        "_writer_scope",
+        "_writers",
+        "_writing",
+        "_written",
+        "frames",
+        "outbox",
+        "session",
+    )
+
     def __init__(
         self, stream: trio.abc.Stream, services: Services, peer: str, early: bytes = b""
     ) -> None:
@@ -130,7 +150,33 @@ class Connection:
     async def run(self) -> None:
         try:
             with self._scope:
-                await self._read()
+                # Read until the closing handshake ends or the client goes away. Written
+                # out here, not in a method: an idle connection waits in this loop, and
+                # each coroutine in the waiting chain is ~250 B per idle session.
+                fd = self.outbox.fd
+                data: bytes | bytearray = self._early
+                self._early = b""
+                while True:
+                    # Parsing and handling in functions of their own, so the last event
+                    # (a message) is not referenced from this frame while it idles.
+                    if data and await self._handle(self._feed(bytes(data))):  # free for bytes
+                        break
+                    data = b""
+                    if fd is None:
+                        data = await self._receive()
+                    else:
+                        # A socket: read its non-blocking fd directly and wait with
+                        # wait_readable, as trio's receive_some does under four more
+                        # layers of coroutines that stayed alive under every idle reader.
+                        ready = _read_now(fd)
+                        if ready:
+                            await trio.lowlevel.checkpoint()  # one per read, as trio's
+                        while ready is None:
+                            await trio.lowlevel.wait_readable(fd)
+                            ready = _read_now(fd)
+                        data = ready
+                    if not data:
+                        break  # the end of the stream, or reset by the client
                 if self._close_frame is None:
                     self.outbox.close()  # the client left: flush what we can, then stop
                 if not self._flushed:
@@ -244,42 +290,13 @@ class Connection:
             self._writing = False
             exited.set()
 
-    async def _read(self) -> None:
-        """Read until the closing handshake ends or the client goes away."""
-        receive_some = self._stream.receive_some
-        fd = self.outbox.fd
-        data: bytes | bytearray = self._early
-        self._early = b""
-        while True:
-            if not data and fd is not None:
-                # A socket: read its non-blocking fd directly and wait for it with
-                # wait_readable, as trio's receive_some does under four more layers of
-                # coroutines that stayed alive under every idle reader (2 KiB).
-                ready = _read_now(fd)
-                if ready:
-                    data = ready
-                    await trio.lowlevel.checkpoint()  # a schedule point per read, as trio's
-                elif ready is not None:
-                    return  # the end of the stream, or reset by the client
-                else:
-                    while ready is None:
-                        await trio.lowlevel.wait_readable(fd)
-                        ready = _read_now(fd)
-                    if not ready:
-                        return
-                    data = ready
-            elif not data:
-                try:
-                    data = await receive_some(RECEIVE_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not data:
-                    return
-            # In functions of their own, so the last event (a message) does not stay
-            # referenced from this frame while the connection idles.
-            if await self._handle(self._feed(bytes(data))):  # free for bytes
-                return
-            data = b""
+    async def _receive(self) -> bytes | bytearray:
+        """The next read from a stream that is not a socket (tests' memory streams); b""
+        at its end."""
+        try:
+            return await self._stream.receive_some(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
 
     def _feed(self, data: bytes) -> list[Event]:
         """Parse one read. Only complete frames are signs of life: bytes trickling in

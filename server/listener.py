@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_RETRY = 0.1  # seconds: the first wait after a failed accept, doubled after each
 ACCEPT_RETRY_MAX = 1.0
+# Named once: else trio formats the name anew for every connection (84 B it keeps).
+TASK_NAME = f"{serve_connection.__module__}.{serve_connection.__qualname__}"
 RETRY_AFTER = "10"  # seconds, told to refused clients
 REFUSALS = {
     "max_connections": http_response(
@@ -98,7 +100,7 @@ async def _accept_loop(
         refused = admission.admit(peer)
         if refused is None:
             handler_nursery.start_soon(
-                serve_connection, stream, services, connections, peer, admission
+                serve_connection, stream, services, connections, peer, admission, name=TASK_NAME
             )
         else:
             metrics.refused_by[refused].inc()

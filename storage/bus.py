@@ -9,6 +9,7 @@ only, so a Redis bus can serialize them) to the sessions that follow that user.
 """
 
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 Deliver = Callable[[object], None]
@@ -34,12 +35,13 @@ class InProcessBus:
 
     def subscribe(self, channel: str, deliver: Deliver) -> Callable[[], None]:
         self._subscribers.setdefault(channel, []).append(deliver)
+        # A partial, not a closure: every user actor keeps one while its user is
+        # connected, hibernating included (a closure with its cells is 90 B more).
+        return partial(self._unsubscribe, channel, deliver)
 
-        def unsubscribe() -> None:
-            subscribers = self._subscribers.get(channel)
-            if subscribers and deliver in subscribers:
-                subscribers.remove(deliver)
-                if not subscribers:
-                    del self._subscribers[channel]
-
-        return unsubscribe
+    def _unsubscribe(self, channel: str, deliver: Deliver) -> None:
+        subscribers = self._subscribers.get(channel)
+        if subscribers and deliver in subscribers:
+            subscribers.remove(deliver)
+            if not subscribers:
+                del self._subscribers[channel]
