@@ -16,8 +16,9 @@ collector task runs a pass:
   every object: about 0.8 µs each on our reference machine, 0.55 to 0.66 s for 10,000
   idle sessions (700,000 objects);
 - and, between those, over the objects made since the last pass once they grew by
-  ``GROWTH``, in case something leaks cycles faster than expected: a pause of up to
-  about 0.8 s, at most once per million new objects (some 15,000 sessions).
+  ``GROWTH``, in case something leaks cycles faster than expected: a pause of about a
+  second (1.0 and 1.26 s measured as 10,000 sessions closed), at most once per million
+  new objects (some 12,000 sessions).
 
 After a pass, what survived is frozen (``gc.freeze``), so a growth pass walks only what
 is new. Each pass logs what it freed: a few dozen objects in our measurements; a
