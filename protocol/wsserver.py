@@ -250,6 +250,7 @@ class ClientFrames:
                     if too_big:
                         events.append(TooBig(too_big))
                         self._parts, self._fragments, self._opcode = None, 0, None
+                        self._utf8 = None
                         self._skipping = True
                 if self._skipping:
                     if b0 & _FIN:

@@ -2,7 +2,9 @@
 
 One connection writes (batches, room activation, runs); a small pool of connections
 reads (history, resume, lookups), so reads never wait behind a commit or behind one
-slow read.
+slow read. The one read every connect makes, the user's row, runs on the event loop's
+own connection instead (``_read_inline``): one indexed lookup, cheaper than a thread
+hop, at the price of the loop waiting for it (ARCHITECTURE.md, "An idle session").
 ``synchronous=FULL`` makes a commit survive power loss, not only a killed process: a
 sent-ack promises the message is stored. An exclusive lock file keeps a second node
 off the same database, because two sequencers on one room would reuse seqs.
@@ -221,12 +223,13 @@ class SqliteStore:
         memory"). This connection never waits for a lock: locked (only while SQLite
         recovers a crashed writer's log: this node is the file's only writer) is
         ``StorageUnavailable`` at once, which callers retry."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            result = fn(self._inline)
+            return fn(self._inline)
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
-        await trio.lowlevel.checkpoint()
-        return result
+        finally:
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
         def run() -> T:

@@ -7,6 +7,7 @@ from pathlib import Path
 import cbor2
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
@@ -354,6 +355,57 @@ async def test_a_hello_sent_with_the_upgrade_request_is_answered(server: Running
     assert head.startswith(b"HTTP/1.1 101 ")
     assert cbor2.loads(frames[0][1])[0] == Welcome.TYPE
     await stream.aclose()
+
+
+def _awaiting(task: trio.lowlevel.Task) -> list[str]:
+    """The names of the coroutines ``task`` is suspended in, outermost first."""
+    names = []
+    coro: object = task.coro
+    while coro is not None and hasattr(coro, "cr_code"):
+        names.append(coro.cr_code.co_name)
+        coro = coro.cr_await  # type: ignore[attr-defined]
+    return names
+
+
+async def test_an_idle_connection_waits_in_one_short_chain(server: RunningServer) -> None:
+    """An idle session's memory is mostly its reader's waiting chain (ARCHITECTURE.md,
+    "An idle session"): the connection task waits in wait_readable straight from
+    Connection.run, under a name trio did not format for it."""
+    from server.listener import TASK_NAME
+
+    async with server.raw() as ws:
+        await hello(ws, server)
+        await trio.testing.wait_all_tasks_blocked()
+        tasks = [t for t in _all_tasks() if t.name == TASK_NAME]
+        assert len(tasks) == 1
+        assert _awaiting(tasks[0])[:3] == ["serve_connection", "run", "wait_readable"]
+
+
+def _all_tasks() -> list[trio.lowlevel.Task]:
+    found, todo = [], [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        if task is not None:
+            found.append(task)
+            todo.extend(t for n in task.child_nurseries for t in n.child_tasks)
+    return found
+
+
+async def test_a_client_that_ends_its_stream_without_a_close_frame_is_gone(
+    server: RunningServer,
+) -> None:
+    """A FIN with no close frame: the connection ends, its session is detached and its
+    socket no longer counts against the connection limits."""
+    host, port = server.addresses.client
+    stream = await trio.open_tcp_stream(host, port)
+    client = await RawClient.start(stream, "x", server.token("alice"))
+    assert len(server.node.connections) == 1
+    await stream.send_eof()
+    with trio.fail_after(10):
+        while server.node.connections or server.node.admission.open:  # noqa: ASYNC110 - network events
+            await trio.sleep(0.01)
+    assert server.node.admission.by_address == {}
+    await client.aclose()
 
 
 async def test_a_client_reset_ends_its_connection(server: RunningServer) -> None:

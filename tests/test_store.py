@@ -299,6 +299,22 @@ async def test_a_failed_sqlite_user_read_is_unavailable(tmp_path: Path) -> None:
             await store.load_user("alice")
 
 
+async def test_the_sqlite_user_read_takes_no_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connect reads its user: on SQLite that read runs on the event loop's own
+    connection, with no thread hop (a hop per connect cost more than the lookup and
+    fragmented the memory of idle sessions)."""
+    async with open_store(f"sqlite:///{tmp_path / 'u.db'}") as store:
+        await store.write_batch([UserSeen(user="alice", status=Status.DND, last_seen=7)])
+
+        def no_thread(*args: object, **kwargs: object) -> None:
+            raise AssertionError("load_user went to a thread")
+
+        monkeypatch.setattr(trio.to_thread, "run_sync", no_thread)
+        assert await store.load_user("alice") == UserSnapshot(status=Status.DND, last_seen=7)
+
+
 # --- kv ---------------------------------------------------------------------------------
 
 

@@ -145,6 +145,21 @@ def test_invalid_utf8_text_fails_1007() -> None:
         assert ours([wire]) == reference([wire]) == [("failed", CloseCode.INVALID_DATA)]
 
 
+def test_a_text_messages_utf8_checker_lives_only_while_it_is_read() -> None:
+    """An idle connection holds no decoder (88 B each): one is made as a text message
+    begins and dropped as it ends, whole or skipped for its size."""
+    frames = wsserver.ClientFrames(100)
+    checker = lambda: frames._utf8  # noqa: E731 - read anew each time, not narrowed
+    assert checker() is None
+    assert frames.feed(raw(OP_TEXT, "h\u00e9".encode()[:2], fin=False)) == []
+    assert checker() is not None
+    assert frames.feed(raw(0x0, "h\u00e9".encode()[2:])) == [wsserver.Message("hé".encode(), True)]
+    assert checker() is None
+    events = frames.feed(raw(OP_TEXT, b"a" * 60, fin=False) + raw(0x0, b"b" * 60))
+    assert events == [wsserver.TooBig("over 100 bytes")]
+    assert checker() is None
+
+
 def test_close_codes() -> None:
     for code in (999, 1000, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 2999, 3000, 4999, 5000):
         wire = raw(OP_CLOSE, struct.pack("!H", code) + b"why")

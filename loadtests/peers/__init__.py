@@ -12,7 +12,7 @@ Each peer runs as its own process on 127.0.0.1:PORT (optionally pinned to one CP
     ``431[]``; every other socket in room ``bench`` gets ``42["m","hello"]``. The server
     pings with ``2`` every 25 s and expects ``3`` within 20 s.
 
-``websockets`` (peers ``websockets``, ``ws-node`` and ``floor``)
+``websockets`` (peers ``websockets``, ``ws-node``, ``floor`` and ``trio-floor``)
     Connect to ``ws://127.0.0.1:PORT/?room=NAME``. A text frame ``<room>\\n<text>`` is
     broadcast as ``<text>`` to every other connection in ``<room>``, then the sender gets
     the text frame ``ok``. Standard WebSocket pings (the client library answers them).

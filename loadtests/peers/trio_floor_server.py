@@ -8,9 +8,11 @@ trio server holds its connections: an accept loop, one task per connection readi
 ``SocketStream.receive_some``, the upgrade and the "ok" sent with ``send_all``. Beside
 the floor, it prices trio's own share of a connect and of an idle session: a task, its
 coroutines, the scheduler's wake-ups. No pings, no limits, no error handling beyond
-dropping a connection: a ruler, not a server. Needs only trio (the project's venv).
+dropping a connection: a ruler, not a server. The cyclic collector is off, as in
+``parley serve``. Needs only trio (the project's venv).
 """
 
+import gc
 import os
 import signal
 import sys
@@ -25,6 +27,7 @@ from loadtests.peers.floor_server import OK, frame, unmask_frames, upgrade_respo
 async def serve(stream: trio.SocketStream, rooms: dict[str, set[int]]) -> None:
     fd = stream.socket.fileno()
     room = ""
+    upgraded = False
     buf = b""
     try:
         while True:
@@ -32,10 +35,11 @@ async def serve(stream: trio.SocketStream, rooms: dict[str, set[int]]) -> None:
             if not data:
                 return
             buf += data
-            if not room:
+            if not upgraded:
                 answer, room, buf = upgrade_response(buf)
                 if answer is None:
                     continue
+                upgraded = True
                 rooms.setdefault(room, set()).add(fd)
                 await stream.send_all(answer)
             texts, buf, closed = unmask_frames(buf)
@@ -78,4 +82,7 @@ async def _accept(
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not sys.argv[1].isdigit():
         sys.exit("usage: trio_floor_server.py PORT")
+    # As parley serve runs (server/collector.py): no collector pass in the measurements.
+    gc.freeze()
+    gc.disable()
     trio.run(main, int(sys.argv[1]))
