@@ -71,6 +71,18 @@ async def test_overflow_drops_everything_and_closes() -> None:
     assert await outbox.next_batch() == []
 
 
+def test_the_limit_itself_fits_on_every_path() -> None:
+    """``--outbox-bytes`` is the most an outbox holds: exactly that much is kept, one byte
+    more overflows, whichever way the bytes came."""
+    for put in (Outbox.append, Outbox.append_direct):
+        outbox = Outbox(limit=10)
+        put(outbox, b"1234")
+        put(outbox, b"567890")
+        assert (outbox.overflowed, outbox.nbytes) == (False, 10), put
+        put(outbox, b"!")
+        assert (outbox.overflowed, outbox.closed, outbox.nbytes) == (True, True, 0), put
+
+
 async def test_close_flushes_held_frames_then_the_final_one() -> None:
     outbox = Outbox(limit=100)
     outbox.hold()
