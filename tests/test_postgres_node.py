@@ -11,7 +11,7 @@ from protocol.client import ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import Joined, KvWrite, Message
 from protocol.hlc import pack
-from storage.store import StorageConfigError, open_store
+from storage.store import StorageConfigError, StorageUnavailable, open_store
 from tests.helpers import run_server, until_status
 from tests.postgres import PrivatePostgres, private_postgres
 
@@ -105,3 +105,24 @@ async def test_a_database_outage_holds_acks_then_drains(
             assert {cid: seq for seq, cid in stored if cid.startswith("d")} == acked
             assert not set(refused) & {cid for _, cid in stored}
             assert [s.seq for s in before] == [1, 2, 3]
+
+
+async def test_ping_fails_while_the_database_is_down_and_answers_again(
+    own_postgres: PrivatePostgres,
+) -> None:
+    """What readiness asks of storage: ``StorageUnavailable`` while PostgreSQL is stopped,
+    an answer again once it is back, on the same store."""
+    async with open_store(own_postgres.new_database()) as store:
+        await store.ping()
+        await trio.to_thread.run_sync(own_postgres.stop)
+        with pytest.raises(StorageUnavailable), trio.fail_after(30):
+            await store.ping()
+        await trio.to_thread.run_sync(own_postgres.start)
+        with trio.fail_after(30):
+            while True:
+                try:
+                    await store.ping()
+                except StorageUnavailable:
+                    await trio.sleep(0.1)  # the pool reconnects as the server comes up
+                else:
+                    break

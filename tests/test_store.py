@@ -187,10 +187,6 @@ async def test_rooms_of_a_user(store: Store) -> None:
     assert await store.rooms_of("nobody", None, 10) == []
 
 
-async def test_ping(store: Store) -> None:
-    await store.ping()
-
-
 # --- SQLite specifics -------------------------------------------------------------------
 
 
