@@ -441,9 +441,15 @@ async def handshake(
     await client.send_frame(Hello(v=PROTOCOL_VERSION, token=token, resume=resume or None))
     while True:
         try:
-            frame = decode_server(await client.ws.get_message())  # type: ignore[arg-type]
+            data = await client.ws.get_message()
         except ConnectionClosed as closed:
             raise Disconnected(f"closed during hello: {closed.reason}") from None
+        try:
+            frame = decode_server(data if isinstance(data, bytes) else data.encode())
+        except RemoteProtocolError as exc:
+            if exc.code is ErrorCode.UNKNOWN_TYPE:
+                continue  # from a newer server, before the welcome too: ignored
+            raise
         if isinstance(frame, Welcome):
             return frame
         if isinstance(frame, Error):

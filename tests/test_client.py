@@ -1,10 +1,20 @@
-"""protocol/client.py: what the Python client does by itself (token refresh)."""
+"""protocol/client.py: what the Python client does by itself (token refresh), and how
+it takes what a server may send it (against a scripted WebSocket server)."""
 
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import cbor2
+import pytest
 import trio
+import trio_websocket
 
-from protocol.errors import CloseCode
+from protocol.client import Disconnected, ServerError, open_client
+from protocol.codec import encode
+from protocol.errors import CloseCode, ErrorCode
+from protocol.frames import Error, Message, Welcome
 from server.tokens import issue_token
 from tests.helpers import SECRET, memory_node
 
@@ -60,3 +70,68 @@ async def test_a_failing_callback_is_tried_again(
     ):
         await trio.sleep(300)
         assert (calls, alice.close_code) == (3, None)
+
+
+Script = Callable[[trio_websocket.WebSocketConnection], Awaitable[None]]
+
+
+@asynccontextmanager
+async def scripted_server(script: Script) -> AsyncIterator[str]:
+    """A WebSocket server on a free port whose connections run ``script``; its URL."""
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        await script(await request.accept())
+
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(
+            trio_websocket.serve_websocket, handler, "127.0.0.1", 0, ssl_context=None
+        )
+        server = await nursery.start(serve)
+        yield f"ws://127.0.0.1:{server.port}/ws"
+        nursery.cancel_scope.cancel()
+
+
+WELCOME = encode(Welcome(session="s1", user="alice", v=1, ping=25_000, ts=0, limits={}))
+UNKNOWN = cbor2.dumps({0: 250, 1: 7})  # a frame type from a newer server
+
+
+async def test_frames_of_unknown_types_are_ignored_before_and_after_the_welcome() -> None:
+    """PROTOCOL.md: a client ignores frame types it does not know (forward compatible)."""
+
+    async def script(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.get_message()  # the hello
+        await ws.send_message(UNKNOWN)
+        await ws.send_message(WELCOME)
+        await ws.send_message(UNKNOWN)
+        await ws.send_message(encode(Message(room="r", seq=1, ts=1, cid="c", text="hi")))
+        await trio.sleep_forever()
+
+    async with scripted_server(script) as url, open_client(url, "token") as client:
+        with trio.fail_after(10):
+            got = await client.next_event(Message)
+        assert (got.room, got.seq, got.text) == ("r", 1, "hi")
+        assert client.welcome is not None and client.welcome.session == "s1"
+
+
+async def test_an_error_answering_the_hello_is_raised() -> None:
+    async def script(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.get_message()
+        await ws.send_message(encode(Error(code=ErrorCode.UNAUTHORIZED, msg="bad token")))
+        await ws.aclose(CloseCode.UNAUTHORIZED, "bad token")
+
+    async with scripted_server(script) as url:
+        with pytest.raises(ServerError) as info, trio.fail_after(10):
+            async with open_client(url, "token"):
+                pass
+    assert info.value.code is ErrorCode.UNAUTHORIZED
+
+
+async def test_a_close_before_the_welcome_is_a_disconnect() -> None:
+    async def script(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.get_message()
+        await ws.aclose(CloseCode.GOING_AWAY, "restarting")
+
+    async with scripted_server(script) as url:
+        with pytest.raises(Disconnected, match="closed during hello"), trio.fail_after(10):
+            async with open_client(url, "token"):
+                pass
