@@ -393,3 +393,23 @@ def test_pages_are_bounded_in_bytes_but_never_empty() -> None:
     assert ([e.rev for e in page], more) == ([1, 2], True)
     page, more = store.changes(9, 100, max_bytes=10, deletions=True)
     assert ([e.rev for e in page], more) == ([10], False)  # one too big still goes
+
+
+def test_a_replicas_values_are_the_servers_entries_under_its_pending_writes() -> None:
+    phone = KvReplica("phone")
+    phone.on_changed(
+        KvChanged(
+            rev=3,
+            items=(
+                KvEntry(key="theme", rev=1, hlc=1, dev="tablet", value="dark"),
+                KvEntry(key="gone", rev=2, hlc=2, dev="tablet", deleted=True),
+                KvEntry(key="lang", rev=3, hlc=3, dev="tablet", value="fr"),
+            ),
+        )
+    )
+    assert phone.values() == {"theme": "dark", "lang": "fr"}  # no deleted key
+    phone.set("theme", "light", wall_ms=10)
+    phone.delete("lang", wall_ms=11)
+    phone.set("new", [1, 2], wall_ms=12)
+    assert phone.values() == {"theme": "light", "new": [1, 2]}
+    assert {k: e.value for k, e in phone.synced().items()} == {"theme": "dark", "lang": "fr"}
