@@ -1,0 +1,58 @@
+"""A session's reads from storage that fail answer that request alone, and the session
+goes on: history and a resend's lookup get TRY_LATER, a resume whose replay cannot be
+read gets ``joined`` with ``recovered: false`` (PROTOCOL.md), and the same connections
+are served again once storage is back. SQLite's messages table is renamed away from
+under the node by another connection, then renamed back."""
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from protocol.client import ServerError
+from protocol.errors import ErrorCode
+from protocol.frames import Joined, Message
+from tests.helpers import run_server
+
+
+def _rename(path: Path, old: str, new: str) -> None:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+    conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+    conn.close()
+
+
+async def test_failed_reads_answer_try_later_and_the_session_goes_on(tmp_path: Path) -> None:
+    db = tmp_path / "parley.db"
+    async with run_server(tmp_path, history_buffer=2) as server:
+        async with server.client("alice") as alice, server.client("bob") as bob:
+            joined = await alice.create("r")
+            for i in range(5):
+                await alice.send("r", f"m{i}", cid=f"c{i}")
+            with trio.fail_after(10):
+                await server.node.write_behind.wait_flushed()
+            await trio.to_thread.run_sync(_rename, db, "messages", "messages_away")
+
+            # Older than the room's ring (the last 2): read from storage, which fails.
+            with pytest.raises(ServerError) as history:
+                await alice.history("r", after=0)
+            # A resend is looked up in storage first.
+            with pytest.raises(ServerError) as resend:
+                await alice.send("r", "m0", cid="c0", retry=True)
+            # A resume from seq 1 would replay 2 and 3 from storage: not recovered.
+            bob.positions["r"] = (1, joined.epoch)
+            assert (await bob.join("r")).recovered is False
+            assert {history.value.code, resend.value.code} == {ErrorCode.TRY_LATER}
+
+            assert await alice.ping() >= 0 and await bob.ping() >= 0  # both sessions go on
+            await trio.to_thread.run_sync(_rename, db, "messages_away", "messages")
+            page = await alice.history("r", after=0)
+            assert [m.text for m in page.items] == [f"m{i}" for i in range(5)]
+            assert (await alice.send("r", "m0", cid="c0", retry=True)).seq == 1
+            # Bob again, on a second connection: his resume replays from storage now.
+            async with server.client("bob", resume={"r": (1, joined.epoch)}) as again:
+                resumed = await again.next_event(Joined)
+                assert (resumed.recovered, resumed.seq) == (True, 5)
+                replayed = [await again.next_event(Message) for _ in range(4)]
+                assert [m.seq for m in replayed] == [2, 3, 4, 5]
+            assert alice.close_code is None and bob.close_code is None
