@@ -288,10 +288,12 @@ async def test_a_slow_consumer_is_closed_and_does_not_slow_the_room(tmp_path: Pa
                 "parley_session_closes_total", {"code": str(int(CloseCode.SLOW_CONSUMER))}
             )
             assert closes == 1.0
-            # The slow reader finds its connection ended, not stuck.
+            # The slow reader finds its connection ended, not stuck, and reads why: the
+            # close frame comes once the frame the socket had begun is complete.
             with trio.fail_after(20), pytest.raises(EOFError):
                 while True:
                     await slow.receive()
+            assert slow.close_code == CloseCode.SLOW_CONSUMER
         assert len(server.node.connections) <= 2
 
 
