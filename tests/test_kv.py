@@ -295,9 +295,11 @@ async def test_the_map_and_its_revisions_survive_a_restart(tmp_path: Path) -> No
 async def test_the_ack_follows_the_commit(tmp_path: Path) -> None:
     async with run_server(tmp_path) as server, server.client("alice") as c:
         await c.kv_sync()
+        write_behind = server.node.write_behind
         blocker = sqlite3.connect(tmp_path / "parley.db", isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
         acked = trio.Event()
+        synced: list[list[str]] = []
         try:
             async with trio.open_nursery() as nursery:
 
@@ -305,18 +307,25 @@ async def test_the_ack_follows_the_commit(tmp_path: Path) -> None:
                     await c.kv_put("d", KvWrite(key="k", hlc=pack(ms()), value=1))
                     acked.set()
 
+                async def sync() -> None:
+                    synced.append([e.key for e in (await c.kv_sync()).items])
+
                 nursery.start_soon(put)
-                await trio.sleep(0.5)
-                assert not acked.is_set()  # stored first, acked after
-                # Nor does a sync show the uncommitted revision.
-                with trio.move_on_after(0.2):
-                    await c.kv_sync()
-                    raise AssertionError("a sync answered before the commit")
+                with trio.fail_after(10):
+                    while not write_behind.statistics().depth:  # noqa: ASYNC110 - a message away
+                        await trio.sleep(0.01)
+                nursery.start_soon(sync)
+                with trio.fail_after(10):
+                    while write_behind.statistics().failing_since is None:  # noqa: ASYNC110 - SQLite's lock timeout
+                        await trio.sleep(0.01)
+                # A commit of the write has failed: it is not stored, so neither the ack
+                # nor a sync that would show its revision may have answered.
+                assert not acked.is_set() and synced == []
                 blocker.execute("ROLLBACK")
         finally:
             blocker.close()
         assert acked.is_set()
-        assert [e.key for e in (await c.kv_sync()).items] == ["k"]
+        assert synced == [["k"]]
 
 
 async def test_a_full_write_queue_refuses_puts(tmp_path: Path) -> None:
@@ -328,7 +337,9 @@ async def test_a_full_write_queue_refuses_puts(tmp_path: Path) -> None:
                 nursery.start_soon(
                     c.kv_put, "d", *(KvWrite(key=f"k{i}", hlc=i + 1, value=i) for i in range(3))
                 )
-                await trio.sleep(0.2)
+                with trio.fail_after(10):
+                    while server.node.write_behind.statistics().depth < 3:  # noqa: ASYNC110 - a message away
+                        await trio.sleep(0.01)
                 with pytest.raises(ServerError) as info:
                     await c.kv_put("d", KvWrite(key="x", hlc=9, value=0))
                 assert info.value.code == ErrorCode.TRY_LATER
@@ -342,8 +353,9 @@ async def test_a_session_that_closes_is_forgotten(server: RunningServer) -> None
     async with server.client("alice") as phone:
         async with server.client("alice") as tablet:
             await tablet.kv_sync()
+            kv = server.node.directory.actor(ActorKind.KV, "alice")
+            assert len(kv.subs) == 1  # the tablet follows the map
         await phone.kv_put("phone", KvWrite(key="k", hlc=pack(ms()), value=1))
-        kv = server.node.directory.actor(ActorKind.KV, "alice")
         with trio.fail_after(10):
             while kv.subs:  # noqa: ASYNC110 - the detach is a message away
                 await trio.sleep(0.01)
