@@ -4,6 +4,7 @@ database while clients chat (the private server is stopped and started again).""
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -12,7 +13,7 @@ from protocol.client import ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import Joined, KvWrite, Message
 from protocol.hlc import pack
-from storage.store import StorageConfigError, StorageUnavailable, open_store
+from storage.store import StorageConfigError, StorageError, StorageUnavailable, open_store
 from tests.helpers import run_server, until_status
 from tests.postgres import PrivatePostgres, private_postgres
 
@@ -154,3 +155,52 @@ async def test_the_database_password_appears_in_no_log_line_or_status(
     seen += [handler.format(record) for record in caplog.records]
     assert any("storage" in line.lower() for line in seen)  # the outage was seen and said
     assert [line for line in seen if "hunter2" in line] == []
+
+
+async def test_postgres_errors_are_unavailable_or_not_by_their_class(
+    own_postgres: PrivatePostgres,
+) -> None:
+    """Retrying helps with a statement cut by its timeout (here: a lock held elsewhere)
+    or a server that is gone: ``StorageUnavailable``. It does not with a missing table
+    (SQLSTATE class 42): ``StorageError`` only."""
+    url = own_postgres.new_database()
+    database = urlsplit(url).path.lstrip("/")
+    async with open_store(url, statement_timeout=0.3) as store:
+        assert await store.fetch_messages("r", 1, 10) == []
+        locker = trio.Event()
+        release = trio.Event()
+
+        def hold_lock() -> None:
+            # psql holds an exclusive lock on messages, in a transaction left open while
+            # it waits for more input, until it is killed (which ends the transaction).
+            import subprocess
+
+            with subprocess.Popen(
+                ["psql", own_postgres.url(database), "-q"], stdin=subprocess.PIPE, text=True
+            ) as psql:
+                assert psql.stdin is not None
+                psql.stdin.write("BEGIN; LOCK TABLE messages IN ACCESS EXCLUSIVE MODE;\n")
+                psql.stdin.flush()
+                trio.from_thread.run_sync(locker.set)
+                trio.from_thread.run(release.wait)
+                psql.kill()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, hold_lock)
+            await locker.wait()
+            with trio.fail_after(30):
+                while True:  # until the lock is taken, a read still passes
+                    try:
+                        await store.fetch_messages("r", 1, 10)
+                    except StorageUnavailable:
+                        break
+            release.set()
+
+        await trio.to_thread.run_sync(own_postgres.psql, "DROP TABLE messages CASCADE", database)
+        with pytest.raises(StorageError) as missing:
+            await store.fetch_messages("r", 1, 10)
+        assert not isinstance(missing.value, StorageUnavailable)
+
+        await trio.to_thread.run_sync(own_postgres.stop)
+        with pytest.raises(StorageUnavailable), trio.fail_after(30):
+            await store.fetch_messages("r", 1, 10)
