@@ -54,7 +54,7 @@ from actors.user import User
 from protocol.errors import CloseCode
 from server import collector
 from server.config import Config
-from server.connection import Admission, Connection
+from server.connection import CLOSE_TIMEOUT, Admission, Connection
 from storage.bus import InProcessBus
 from storage.redis_bus import RedisBus
 from storage.redis_conn import Redis, Subscriber, open_redis
@@ -552,7 +552,12 @@ async def serve(
                 log.info("shutting down")
                 deadline = trio.current_time() + config.drain_timeout
                 await node.drain(accepting.cancel, deadline)
-                connections.cancel_scope.deadline = deadline
+                # Every session has its close frame queued: each connection gets up to
+                # CLOSE_TIMEOUT for the closing handshake, even if the drain used the
+                # whole deadline (storage stuck), so clients still read 1001.
+                connections.cancel_scope.deadline = max(
+                    deadline, trio.current_time() + CLOSE_TIMEOUT
+                )
                 nursery.cancel_scope.cancel()
     finally:
         for listener in listeners:  # if start-up failed before the accept loop took them

@@ -1,15 +1,19 @@
 """SIGTERM drains: goaway, stored acks delivered, 1001, exit 0; the next start resumes."""
 
+import logging
 import signal
+import sqlite3
 from pathlib import Path
 
+import httpx
+import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
 from protocol.client import Disconnected, ParleyClient, ServerError, open_client
 from protocol.errors import CloseCode, ErrorCode
 from protocol.frames import Frame, Goaway, Joined, Message
-from tests.helpers import server_process
+from tests.helpers import run_server, server_process
 
 WINDOW = 16
 
@@ -78,3 +82,84 @@ def drain(client: ParleyClient) -> list[Frame]:
             events.append(client.events.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
             return events
+
+
+async def test_a_drain_past_its_deadline_leaves_the_run_unclean(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Storage never takes the last message before the drain's deadline: the sessions
+    still close (1001) at the deadline, no ack was given for it, the run is not marked
+    clean, and the next start gives the room a new epoch, so a client that saw the
+    unstored message is told to start over rather than trust its seq."""
+    caplog.set_level(logging.INFO)
+    db = tmp_path / "parley.db"
+    async with run_server(tmp_path, drain_timeout=1.0) as server:
+        async with server.client("alice") as alice, server.client("bob") as bob:
+            await alice.create("r")
+            await bob.join("r")
+            await alice.send("r", "stored")
+            assert (await bob.next_event(Message)).seq == 1
+            lock = sqlite3.connect(db, isolation_level=None, timeout=10)
+            lock.execute("BEGIN IMMEDIATE")  # nothing more is stored from here
+            outcome: list[str] = []
+
+            async def send_unstored() -> None:
+                try:
+                    await alice.send("r", "unstored")
+                    outcome.append("acked")
+                except (Disconnected, ConnectionClosed):
+                    outcome.append("closed")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_unstored)
+                with trio.fail_after(10):
+                    assert (await bob.next_event(Message)).seq == 2  # delivered live
+                positions = dict(bob.positions)
+                server.shutdown.set()
+            assert outcome == ["closed"]
+            assert (alice.close_code, bob.close_code) == (CloseCode.GOING_AWAY,) * 2
+    lock.execute("ROLLBACK")
+    lock.close()
+    logged = [r.getMessage() for r in caplog.records]
+    assert "drain: storage did not take 1 queued records in time" in logged
+    assert "stopped with records unstored" in logged
+
+    async with run_server(tmp_path) as server, server.client("bob", resume=positions) as bob:
+        joined = await bob.next_event(Joined)
+        assert (joined.recovered, joined.seq) == (False, 1)  # seq 2 was never stored
+        assert joined.epoch != positions["r"][1]
+
+
+async def test_a_second_signal_exits_at_once_while_a_drain_waits(tmp_path: Path) -> None:
+    """While a drain waits for storage, readiness says so (and that the write-behind is
+    half full); a second SIGTERM ends the process at once, with status 1, as a crash
+    would."""
+    db = tmp_path / "parley.db"
+    flags = ("--drain-timeout", "60", "--write-queue-records", "2")
+    async with server_process(tmp_path, *flags) as server:
+        await server.start()
+        async with open_client(server.url, server.token("alice")) as alice:
+            await alice.create("r")
+        lock = sqlite3.connect(db, isolation_level=None, timeout=10)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            async with open_client(server.url, server.token("alice")) as alice:
+                with trio.move_on_after(0.5):
+                    await alice.send("r", "queued")  # held: storage is locked
+                assert server.proc is not None
+                server.proc.send_signal(signal.SIGTERM)
+                ops = f"http://127.0.0.1:{server.ops_port}"
+                async with httpx.AsyncClient(base_url=ops) as http:
+                    with trio.fail_after(30):
+                        body = (await http.get("/readyz")).json()
+                        while not body["checks"]["draining"]:
+                            await trio.sleep(0.05)
+                            body = (await http.get("/readyz")).json()
+                assert body["status"] == "Failed"
+                assert body["checks"]["write_behind"]["depth"] == 1
+                assert body["reasons"][0] == "draining: the node is shutting down"
+                assert "write-behind: backlog at 50% of capacity" in body["reasons"]
+                assert await server.signal(signal.SIGTERM) == 1
+        finally:
+            lock.close()
+        assert "second SIGTERM: exiting without draining" in server.log()
