@@ -524,6 +524,48 @@ async def test_a_crashed_room_restarts_from_storage(server: RunningServer) -> No
         assert [m.seq for m in (await bob.history("r")).items] == [1, 2, 3, 4]
 
 
+async def test_a_room_that_crashes_mid_publish_hands_over_what_it_had(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A room crashes after giving a message its seq and before delivering it, while it
+    holds a receipt it has not stored (the receipt interval is an hour). Its successor
+    delivers the message once, the sender's ack comes, and the receipt is kept and
+    stored."""
+    async with run_server(tmp_path, receipt_interval=3600.0) as server:
+        async with server.client("alice") as alice, server.client("bob") as bob:
+            await alice.create("r")
+            await bob.join("r")
+            for i in range(3):
+                await alice.send("r", f"m{i}")
+            await messages(bob, 3)
+            await bob.receipt("r", read=3)  # kept in the room's memory for now
+            fan_out = room_module.Room._fan_out
+            crashed: list[int] = []
+
+            def crash_once(room: room_module.Room, frame: bytes, kind: type) -> None:
+                if kind is Message and not crashed:
+                    crashed.append(room.seq)
+                    raise RuntimeError("planted: sequenced, not delivered")
+                fan_out(room, frame, kind)
+
+            monkeypatch.setattr(room_module.Room, "_fan_out", crash_once)
+            sent = await alice.send("r", "m3")
+            assert crashed == [4] and sent.seq == 4
+            with trio.fail_after(10):
+                got = await bob.next_event(Message)
+            assert (got.seq, got.text) == (4, "m3")
+            await alice.send("r", "m4")
+            with trio.fail_after(10):
+                assert (await bob.next_event(Message)).seq == 5  # 4 came once
+            crashes = server.node.services.metrics.registry.get_sample_value(
+                "parley_actor_crashes_total", {"kind": "room"}
+            )
+            assert crashes == 1.0
+    async with run_server(tmp_path) as server, server.client("bob") as bob:
+        joined = await bob.join("r")
+        assert (joined.seq, joined.read) == (5, 3)  # the successor stored the receipt
+
+
 @pytest.mark.parametrize("budget", [room_module.DELIVERIES_PER_TURN, 2])
 async def test_a_turn_ends_after_its_deliveries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int
