@@ -63,6 +63,36 @@ async def test_grace_period_hides_a_reconnect_then_announces_offline(
         assert offline.ts is not None
 
 
+async def test_a_crashed_user_actor_keeps_the_sessions_and_the_presence(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A bug crashes alice's User actor while she is online and do-not-disturb. Its
+    successor keeps her session and what the actor knew: followers see no change, and
+    her going offline still waits for her to leave and then for the grace period."""
+    async with memory_node(tmp_path, presence_grace=5.0) as mem, mem.client("bob") as bob:
+        await bob.create("r")
+        async with mem.client("alice") as alice:
+            await alice.join("r")
+            await alice.set_status(Status.DND)
+            await until_seen(bob, "alice", Status.DND)
+            await mem.node.write_behind.wait_flushed()
+            mem.node.directory.ref(ActorKind.USER, "alice").send_nowait(object())  # a bug
+            assert (await bob.who("alice"))["alice"].status is Status.DND
+            crashes = mem.node.services.metrics.registry.get_sample_value(
+                "parley_actor_crashes_total", {"kind": "user"}
+            )
+            assert crashes == 1.0
+            mock_clock.autojump_threshold = 0  # nothing waits for storage from here
+            await trio.sleep(60)  # past many grace periods and idle sweeps
+            assert [e for e in pending_events(bob) if isinstance(e, Presence)] == []
+            await alice.set_status(Status.AWAY)  # the successor serves her session
+            await until_seen(bob, "alice", Status.AWAY)
+        left_at = trio.current_time()
+        offline = await next_presence(bob)
+        assert (offline.user, offline.status) == ("alice", Status.OFFLINE)
+        assert trio.current_time() - left_at == pytest.approx(5.0)
+
+
 async def test_online_while_any_device_is(tmp_path: Path) -> None:
     async with (
         run_server(tmp_path, presence_grace=0.05) as server,
