@@ -481,6 +481,9 @@ async def open_websocket(
                 stream = trio.SSLStream(
                     tcp, ssl.create_default_context(), server_hostname=parts.hostname
                 )
+                # Here, not on the WebSocket's first write: a certificate that does not
+                # verify failed inside trio-websocket's reader and the client hung.
+                await stream.do_handshake()  # trio.BrokenResourceError from ssl.SSLError
             async with trio.open_nursery() as nursery:
                 ws = await wrap_client_stream(
                     nursery,

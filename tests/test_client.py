@@ -2,6 +2,9 @@
 it takes what a server may send it (against a scripted WebSocket server)."""
 
 import functools
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -135,3 +138,59 @@ async def test_a_close_before_the_welcome_is_a_disconnect() -> None:
         with pytest.raises(Disconnected, match="closed during hello"), trio.fail_after(10):
             async with open_client(url, "token"):
                 pass
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with the openssl command."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("these tests need the openssl command (Debian: apt install openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@asynccontextmanager
+async def tls_server(tmp_path: Path, script: Script) -> AsyncIterator[tuple[str, Path]]:
+    """``scripted_server`` behind TLS: its wss:// URL and the certificate to trust."""
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        await script(await request.accept())
+
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(
+            trio_websocket.serve_websocket, handler, "127.0.0.1", 0, ssl_context=context
+        )
+        server = await nursery.start(serve)
+        yield f"wss://127.0.0.1:{server.port}/ws", cert
+        nursery.cancel_scope.cancel()
+
+
+async def _welcome_then_wait(ws: trio_websocket.WebSocketConnection) -> None:
+    await ws.get_message()
+    await ws.send_message(WELCOME)
+    await trio.sleep_forever()
+
+
+async def test_a_wss_url_speaks_tls_and_checks_the_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with tls_server(tmp_path, _welcome_then_wait) as (url, cert):
+        # Not trusted (not in the system's store): the handshake fails.
+        with pytest.raises(trio.BrokenResourceError) as refused, trio.fail_after(10):
+            async with open_client(url, "token"):
+                pass
+        assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read by the default context
+        with trio.fail_after(10):
+            async with open_client(url, "token") as client:
+                assert client.welcome is not None and client.welcome.session == "s1"
