@@ -16,7 +16,7 @@ from protocol.client import open_client
 from server.cli import build_parser
 from server.config import SERVE_OPTIONS, config_from_args
 from server.tokens import DEV_SECRETS_NAME, issue_token, load_dev_secrets, token_verifier
-from tests.helpers import SECRET, run_cli, run_server
+from tests.helpers import SECRET, run_cli, run_server, server_process
 
 
 def test_help_lists_the_commands() -> None:
@@ -337,6 +337,76 @@ async def test_two_chat_terminals_talk(tmp_path: Path) -> None:
             await bob.stdin.aclose()  # Ctrl-D
             with trio.fail_after(30):
                 assert await bob.wait() == 0
+
+
+def _chat_command(url: str, user: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "server.cli", "chat", "--user", user, "--room", "lobby"),
+        *("--url", url, f"--secret={SECRET}"),
+    ]
+
+
+async def test_chat_says_when_the_url_is_not_a_parley_endpoint(tmp_path: Path) -> None:
+    """An HTTP server that is not Parley (here the node's ops port) answers the upgrade
+    with an error: chat says so in one line and stops, it does not retry for ever."""
+    async with run_server(tmp_path) as server:
+        host, port = server.addresses.ops
+        result = await trio.run_process(
+            _chat_command(f"ws://{host}:{port}/ws", "alice"),
+            stdin=b"",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert b"is not a Parley endpoint (HTTP 404)" in result.stderr, result.stderr
+
+
+async def test_chat_reconnects_and_resumes_without_repeating_a_line(tmp_path: Path) -> None:
+    """The server restarts under a running chat: it says so, reconnects with backoff,
+    resumes from the last seq it printed, and shows what came meanwhile exactly once."""
+    async with server_process(tmp_path) as server:
+        await server.start()
+        out_path, err_path = tmp_path / "alice.out", tmp_path / "alice.err"
+        async with trio.open_nursery() as nursery:
+            with out_path.open("wb") as out, err_path.open("wb") as err:
+                alice = await nursery.start(
+                    functools.partial(
+                        trio.run_process,
+                        _chat_command(server.url, "alice"),
+                        stdin=subprocess.PIPE,
+                        stdout=out,
+                        stderr=err,
+                        check=False,
+                    )
+                )
+            with trio.fail_after(30):
+                while b"alice in lobby" not in err_path.read_bytes():  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            async with open_client(server.url, server.token("bob")) as bob:
+                await bob.join("lobby")
+                await bob.send("lobby", "before")
+            with trio.fail_after(30):
+                while b"[1] bob: before" not in out_path.read_bytes():  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert await server.signal(signal.SIGTERM) == 0
+            with trio.fail_after(30):
+                while b"* disconnected" not in err_path.read_bytes():  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            await server.start()
+            async with open_client(server.url, server.token("bob")) as bob:
+                await bob.join("lobby")
+                await bob.send("lobby", "after")
+            with trio.fail_after(60):
+                while b"[2] bob: after" not in out_path.read_bytes():  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert alice.stdin is not None
+            await alice.stdin.aclose()  # Ctrl-D
+            with trio.fail_after(30):
+                assert await alice.wait() == 0
+    shown = [line for line in out_path.read_bytes().splitlines() if line.startswith(b"[")]
+    assert shown == [b"[1] bob: before", b"[2] bob: after"]  # each once, in order
+    assert b"* reconnected" in err_path.read_bytes()
 
 
 def test_migrate_a_postgres_database(postgres_url: str) -> None:
