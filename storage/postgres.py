@@ -787,15 +787,22 @@ async def _migrate(conn: Conn) -> list[str]:
         for m in migrations_for("postgres"):
             if m.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(m.sql, timeout=MIGRATION_TIMEOUT)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
-                    m.version,
-                    m.name,
-                    int(time.time()),
-                )
-            applied.append(f"{m.version:04d}_{m.name}")
+            name = f"{m.version:04d}_{m.name}"
+            try:
+                async with conn.transaction():
+                    await conn.execute(m.sql, timeout=MIGRATION_TIMEOUT)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name, applied_at)"
+                        " VALUES ($1, $2, $3)",
+                        m.version,
+                        m.name,
+                        int(time.time()),
+                    )
+            except asyncpg.PostgresError as exc:
+                # The operator must know which one: it rolled back whole, and the ones
+                # before it stay applied.
+                raise StorageConfigError(f"migration {name} failed: {exc}") from exc
+            applied.append(name)
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
@@ -840,7 +847,7 @@ async def _store_in(
 
     try:
         pool = await loop.run_aio_coroutine(connect())
-    except (*_ERRORS, ValueError) as exc:
+    except (*_ERRORS, ValueError, StorageConfigError) as exc:
         raise StorageConfigError(f"cannot use {redact_url(url)}: {exc}") from exc
     store = PostgresStore(loop, pool, url, statement_timeout)
     try:

@@ -13,6 +13,7 @@ from protocol.client import ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import Joined, KvWrite, Message
 from protocol.hlc import pack
+from storage.migrations import migrations_for
 from storage.store import StorageConfigError, StorageError, StorageUnavailable, open_store
 from tests.helpers import run_server, until_status
 from tests.postgres import PrivatePostgres, private_postgres
@@ -204,3 +205,32 @@ async def test_postgres_errors_are_unavailable_or_not_by_their_class(
         await trio.to_thread.run_sync(own_postgres.stop)
         with pytest.raises(StorageUnavailable), trio.fail_after(30):
             await store.fetch_messages("r", 1, 10)
+
+
+async def test_a_failed_migration_stops_the_start_and_leaves_no_half(
+    own_postgres: PrivatePostgres,
+) -> None:
+    """A migration that fails (here a table in its way) rolls back whole: the start
+    fails naming it, the migrations before it stay applied, and once the obstacle is
+    gone the next start applies it and the rest."""
+    url = own_postgres.new_database()
+    database = urlsplit(url).path.lstrip("/")
+    obstacle = "CREATE TABLE kv (unrelated INTEGER)"
+    await trio.to_thread.run_sync(own_postgres.psql, obstacle, database)
+    with pytest.raises(StorageConfigError) as failed:
+        async with open_store(url):
+            pass
+    assert 'migration 0003_kv failed: relation "kv" already exists' in str(failed.value)
+    versions = await trio.to_thread.run_sync(
+        own_postgres.psql,
+        "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations",
+        database,
+    )
+    assert versions == "1,2"
+    await trio.to_thread.run_sync(own_postgres.psql, "DROP TABLE kv", database)
+    async with open_store(url) as store:
+        assert await store.load_kv("alice") is not None
+    versions = await trio.to_thread.run_sync(
+        own_postgres.psql, "SELECT count(*) FROM schema_migrations", database
+    )
+    assert int(versions) == len(migrations_for("postgres"))
