@@ -1,5 +1,6 @@
 """Presence end to end: grace periods in virtual time, multi-device, watch, large rooms."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -85,8 +86,13 @@ async def test_a_crashed_user_actor_keeps_the_sessions_and_the_presence(
             mock_clock.autojump_threshold = 0  # nothing waits for storage from here
             await trio.sleep(60)  # past many grace periods and idle sweeps
             assert [e for e in pending_events(bob) if isinstance(e, Presence)] == []
-            await alice.set_status(Status.AWAY)  # the successor serves her session
+            # The successor serves her session. A status change waits for storage (a
+            # thread, in real time): no virtual jumps meanwhile.
+            mock_clock.autojump_threshold = math.inf
+            await alice.set_status(Status.AWAY)
             await until_seen(bob, "alice", Status.AWAY)
+            await mem.node.write_behind.wait_flushed()
+            mock_clock.autojump_threshold = 0
         left_at = trio.current_time()
         offline = await next_presence(bob)
         assert (offline.user, offline.status) == ("alice", Status.OFFLINE)
