@@ -288,40 +288,48 @@ async def test_dev_server_and_token_agree_with_no_setup(tmp_path: Path) -> None:
             assert await proc.wait() == 0
 
 
+def _chat_command(url: str, user: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "server.cli", "chat", "--user", user, "--room", "lobby"),
+        *("--url", url, f"--secret={SECRET}"),
+    ]
+
+
+async def _until_written(path: Path, text: bytes, seconds: float = 30) -> None:
+    """Until another process has written ``text`` into ``path``."""
+    with trio.fail_after(seconds):
+        while text not in path.read_bytes():  # noqa: ASYNC110, ASYNC240 - a file, no event
+            await trio.sleep(0.05)
+
+
+async def _start_chat(
+    nursery: trio.Nursery, url: str, user: str, out_path: Path, err_path: Path
+) -> trio.Process:
+    """``parley chat`` as ``user`` in lobby, its output into the two files; once it says
+    it is in."""
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        process: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process,
+                _chat_command(url, user),
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=err,
+                check=False,
+            )
+        )
+    await _until_written(err_path, f"{user} in lobby".encode())
+    return process
+
+
 async def test_two_chat_terminals_talk(tmp_path: Path) -> None:
     """``parley chat`` as people run it: bob listens, alice types two lines and quits."""
     async with run_server(tmp_path) as server:
-        command = [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "chat",
-            "--room",
-            "lobby",
-            "--url",
-            server.url,
-            "--secret",
-            SECRET,
-            "--user",
-        ]
         bob_out, bob_err = tmp_path / "bob.out", tmp_path / "bob.err"
         async with trio.open_nursery() as nursery:
-            with bob_out.open("wb") as out, bob_err.open("wb") as err:
-                bob = await nursery.start(
-                    functools.partial(
-                        trio.run_process,
-                        [*command, "bob"],
-                        stdin=subprocess.PIPE,
-                        stdout=out,
-                        stderr=err,
-                        check=False,
-                    )
-                )
-            with trio.fail_after(30):
-                while b"bob in lobby" not in bob_err.read_bytes():  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+            bob = await _start_chat(nursery, server.url, "bob", bob_out, bob_err)
             alice = await trio.run_process(
-                [*command, "alice"],
+                _chat_command(server.url, "alice"),
                 stdin=b"hi bob\nhow are you\n",
                 capture_stdout=True,
                 capture_stderr=True,
@@ -329,21 +337,12 @@ async def test_two_chat_terminals_talk(tmp_path: Path) -> None:
             )
             assert alice.returncode == 0, alice.stderr
             expected = b"[1] alice: hi bob\n[2] alice: how are you\n"
-            with trio.fail_after(30):
-                while expected not in bob_out.read_bytes():  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+            await _until_written(bob_out, expected)
             assert expected in alice.stdout  # the typist sees the room too
             assert bob.stdin is not None
             await bob.stdin.aclose()  # Ctrl-D
             with trio.fail_after(30):
                 assert await bob.wait() == 0
-
-
-def _chat_command(url: str, user: str) -> list[str]:
-    return [
-        *(sys.executable, "-m", "server.cli", "chat", "--user", user, "--room", "lobby"),
-        *("--url", url, f"--secret={SECRET}"),
-    ]
 
 
 async def test_chat_says_when_the_url_is_not_a_parley_endpoint(tmp_path: Path) -> None:
@@ -369,37 +368,18 @@ async def test_chat_reconnects_and_resumes_without_repeating_a_line(tmp_path: Pa
         await server.start()
         out_path, err_path = tmp_path / "alice.out", tmp_path / "alice.err"
         async with trio.open_nursery() as nursery:
-            with out_path.open("wb") as out, err_path.open("wb") as err:
-                alice = await nursery.start(
-                    functools.partial(
-                        trio.run_process,
-                        _chat_command(server.url, "alice"),
-                        stdin=subprocess.PIPE,
-                        stdout=out,
-                        stderr=err,
-                        check=False,
-                    )
-                )
-            with trio.fail_after(30):
-                while b"alice in lobby" not in err_path.read_bytes():  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+            alice = await _start_chat(nursery, server.url, "alice", out_path, err_path)
             async with open_client(server.url, server.token("bob")) as bob:
                 await bob.join("lobby")
                 await bob.send("lobby", "before")
-            with trio.fail_after(30):
-                while b"[1] bob: before" not in out_path.read_bytes():  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+            await _until_written(out_path, b"[1] bob: before")
             assert await server.signal(signal.SIGTERM) == 0
-            with trio.fail_after(30):
-                while b"* disconnected" not in err_path.read_bytes():  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+            await _until_written(err_path, b"* disconnected")
             await server.start()
             async with open_client(server.url, server.token("bob")) as bob:
                 await bob.join("lobby")
                 await bob.send("lobby", "after")
-            with trio.fail_after(60):
-                while b"[2] bob: after" not in out_path.read_bytes():  # noqa: ASYNC110
-                    await trio.sleep(0.05)
+            await _until_written(out_path, b"[2] bob: after", 60)
             assert alice.stdin is not None
             await alice.stdin.aclose()  # Ctrl-D
             with trio.fail_after(30):

@@ -79,18 +79,21 @@ Script = Callable[[trio_websocket.WebSocketConnection], Awaitable[None]]
 
 
 @asynccontextmanager
-async def scripted_server(script: Script) -> AsyncIterator[str]:
-    """A WebSocket server on a free port whose connections run ``script``; its URL."""
+async def scripted_server(
+    script: Script, context: ssl.SSLContext | None = None
+) -> AsyncIterator[str]:
+    """A WebSocket server on a free port whose connections run ``script``, behind TLS
+    with ``context``; its URL."""
 
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
         await script(await request.accept())
 
     async with trio.open_nursery() as nursery:
         serve = functools.partial(
-            trio_websocket.serve_websocket, handler, "127.0.0.1", 0, ssl_context=None
+            trio_websocket.serve_websocket, handler, "127.0.0.1", 0, ssl_context=context
         )
         server = await nursery.start(serve)
-        yield f"ws://127.0.0.1:{server.port}/ws"
+        yield f"{'ws' if context is None else 'wss'}://127.0.0.1:{server.port}/ws"
         nursery.cancel_scope.cancel()
 
 
@@ -162,17 +165,8 @@ async def tls_server(tmp_path: Path, script: Script) -> AsyncIterator[tuple[str,
     cert, key = _self_signed(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-
-    async def handler(request: trio_websocket.WebSocketRequest) -> None:
-        await script(await request.accept())
-
-    async with trio.open_nursery() as nursery:
-        serve = functools.partial(
-            trio_websocket.serve_websocket, handler, "127.0.0.1", 0, ssl_context=context
-        )
-        server = await nursery.start(serve)
-        yield f"wss://127.0.0.1:{server.port}/ws", cert
-        nursery.cancel_scope.cancel()
+    async with scripted_server(script, context) as url:
+        yield url, cert
 
 
 async def _welcome_then_wait(ws: trio_websocket.WebSocketConnection) -> None:
