@@ -51,11 +51,12 @@ def opcodes(run: Callable[[], Any]) -> int:
             count += 1
         return trace
 
+    previous = sys.gettrace()  # coverage's tracer, under ./run-tests: put it back after
     sys.settrace(trace)
     try:
         run()
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
     return count
 
 
