@@ -398,12 +398,9 @@ class ParleyClient:
                 except ConnectionClosed as closed:
                     self.close_code = closed.reason.code if closed.reason else None
                     return
-                try:
-                    frame = decode_server(data if isinstance(data, bytes) else data.encode())
-                except RemoteProtocolError as exc:
-                    if exc.code is ErrorCode.UNKNOWN_TYPE:
-                        continue  # from a newer server: ignore, as PROTOCOL.md says
-                    raise
+                frame = _known(data)
+                if frame is None:
+                    continue
                 self._track(frame)
                 request_id = getattr(frame, "id", None)
                 if isinstance(frame, Ping) and request_id is None:
@@ -435,6 +432,17 @@ class ParleyClient:
                 self.positions[frame.room] = (frame.seq, frame.epoch)
 
 
+def _known(data: bytes | str) -> Frame | None:
+    """The frame in a server message; None for a type this client does not know (from a
+    newer server: ignored, as PROTOCOL.md says, before the welcome too)."""
+    try:
+        return decode_server(data if isinstance(data, bytes) else data.encode())
+    except RemoteProtocolError as exc:
+        if exc.code is ErrorCode.UNKNOWN_TYPE:
+            return None
+        raise
+
+
 async def handshake(
     client: ParleyClient, token: str, resume: dict[str, tuple[int, str]] | None
 ) -> Welcome:
@@ -444,12 +452,7 @@ async def handshake(
             data = await client.ws.get_message()
         except ConnectionClosed as closed:
             raise Disconnected(f"closed during hello: {closed.reason}") from None
-        try:
-            frame = decode_server(data if isinstance(data, bytes) else data.encode())
-        except RemoteProtocolError as exc:
-            if exc.code is ErrorCode.UNKNOWN_TYPE:
-                continue  # from a newer server, before the welcome too: ignored
-            raise
+        frame = _known(data)
         if isinstance(frame, Welcome):
             return frame
         if isinstance(frame, Error):
