@@ -879,7 +879,7 @@ async def run_load(
         if spy is not None:
             await trio.to_thread.run_sync(spy.wait)
         with trio.move_on_after(60):  # every ack, however busy the machine (CI, coverage)
-            while pending_acks:  # noqa: ASYNC110 - answers the connections' readers count
+            while pending_acks:  # noqa: ASYNC110 - the readers pop the acks
                 await trio.sleep(0.01)
         await trio.sleep(max(1.0, 5 * args.feed_interval))  # the last events
         load.measuring = False

@@ -313,3 +313,10 @@ async def until_status(server: RunningServer, status: str) -> dict[str, Any]:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+def actor_crashes(node: Node, kind: str) -> float | None:
+    """How many times actors of ``kind`` crashed on ``node`` (the metric)."""
+    return node.services.metrics.registry.get_sample_value(
+        "parley_actor_crashes_total", {"kind": kind}
+    )

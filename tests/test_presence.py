@@ -19,7 +19,13 @@ from protocol.frames import (
     PresenceState,
     Status,
 )
-from tests.helpers import RunningServer, memory_node, pending_events, run_server
+from tests.helpers import (
+    RunningServer,
+    actor_crashes,
+    memory_node,
+    pending_events,
+    run_server,
+)
 
 
 async def next_presence(client: ParleyClient) -> Presence:
@@ -79,10 +85,7 @@ async def test_a_crashed_user_actor_keeps_the_sessions_and_the_presence(
             await mem.node.write_behind.wait_flushed()
             mem.node.directory.ref(ActorKind.USER, "alice").send_nowait(object())  # a bug
             assert (await bob.who("alice"))["alice"].status is Status.DND
-            crashes = mem.node.services.metrics.registry.get_sample_value(
-                "parley_actor_crashes_total", {"kind": "user"}
-            )
-            assert crashes == 1.0
+            assert actor_crashes(mem.node, "user") == 1.0
             mock_clock.autojump_threshold = 0  # nothing waits for storage from here
             await trio.sleep(60)  # past many grace periods and idle sweeps
             assert [e for e in pending_events(bob) if isinstance(e, Presence)] == []

@@ -20,7 +20,7 @@ from protocol.codec import decode_server, encode
 from protocol.errors import ErrorCode
 from protocol.frames import Join, Joined, Member, MemberOp, Message, RoomKind, Send, Sent
 from protocol.wsframe import client_frame
-from tests.helpers import RunningServer, events_until, run_server
+from tests.helpers import RunningServer, actor_crashes, events_until, run_server
 
 
 async def messages(client: ParleyClient, n: int) -> list[Message]:
@@ -504,23 +504,25 @@ async def test_direct_room_is_shared_and_closed_to_others(server: RunningServer)
 # --- supervision --------------------------------------------------------------------
 
 
+async def three_messages_in_r(alice: ParleyClient, bob: ParleyClient) -> None:
+    """Alice creates room r, bob joins, and alice's three messages reach him."""
+    await alice.create("r")
+    await bob.join("r")
+    for i in range(3):
+        await alice.send("r", f"m{i}")
+    await messages(bob, 3)
+
+
 async def test_a_crashed_room_restarts_from_storage(server: RunningServer) -> None:
     async with server.client("alice") as alice, server.client("bob") as bob:
-        await alice.create("r")
-        await bob.join("r")
-        for i in range(3):
-            await alice.send("r", f"before {i}")
-        await messages(bob, 3)
+        await three_messages_in_r(alice, bob)
         # A command no room understands: a bug, as far as the room can tell.
         server.node.directory.ref(ActorKind.ROOM, "r").send_nowait(object())
         sent = await alice.send("r", "after the crash")
         assert sent.seq == 4
         got = await bob.next_event(Message)  # bob stayed subscribed
         assert (got.seq, got.text) == (4, "after the crash")
-        crashes = server.node.services.metrics.registry.get_sample_value(
-            "parley_actor_crashes_total", {"kind": "room"}
-        )
-        assert crashes == 1.0
+        assert actor_crashes(server.node, "room") == 1.0
         assert [m.seq for m in (await bob.history("r")).items] == [1, 2, 3, 4]
 
 
@@ -533,11 +535,7 @@ async def test_a_room_that_crashes_mid_publish_hands_over_what_it_had(
     stored."""
     async with run_server(tmp_path, receipt_interval=3600.0) as server:
         async with server.client("alice") as alice, server.client("bob") as bob:
-            await alice.create("r")
-            await bob.join("r")
-            for i in range(3):
-                await alice.send("r", f"m{i}")
-            await messages(bob, 3)
+            await three_messages_in_r(alice, bob)
             await bob.receipt("r", read=3)  # kept in the room's memory for now
             fan_out = room_module.Room._fan_out
             crashed: list[int] = []
@@ -557,10 +555,7 @@ async def test_a_room_that_crashes_mid_publish_hands_over_what_it_had(
             await alice.send("r", "m4")
             with trio.fail_after(10):
                 assert (await bob.next_event(Message)).seq == 5  # 4 came once
-            crashes = server.node.services.metrics.registry.get_sample_value(
-                "parley_actor_crashes_total", {"kind": "room"}
-            )
-            assert crashes == 1.0
+            assert actor_crashes(server.node, "room") == 1.0
     async with run_server(tmp_path) as server, server.client("bob") as bob:
         joined = await bob.join("r")
         assert (joined.seq, joined.read) == (5, 3)  # the successor stored the receipt
