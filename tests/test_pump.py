@@ -2,6 +2,7 @@
 the socket takes everything, hands a full socket to the writer task, and takes it back;
 bytes arrive complete and in order whoever wrote them."""
 
+import contextlib
 import socket
 
 import trio
@@ -258,3 +259,28 @@ async def test_write_through_writes_idle_outboxes_itself_and_keeps_order_elsewhe
     for a, b in pairs:
         a.close()
         b.close()
+
+
+def test_write_through_hands_a_full_socket_to_the_writer_and_a_reset_one_is_broken() -> None:
+    from actors.outbox import write_through
+
+    full, gone = socket.socketpair(), socket.socketpair()
+    try:
+        for a, _ in (full, gone):
+            a.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                full[0].send(b"x" * 65536)  # until the kernel takes no more
+        gone[1].close()
+        waiting, broken = (
+            Outbox(2**20, pump=WritePump(), fd=a.fileno(), start_writer=lambda: None)
+            for a, _ in (full, gone)
+        )
+        write_through([waiting, broken], b"live;")
+        assert waiting.torn and waiting.nbytes == len(b"live;")  # the writer task's now
+        assert waiting._pump is None and not waiting.closed
+        assert broken.closed and broken.nbytes == 0
+    finally:
+        for pair in (full, gone):
+            for s in pair:
+                s.close()
