@@ -157,6 +157,11 @@ def _translate(exc: Exception) -> StorageError:
         if sqlstate[:2] in _UNAVAILABLE_CLASSES:
             return StorageUnavailable(f"PostgreSQL: {exc}")
         return StorageError(f"PostgreSQL: {type(exc).__name__}: {exc}")
+    if isinstance(exc, TimeoutError):  # its text is empty
+        return StorageUnavailable(
+            "PostgreSQL did not answer in time (a statement, the wait for a pooled "
+            "connection, or the call as a whole timed out)"
+        )
     if isinstance(exc, _ERRORS) or type(exc).__module__.startswith("asyncpg"):
         # Refused or lost connections, timeouts, and the driver's own state errors
         # (its connection is dropped from the pool): retrying later may work.

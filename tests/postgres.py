@@ -121,6 +121,26 @@ class PrivatePostgres:
         )
         return done.stdout.strip()
 
+    def hold(self, sql: str, database: str) -> "HeldSession":
+        """A psql session that has run ``sql`` and stays open, keeping its locks and
+        its transaction, until ``release``. Blocking: call it from a thread."""
+        psql = shutil.which("psql") or _binary("psql")
+        process = subprocess.Popen(
+            [psql, self.url(database), "-qAt", "-v", "ON_ERROR_STOP=1"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(f"{sql};\n\\echo parley-held\n")
+        process.stdin.flush()
+        for line in process.stdout:  # psql runs the statements in order, then echoes
+            if line.strip() == "parley-held":
+                return HeldSession(process)
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"psql ended before it ran {sql!r}")
+
     def new_database(self) -> str:
         """The URL of a fresh, empty database."""
         self._databases += 1
@@ -134,6 +154,19 @@ class PrivatePostgres:
         except RuntimeError:
             pass  # not running
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class HeldSession:
+    def __init__(self, process: "subprocess.Popen[str]") -> None:
+        self._process = process
+
+    def release(self) -> None:
+        """End the session, as a crash would: the server frees what it held."""
+        self._process.kill()
+        self._process.wait()
+        for stream in (self._process.stdin, self._process.stdout):
+            if stream is not None:
+                stream.close()
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from protocol.errors import ErrorCode
 from protocol.frames import Joined, KvWrite, Message
 from protocol.hlc import pack
 from storage.migrations import migrations_for
+from storage.postgres import NODE_LOCK
 from storage.store import (
     KvSnapshot,
     StorageConfigError,
@@ -174,34 +175,17 @@ async def test_postgres_errors_are_unavailable_or_not_by_their_class(
     database = urlsplit(url).path.lstrip("/")
     async with open_store(url, statement_timeout=0.3) as store:
         assert await store.fetch_messages("r", 1, 10) == []
-        locker = trio.Event()
-        release = trio.Event()
-
-        def hold_lock() -> None:
-            # psql holds an exclusive lock on messages, in a transaction left open while
-            # it waits for more input, until it is killed (which ends the transaction).
-            import subprocess
-
-            with subprocess.Popen(
-                ["psql", own_postgres.url(database), "-q"], stdin=subprocess.PIPE, text=True
-            ) as psql:
-                assert psql.stdin is not None
-                psql.stdin.write("BEGIN; LOCK TABLE messages IN ACCESS EXCLUSIVE MODE;\n")
-                psql.stdin.flush()
-                trio.from_thread.run_sync(locker.set)
-                trio.from_thread.run(release.wait)
-                psql.kill()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, hold_lock)
-            await locker.wait()
-            with trio.fail_after(30):
-                while True:  # until the lock is taken, a read still passes
-                    try:
-                        await store.fetch_messages("r", 1, 10)
-                    except StorageUnavailable:
-                        break
-            release.set()
+        # psql holds an exclusive lock on messages, in a transaction left open.
+        held = await trio.to_thread.run_sync(
+            own_postgres.hold, "BEGIN; LOCK TABLE messages IN ACCESS EXCLUSIVE MODE", database
+        )
+        try:
+            # PostgreSQL's statement timeout or the driver's, whichever fires first.
+            timed_out = "statement timeout|did not answer in time"
+            with pytest.raises(StorageUnavailable, match=timed_out), trio.fail_after(30):
+                await store.fetch_messages("r", 1, 10)
+        finally:
+            held.release()
 
         await trio.to_thread.run_sync(own_postgres.psql, "DROP TABLE messages CASCADE", database)
         with pytest.raises(StorageError) as missing:
@@ -211,6 +195,46 @@ async def test_postgres_errors_are_unavailable_or_not_by_their_class(
         await trio.to_thread.run_sync(own_postgres.stop)
         with pytest.raises(StorageUnavailable), trio.fail_after(30):
             await store.fetch_messages("r", 1, 10)
+
+
+async def test_a_node_lock_taken_by_another_node_is_reported_then_taken_back(
+    own_postgres: PrivatePostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node's lock session ends (as a database restart ends it) and another node
+    takes the lock before this one's probe: each probe fails, saying so, while the
+    other holds it; once it lets go, the next probe takes the lock back."""
+    url = own_postgres.new_database()
+    database = urlsplit(url).path.lstrip("/")
+    async with open_store(url) as store:
+        await store.begin_run()
+        thief = await trio.to_thread.run_sync(
+            own_postgres.hold,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'parley-node-lock';"
+            f" SELECT pg_advisory_lock({NODE_LOCK})",
+            database,
+        )
+        try:
+            for _ in range(2):
+                with pytest.raises(StorageUnavailable, match="another Parley node took"):
+                    await store.ping()
+            errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+            assert [r.getMessage() for r in errors] == [
+                "the node lock of this database is held by another node"
+            ] * 2
+        finally:
+            thief.release()
+        with trio.fail_after(30):
+            while True:
+                try:
+                    await store.ping()
+                except StorageUnavailable:
+                    await trio.sleep(0.1)  # until the server has ended the other session
+                else:
+                    break
+        async with open_store(url) as other:
+            with pytest.raises(StorageConfigError, match="another Parley node"):
+                await other.begin_run()
 
 
 async def test_a_failed_migration_stops_the_start_and_leaves_no_half(
