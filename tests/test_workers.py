@@ -158,8 +158,18 @@ async def test_workers_share_the_port_chat_across_and_drain(
             async with ops(server) as http:
                 room = (await http.get("/admin/rooms/lobby")).json()
                 refused = await http.get("/admin/stats", headers={"Authorization": "Bearer x"})
+                await http.post("/admin/rooms", json={"room": "second"})
+                page = (await http.get("/admin/rooms?limit=1")).json()  # the query goes along
+                health = await http.get("/healthz")
             assert room["seq"] == 20
             assert refused.status_code == 401  # the worker checked the token
+            assert [r["room"] for r in page["rooms"]] == ["lobby"] and page["next"] == "lobby"
+            assert health.status_code == 200
+            assert health.json() == {
+                "status": "OK",
+                "reasons": [],
+                "pids": {str(i): pid for i, pid in pids(body).items()},
+            }
 
             # SIGTERM drains both workers, clients still connected, and exits 0.
             assert await server.signal(signal.SIGTERM) == 0
@@ -215,6 +225,10 @@ async def test_a_worker_that_does_not_drain_is_killed_after_the_timeout(
             status, body = await readiness(server)
             assert status == 503
             assert any(r.startswith("worker 0: unreachable: no answer") for r in body["reasons"])
+            async with ops(server) as http:
+                health = await http.get("/healthz")
+            assert health.status_code == 503
+            assert health.json()["reasons"] == ["worker 0: no answer in 2 s"]
             assert await server.signal(signal.SIGTERM) == 1  # not all drained
             log = server.log()
     assert log.count("stopped cleanly") == 1, log  # worker 1
@@ -234,6 +248,9 @@ async def test_a_second_signal_kills_the_workers(
             with trio.fail_after(10):
                 while "SIGINT received: draining" not in server.log():  # noqa: ASYNC110
                     await trio.sleep(0.05)
+            status, body = await readiness(server)
+            assert status == 503
+            assert body["reasons"][0] == "draining: the machine is shutting down"
             # The drain timeout (10 s) and margin have not passed: this exit is the SIGKILL's.
             assert await server.signal(signal.SIGTERM) == 1
             log = server.log()
