@@ -17,7 +17,7 @@ from protocol.errors import ErrorCode
 from protocol.feed import FeedView
 from protocol.frames import FeedChanged, FeedItem, FeedOpen, Post
 from protocol.ranking import distance_m, parts_of, rank_key, score
-from tests.helpers import RunningServer, memory_node, run_server
+from tests.helpers import RunningServer, actor_crashes, memory_node, run_server
 
 PARIS = (48.8566, 2.3522)
 NEAR = (48.8600, 2.3500)  # about 400 m from PARIS
@@ -571,3 +571,20 @@ async def test_an_id_of_no_post_starts_no_shard(server: RunningServer) -> None:
                     await request
                 assert refused.value.code is ErrorCode.NOT_FOUND
         assert list(server.node.directory.actors(ActorKind.FEED)) == []
+
+
+async def test_a_crashed_profile_keeps_the_views_it_tells(server: RunningServer) -> None:
+    """A bug crashes the viewer's Profile actor while a feed view of theirs is open. Its
+    successor keeps the profile and whom to tell: a later unfollow still re-ranks the
+    open view live."""
+    async with server.client("bob") as bob, server.client("viewer") as viewer:
+        b = await bob.post(*NEAR, "tech", "by bob")
+        view = await viewer.feed_open(*PARIS, 1000)
+        await viewer.follow("bob")
+        await changed(viewer, view)
+        assert item(view, b.post).parts[3] == 1.0
+        server.node.directory.ref(ActorKind.PROFILE, "viewer").send_nowait(object())  # a bug
+        await viewer.unfollow("bob")
+        await changed(viewer, view)
+        assert item(view, b.post).parts[3] == 0.0
+        assert actor_crashes(server.node, "profile") == 1.0

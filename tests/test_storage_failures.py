@@ -12,7 +12,7 @@ import trio
 
 from protocol.client import ServerError
 from protocol.errors import ErrorCode
-from protocol.frames import Joined, Message
+from protocol.frames import Joined, KvWrite, Message
 from tests.helpers import run_server
 
 
@@ -56,3 +56,54 @@ async def test_failed_reads_answer_try_later_and_the_session_goes_on(tmp_path: P
                 replayed = [await again.next_event(Message) for _ in range(4)]
                 assert [m.seq for m in replayed] == [2, 3, 4, 5]
             assert alice.close_code is None and bob.close_code is None
+
+
+async def test_every_write_is_refused_while_the_write_queue_is_full(tmp_path: Path) -> None:
+    """Storage is behind (the database held locked by another connection, the queue full
+    of puts that wait): a message, a post, a like, a follow and an interests change are
+    each answered TRY_LATER, change nothing, and pass once the queue drains."""
+    near = (48.86, 2.35)
+    async with run_server(tmp_path, write_queue_records=2) as server:
+        async with server.client("alice") as alice, server.client("bob") as bob:
+            await alice.create("r")
+            post = (await alice.post(*near, "food", "bread")).post
+            await server.node.write_behind.wait_flushed()
+            blocker = sqlite3.connect(tmp_path / "parley.db", isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            try:
+                async with trio.open_nursery() as nursery:
+                    puts = [KvWrite(key=f"k{i}", hlc=i + 1, value=i) for i in range(3)]
+                    nursery.start_soon(alice.kv_put, "d", *puts)
+                    with trio.fail_after(10):
+                        while server.node.write_behind.statistics().depth < 3:  # noqa: ASYNC110 - a message away
+                            await trio.sleep(0.01)
+                    writes = {
+                        "send": lambda: alice.send("r", "hello", cid="c1"),
+                        "post": lambda: alice.post(*near, "food", "cake", cid="p2"),
+                        "like": lambda: bob.like(post),
+                        "follow": lambda: bob.follow("alice"),
+                        "interests": lambda: bob.set_interests("food"),
+                    }
+                    refusals = {}
+                    for name, write in writes.items():
+                        with pytest.raises(ServerError) as refused:
+                            await write()
+                        refusals[name] = refused.value.code
+                        assert refused.value.error.msg.startswith("storage is behind")
+                    assert refusals == dict.fromkeys(writes, ErrorCode.TRY_LATER)
+                    blocker.execute("ROLLBACK")
+            finally:
+                blocker.close()
+            view = await bob.feed_open(*near, 1000)
+            assert [(i.post, i.likes) for i in view.items] == [(post, 0)]  # the like undone
+            assert (await alice.send("r", "hello", cid="c1")).seq == 1
+            assert (await alice.post(*near, "food", "cake", cid="p2")).post != post
+            await bob.like(post)
+            await bob.follow("alice")
+            await bob.set_interests("food")
+            await server.node.write_behind.wait_flushed()
+        profile = await server.node.store.load_feed_profile("bob")
+        assert (profile.follows, profile.interests) == (frozenset({"alice"}), frozenset({"food"}))
+        async with server.client("carol") as carol:
+            view = await carol.feed_open(*near, 1000)
+            assert sorted(i.likes for i in view.items) == [0, 1]
