@@ -193,6 +193,11 @@ async def test_a_redis_restart_degrades_then_recovers_losing_nothing_acked(
                     i += 1
                     await trio.sleep(0.05)  # within the rate limit
             assert bob.close_code is None  # sessions stay connected through the outage
+            # A room no node runs yet cannot be placed: refused, and nothing waits.
+            with pytest.raises(ServerError) as unplaced:
+                await bob.create("new")
+            assert unplaced.value.code is ErrorCode.TRY_LATER
+            assert unplaced.value.error.msg == "the cluster is unreachable; retry"
             await trio.to_thread.run_sync(own_redis.start)  # empty: it keeps nothing
             for node in nodes:
                 await until_status(node, "OK")
