@@ -1,9 +1,9 @@
 """``parley chat``: a small interactive client. Two terminals chat with each other.
 
 It joins (or creates) one room, prints what is said there as ``[seq] user: text``,
-sends each line typed, and on a lost connection reconnects with backoff and resumes
-from the last seq it printed, so nothing is shown twice or skipped. End of input
-(Ctrl-D) quits at any time, connected or not.
+sends each line typed, and on a lost connection (or a server too busy to take it)
+reconnects with backoff and resumes from the last seq it printed, so nothing is shown
+twice or skipped. End of input (Ctrl-D) quits at any time, connected or not.
 """
 
 import random
@@ -26,6 +26,11 @@ FATAL = {
     ErrorCode.INVALID,
     ErrorCode.UNSUPPORTED_VERSION,
 }
+
+
+# Parley's answers to an upgrade it cannot take now (the server is full, or this address
+# has too many connections): retried, with the same backoff.
+BUSY = {429, 503}
 
 
 class ChatError(Exception):
@@ -195,9 +200,12 @@ async def run_chat(
                     raise ChatError(exc.error.msg) from None
                 print(f"* server refused ({exc.error.msg})", file=err, flush=True)
             except ConnectionRejected as exc:
-                raise ChatError(
-                    f"{url} is not a Parley endpoint (HTTP {exc.status_code})"
-                ) from None
+                if exc.status_code not in BUSY:
+                    raise ChatError(
+                        f"{url} is not a Parley endpoint (HTTP {exc.status_code})"
+                    ) from None
+                why = (exc.body or b"").decode("utf-8", "replace").strip()
+                print(f"* server busy (HTTP {exc.status_code}: {why})", file=err, flush=True)
             except (OSError, HandshakeError, Disconnected) as exc:
                 if not connected_once and delay == FIRST_DELAY:
                     again = "" if input_ended.is_set() else " Retrying."

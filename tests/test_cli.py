@@ -303,10 +303,15 @@ async def _until_written(path: Path, text: bytes, seconds: float = 30) -> None:
 
 
 async def _start_chat(
-    nursery: trio.Nursery, url: str, user: str, out_path: Path, err_path: Path
+    nursery: trio.Nursery,
+    url: str,
+    user: str,
+    out_path: Path,
+    err_path: Path,
+    until: bytes | None = None,
 ) -> trio.Process:
     """``parley chat`` as ``user`` in lobby, its output into the two files; once it says
-    it is in."""
+    ``until`` (default: that it is in)."""
     with out_path.open("wb") as out, err_path.open("wb") as err:
         process: trio.Process = await nursery.start(
             functools.partial(
@@ -318,7 +323,7 @@ async def _start_chat(
                 check=False,
             )
         )
-    await _until_written(err_path, f"{user} in lobby".encode())
+    await _until_written(err_path, until or f"{user} in lobby".encode())
     return process
 
 
@@ -359,6 +364,23 @@ async def test_chat_says_when_the_url_is_not_a_parley_endpoint(tmp_path: Path) -
         )
     assert result.returncode == 1
     assert b"is not a Parley endpoint (HTTP 404)" in result.stderr, result.stderr
+
+
+async def test_chat_waits_for_a_full_server_then_gets_in(tmp_path: Path) -> None:
+    """A server at its connection limit answers the upgrade 503: chat says the server is
+    busy and tries again with its backoff, and gets in once a place is free."""
+    async with run_server(tmp_path, max_connections=1) as server:
+        out_path, err_path = tmp_path / "alice.out", tmp_path / "alice.err"
+        async with trio.open_nursery() as nursery:
+            async with server.client("bob"):  # the one place
+                busy = b"* server busy (HTTP 503: the server is full; try again later)"
+                alice = await _start_chat(nursery, server.url, "alice", out_path, err_path, busy)
+            await _until_written(err_path, b"alice in lobby")
+            assert alice.stdin is not None
+            await alice.stdin.aclose()  # Ctrl-D
+            with trio.fail_after(30):
+                assert await alice.wait() == 0
+    assert b"not a Parley endpoint" not in err_path.read_bytes()
 
 
 async def test_chat_reconnects_and_resumes_without_repeating_a_line(tmp_path: Path) -> None:
