@@ -348,6 +348,19 @@ async def test_two_chat_terminals_talk(tmp_path: Path) -> None:
             await bob.stdin.aclose()  # Ctrl-D
             with trio.fail_after(30):
                 assert await bob.wait() == 0
+        # Carol comes later: she is shown what was said; a line too long is refused
+        # (and said so), an empty one is not sent, and she goes on.
+        carol = await trio.run_process(
+            _chat_command(server.url, "carol"),
+            stdin=b"x" * 4097 + b"\n\nhello\n",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert carol.returncode == 0, carol.stderr
+    assert carol.stdout.startswith(expected), carol.stdout  # the history, before the rest
+    assert b"[3] carol: hello\n" in carol.stdout
+    assert b"! not sent: " in carol.stderr and b"4096" in carol.stderr, carol.stderr
 
 
 async def test_chat_says_when_the_url_is_not_a_parley_endpoint(tmp_path: Path) -> None:

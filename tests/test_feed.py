@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors.directory import ActorKind
+from actors.feed_cells import cell_of
 from protocol.client import ParleyClient, ServerError
 from protocol.errors import ErrorCode
 from protocol.feed import FeedView
@@ -588,3 +589,24 @@ async def test_a_crashed_profile_keeps_the_views_it_tells(server: RunningServer)
         await changed(viewer, view)
         assert item(view, b.post).parts[3] == 0.0
         assert actor_crashes(server.node, "profile") == 1.0
+
+
+async def test_a_crashed_shard_keeps_its_posts_views_and_cids(server: RunningServer) -> None:
+    """A bug crashes a feed shard while a view watches it and a post of it is fresh. Its
+    successor keeps what the shard held: the post is still ranked, a like still counts
+    once, a retried cid gets the original, and a new post enters the open view live."""
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        first = await alice.post(*NEAR, "events", "tonight", cid="c-1")
+        view = await bob.feed_open(*PARIS, 1000)
+        assert view.posts == [first.post]
+        await bob.like(first.post)
+        await changed(bob, view)
+        shard = str(cell_of(*NEAR))
+        server.node.directory.ref(ActorKind.FEED, shard).send_nowait(object())  # a bug
+        again = await alice.post(*NEAR, "events", "tonight", cid="c-1")
+        assert (again.post, again.ts) == (first.post, first.ts)
+        await bob.like(first.post)  # liked already: no second like
+        second = await alice.post(*NEAR, "events", "tomorrow", cid="c-2")
+        await changed(bob, view, until=second.post)
+        assert item(view, first.post).likes == 1
+        assert actor_crashes(server.node, "feed") == 1.0

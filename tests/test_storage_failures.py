@@ -1,8 +1,9 @@
 """A session's reads from storage that fail answer that request alone, and the session
-goes on: history and a resend's lookup get TRY_LATER, a resume whose replay cannot be
-read gets ``joined`` with ``recovered: false`` (PROTOCOL.md), and the same connections
-are served again once storage is back. SQLite's messages table is renamed away from
-under the node by another connection, then renamed back."""
+goes on: history, a resend's lookup, the room list, a room's existence and presence get
+TRY_LATER, a resume whose replay cannot be read gets ``joined`` with ``recovered: false``
+(PROTOCOL.md), and the same connections are served again once storage is back. SQLite's
+tables are renamed away from under the node by another connection, then renamed back.
+And writes, while the write queue is full, are refused TRY_LATER."""
 
 import sqlite3
 from pathlib import Path
@@ -12,7 +13,7 @@ import trio
 
 from protocol.client import ServerError
 from protocol.errors import ErrorCode
-from protocol.frames import Joined, KvWrite, Message
+from protocol.frames import Joined, KvWrite, Message, Status
 from tests.helpers import run_server
 
 
@@ -56,6 +57,31 @@ async def test_failed_reads_answer_try_later_and_the_session_goes_on(tmp_path: P
                 replayed = [await again.next_event(Message) for _ in range(4)]
                 assert [m.seq for m in replayed] == [2, 3, 4, 5]
             assert alice.close_code is None and bob.close_code is None
+
+            # The room list, whether a room exists, and presence: each read fails alone.
+            for table in ("rooms", "users"):
+                await trio.to_thread.run_sync(_rename, db, table, f"{table}_away")
+            refusals = {}
+            for name, read in {
+                "rooms": alice.rooms,
+                "join": lambda: alice.join("elsewhere"),
+                "who": lambda: alice.who("bob"),
+            }.items():
+                with pytest.raises(ServerError) as refused:
+                    await read()
+                refusals[name] = (refused.value.code, refused.value.error.msg)
+            assert refusals == {
+                "rooms": (ErrorCode.TRY_LATER, "room list unavailable"),
+                "join": (ErrorCode.TRY_LATER, "storage unavailable; retry"),
+                "who": (ErrorCode.TRY_LATER, "presence unavailable"),
+            }
+            for table in ("rooms", "users"):
+                await trio.to_thread.run_sync(_rename, db, f"{table}_away", table)
+            assert [r.room for r in (await alice.rooms()).items] == ["r"]
+            with pytest.raises(ServerError) as missing:
+                await alice.join("elsewhere")
+            assert missing.value.code is ErrorCode.NOT_FOUND
+            assert (await alice.who("bob"))["bob"].status is Status.ONLINE
 
 
 async def test_every_write_is_refused_while_the_write_queue_is_full(tmp_path: Path) -> None:
