@@ -400,3 +400,21 @@ async def test_feeds_across_nodes(nodes: list[RunningServer]) -> None:
         async with a.client("carol") as elsewhere:  # the same viewer on another node
             fresh = await elsewhere.feed_open(*paris, 1000, limit=5)
         assert fresh.items == view.items or fresh.ts != view.ts
+
+
+async def test_a_refusal_crosses_nodes_with_its_code(nodes: list[RunningServer]) -> None:
+    """Bob, on another node than alice's private room, is refused with the room's own
+    code; once invited he joins through the same node and is relayed its messages."""
+    a, b, _ = nodes
+    async with a.client("alice") as alice, b.client("bob") as bob:
+        await alice.create("secret", private=True)
+        with pytest.raises(ServerError) as refused:
+            await bob.join("secret")
+        assert refused.value.code is ErrorCode.FORBIDDEN
+        relay = b.node.services.cluster.relays.get("secret")  # type: ignore[union-attr]
+        assert relay is None or not relay.links  # nothing of bob's left behind
+        await alice.invite("secret", "bob")
+        await bob.join("secret")
+        sent = await alice.send("secret", "welcome")
+        got = await bob.next_event(Message)
+        assert (got.seq, got.text) == (sent.seq, "welcome")
