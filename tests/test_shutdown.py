@@ -11,9 +11,10 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from protocol.client import Disconnected, ParleyClient, ServerError, open_client
+from protocol.codec import encode
 from protocol.errors import CloseCode, ErrorCode
-from protocol.frames import Frame, Goaway, Joined, Message
-from tests.helpers import run_server, server_process
+from protocol.frames import Error, Frame, Goaway, Hello, Joined, KvWrite, Message, Welcome
+from tests.helpers import next_frame, run_server, server_process
 
 WINDOW = 16
 
@@ -163,3 +164,55 @@ async def test_a_second_signal_exits_at_once_while_a_drain_waits(tmp_path: Path)
         finally:
             lock.close()
         assert "second SIGTERM: exiting without draining" in server.log()
+
+
+async def test_a_draining_node_takes_no_new_write_or_session(tmp_path: Path) -> None:
+    """Between goaway and the close, a send and a kv put are refused TRY_LATER (reconnect
+    elsewhere), and so is a hello on a connection that had not said one; the drain holds
+    open here because storage is locked and a message waits to be stored."""
+    async with run_server(tmp_path, drain_timeout=30.0) as server:
+        async with (
+            server.client("alice") as alice,
+            server.raw() as late,
+        ):
+            await alice.create("r")
+            lock = sqlite3.connect(tmp_path / "parley.db", isolation_level=None, timeout=10)
+            lock.execute("BEGIN IMMEDIATE")
+            acks: list[int] = []
+            try:
+                async with trio.open_nursery() as nursery:
+
+                    async def queued() -> None:
+                        acks.append((await alice.send("r", "queued")).seq)
+
+                    nursery.start_soon(queued)
+                    with trio.fail_after(10):
+                        while not server.node.write_behind.statistics().depth:  # noqa: ASYNC110 - a message away
+                            await trio.sleep(0.01)
+                    server.shutdown.set()
+                    with trio.fail_after(10):
+                        await alice.next_event(Goaway)
+                    refusals = []
+                    for write in (
+                        lambda: alice.send("r", "later"),
+                        lambda: alice.kv_put("d", KvWrite(key="k", hlc=1, value=1)),
+                    ):
+                        with pytest.raises(ServerError) as refused:
+                            await write()
+                        refusals.append((refused.value.code, refused.value.error.msg))
+                    assert (
+                        refusals == [(ErrorCode.TRY_LATER, "server is going away; reconnect")] * 2
+                    )
+                    await late.send_message(encode(Hello(v=1, token=server.token("bob"))))
+                    with trio.fail_after(10):
+                        while not isinstance(frame := await next_frame(late), Error):
+                            assert not isinstance(frame, Welcome)
+                    assert (frame.code, frame.msg) == (ErrorCode.TRY_LATER, "server is going away")
+                    lock.execute("ROLLBACK")
+            finally:
+                lock.close()
+            assert acks == [1]  # stored in the end, and acked before the close
+            with trio.fail_after(10):
+                while alice.close_code is None:  # noqa: ASYNC110 - the close is a network event
+                    await trio.sleep(0.01)
+            assert alice.close_code == CloseCode.GOING_AWAY
