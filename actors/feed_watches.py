@@ -71,15 +71,16 @@ def _box(viewer: Viewer) -> tuple[float, float, float, float]:
         return south, north, -math.inf, math.inf
     widest = math.cos(math.radians(max(abs(south), abs(north))))
     dlon = dlat / widest
-    if dlon >= 180:
+    west, east = viewer.lon - dlon, viewer.lon + dlon
+    if west < -180 or east > 180:  # all longitudes, or across the antimeridian
         return south, north, -math.inf, math.inf
-    return south, north, viewer.lon - dlon, viewer.lon + dlon
+    return south, north, west, east
 
 
 def _tiles(box: tuple[float, float, float, float]) -> list[tuple[int, int]] | None:
-    """The grid tiles ``box`` touches; None if too many (or it wraps the antimeridian)."""
+    """The grid tiles ``box`` touches; None if too many (or all longitudes)."""
     south, north, west, east = box
-    if west < -180 or east > 180:
+    if math.isinf(west):
         return None
     rows = range(math.floor(south * TILES), math.floor(north * TILES) + 1)
     columns = range(math.floor(west * TILES), math.floor(east * TILES) + 1)

@@ -610,3 +610,32 @@ async def test_a_crashed_shard_keeps_its_posts_views_and_cids(server: RunningSer
         await changed(bob, view, until=second.post)
         assert item(view, first.post).likes == 1
         assert actor_crashes(server.node, "feed") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("viewer", "near", "other_side"),
+    [
+        ((-16.5, 179.99), (-16.5, 179.995), (-16.5, -179.99)),  # Fiji, on the antimeridian
+        ((82.5, 10.0), (82.5, 10.5), (82.5, 15.0)),  # the far north: a view of many tiles
+    ],
+)
+async def test_views_at_the_edges_of_the_map_see_new_posts_live(
+    server: RunningServer,
+    viewer: tuple[float, float],
+    near: tuple[float, float],
+    other_side: tuple[float, float],
+) -> None:
+    """A view whose circle crosses the antimeridian, or spans more longitude than the
+    shard's tiles follow one by one, still gets each new post within it live, from
+    either side, and not one outside it."""
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        view = await bob.feed_open(*viewer, 100_000 if viewer[0] > 80 else 5_000)
+        here = await alice.post(*near, "news", "here")
+        await changed(bob, view, until=here.post)
+        there = await alice.post(*other_side, "news", "across")
+        await changed(bob, view, until=there.post)
+        far = await alice.post(viewer[0] - 10, viewer[1] * -0.5, "news", "far away")
+        await alice.like(there.post)  # a change after the far post: it would come first
+        await changed(bob, view)
+        assert sorted(view.posts) == sorted([here.post, there.post])
+        assert far.post not in view.posts
