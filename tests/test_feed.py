@@ -376,6 +376,8 @@ FANS = ("f0", "f1", "f2")
 CATEGORIES = ("art", "food", "news")
 # On a cell boundary (longitude 2.0): a view near it merges two shards.
 CENTER = (48.85, 2.0)
+# On the antimeridian: posts on both sides, in two shards at the two ends of the grid.
+FIJI = (-16.5, 179.99)
 
 post_op = st.tuples(
     st.just("post"),
@@ -406,6 +408,7 @@ op = st.one_of(
     k=st.integers(1, 5),
     radius=st.integers(500, 2500),
     open_first=st.booleans(),
+    center=st.sampled_from([CENTER, FIJI]),
 )
 def test_the_live_page_is_the_brute_force_ranking(
     tmp_path_factory: pytest.TempPathFactory,
@@ -413,13 +416,19 @@ def test_the_live_page_is_the_brute_force_ranking(
     k: int,
     radius: int,
     open_first: bool,
+    center: tuple[float, float],
 ) -> None:
     path = tmp_path_factory.mktemp("live")
-    trio.run(_live_page_scenario, path, ops, k, radius, open_first)
+    trio.run(_live_page_scenario, path, ops, k, radius, open_first, center)
 
 
 async def _live_page_scenario(
-    path: Path, ops: list[tuple[Any, ...]], k: int, radius: int, open_first: bool
+    path: Path,
+    ops: list[tuple[Any, ...]],
+    k: int,
+    radius: int,
+    open_first: bool,
+    center: tuple[float, float],
 ) -> None:
     posts: dict[int, tuple[str, int, float, float, str]] = {}
     made: list[int] = []
@@ -433,12 +442,13 @@ async def _live_page_scenario(
             for user in (*AUTHORS, *FANS, "viewer")
         }
         viewer = clients["viewer"]
-        view = await viewer.feed_open(*CENTER, radius, limit=k) if open_first else None
+        view = await viewer.feed_open(*center, radius, limit=k) if open_first else None
         for o in ops:
             kind = o[0]
             if kind == "post":
                 _, author, dlat, dlon, category = o
-                lat, lon = CENTER[0] + dlat / 1e4, CENTER[1] + dlon / 1e4
+                lat, lon = center[0] + dlat / 1e4, center[1] + dlon / 1e4
+                lon = lon - 360 if lon > 180 else lon
                 p = await clients[author].post(lat, lon, category, "t")
                 posts[p.post] = (author, p.ts, lat, lon, category)
                 made.append(p.post)
@@ -468,10 +478,10 @@ async def _live_page_scenario(
                 interests.clear()
                 interests.update(o[1])
         if view is None:
-            view = await viewer.feed_open(*CENTER, radius, limit=k)
+            view = await viewer.feed_open(*center, radius, limit=k)
 
         def expected(at: int) -> list[tuple[int, float]]:
-            return brute_force(posts, likes, CENTER, radius, follows, interests, blocked, at, k)
+            return brute_force(posts, likes, center, radius, follows, interests, blocked, at, k)
 
         # Every change is acked: the view comes to the ranking, and stays there.
         with trio.fail_after(10):
