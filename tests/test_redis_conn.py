@@ -62,11 +62,19 @@ def test_url_forms() -> None:
         "redis://localhost:99999",
         "unix://host/run/redis.sock",
         "unix:///run/redis.sock?timeout=1",
+        "redis://localhost/0#db",
     ],
 )
 def test_url_refused(url: str) -> None:
     with pytest.raises(ValueError):
         parse_url(url)
+
+
+@pytest.mark.parametrize("name", ["", "two words"])
+async def test_a_client_name_redis_would_refuse_is_refused_here(name: str) -> None:
+    with pytest.raises(ValueError, match="client name"):
+        async with open_redis("redis://127.0.0.1:1", name=name):
+            pass
 
 
 async def test_call_round_trip(redis_url: str) -> None:
@@ -382,3 +390,22 @@ async def test_a_backlog_is_not_buffered_on_our_side(own_redis: PrivateRedis) ->
         finally:
             tracemalloc.stop()
         assert peak < 2 * 2**20, f"peak {peak} bytes while draining 10 MB"
+
+
+async def test_a_password_and_a_user_are_sent_and_a_wrong_password_is_refused(
+    own_redis: PrivateRedis,
+) -> None:
+    assert (
+        own_redis.command("ACL", "SETUSER", "alice", "on", ">alices", "~*", "&*", "+@all") == b"OK"
+    )
+    assert own_redis.command("CONFIG", "SET", "requirepass", "s3cret") == b"OK"  # the last
+    address = own_redis.url.removeprefix("redis://")
+    for url in (f"redis://:s3cret@{address}", f"redis://alice:alices@{address}"):
+        async with open_redis(url, timeout=2) as (redis, subscriber):
+            assert redis.connected and subscriber.connected, redis.error
+            assert await redis.call("PING") == b"PONG"
+    async with open_redis(f"redis://:wrong@{address}", timeout=2) as (redis, _):
+        assert not redis.connected
+        assert "WRONGPASS" in str(redis.error)
+        with pytest.raises(RedisUnavailable):
+            await redis.call("PING")
