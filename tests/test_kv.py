@@ -16,7 +16,7 @@ from protocol.frames import KvChanged, KvEntry, KvWrite
 from protocol.hlc import pack
 from protocol.kv import KvReplica
 from storage.store import KvSnapshot
-from tests.helpers import RunningServer, memory_node, pending_events, run_server
+from tests.helpers import RunningServer, actor_crashes, memory_node, pending_events, run_server
 
 
 def ms() -> int:
@@ -425,3 +425,19 @@ def test_a_replicas_values_are_the_servers_entries_under_its_pending_writes() ->
     phone.set("new", [1, 2], wall_ms=12)
     assert phone.values() == {"theme": "light", "new": [1, 2]}
     assert {k: e.value for k, e in phone.synced().items()} == {"theme": "dark", "lang": "fr"}
+
+
+async def test_a_crashed_kv_actor_keeps_the_map_and_its_followers(server: RunningServer) -> None:
+    """A bug crashes alice's kv actor while her tablet follows the map. Its successor
+    keeps the map and the followers: the phone's next put reaches the tablet live, with
+    the next revision."""
+    async with server.client("alice") as phone, server.client("alice") as tablet:
+        await tablet.kv_sync()  # the tablet follows the map
+        await phone.kv_put("phone", KvWrite(key="a", hlc=pack(ms()), value=1))
+        assert [e.rev for e in (await tablet.next_event(KvChanged)).items] == [1]
+        server.node.directory.ref(ActorKind.KV, "alice").send_nowait(object())  # a bug
+        await phone.kv_put("phone", KvWrite(key="b", hlc=pack(ms()), value=2))
+        with trio.fail_after(10):
+            changed = await tablet.next_event(KvChanged)
+        assert [(e.key, e.rev) for e in changed.items] == [("b", 2)]
+        assert actor_crashes(server.node, "kv") == 1.0
