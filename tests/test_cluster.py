@@ -418,3 +418,27 @@ async def test_a_refusal_crosses_nodes_with_its_code(nodes: list[RunningServer])
         sent = await alice.send("secret", "welcome")
         got = await bob.next_event(Message)
         assert (got.seq, got.text) == (sent.seq, "welcome")
+
+
+async def test_a_retired_room_is_taken_by_the_next_node_with_its_epoch(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    """A room with nobody left retires on its node once what it wrote is stored, and lets
+    the room go: the next node to be asked runs it from storage, with the same epoch (no
+    crash to recover from), and the seq goes on."""
+    async with cluster(tmp_path, postgres_url, redis_url, n=2, actor_idle=0.2) as (a, b):
+        async with a.client("alice") as alice:
+            joined = await alice.create("r")
+            for i in range(3):
+                await alice.send("r", f"m{i}")
+        with trio.fail_after(15):
+            while a.node.directory.actor(ActorKind.ROOM, "r") is not None:  # noqa: ASYNC110 - it retires when idle
+                await trio.sleep(0.05)
+        async with b.client("bob") as bob, b.client("alice") as alice:
+            again = await alice.join("r")
+            assert (again.epoch, again.seq) == (joined.epoch, 3)
+            assert b.node.directory.actor(ActorKind.ROOM, "r").role == "owner"
+            await bob.join("r")
+            sent = await alice.send("r", "m3")
+            assert sent.seq == 4
+            assert (await bob.next_event(Message)).seq == 4
