@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 
+from actors.cluster import inbox_channel
 from actors.directory import ActorKind
 from protocol.client import Disconnected, ServerError
 from protocol.errors import ErrorCode
@@ -442,3 +443,22 @@ async def test_a_retired_room_is_taken_by_the_next_node_with_its_epoch(
             sent = await alice.send("r", "m3")
             assert sent.seq == 4
             assert (await bob.next_event(Message)).seq == 4
+
+
+async def test_an_unreadable_envelope_is_dropped_counted_and_the_node_goes_on(
+    nodes: list[RunningServer], redis_server: PrivateRedis
+) -> None:
+    a, b, _ = nodes
+    cluster = a.node.services.cluster
+    assert cluster is not None
+    for garbage in (b"\xff\x00not cbor", b""):
+        redis_server.command("PUBLISH", inbox_channel(cluster.node), garbage)
+    registry = a.node.services.metrics.registry
+    with trio.fail_after(10):
+        while registry.get_sample_value("parley_cluster_unreadable_total") != 2:  # noqa: ASYNC110 - a message away
+            await trio.sleep(0.02)
+    async with a.client("alice") as alice, b.client("bob") as bob:  # still one cluster
+        await alice.create("r")
+        await bob.join("r")
+        await alice.send("r", "still here")
+        assert (await bob.next_event(Message)).text == "still here"
