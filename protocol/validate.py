@@ -10,7 +10,6 @@ for characters outside the Basic Multilingual Plane.
 from collections.abc import Callable
 from typing import Any
 
-from protocol.cbor import Raw
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.frames import (
     Block,
@@ -86,11 +85,6 @@ def check_user(user: str) -> None:
         raise _invalid(f"bad user id: {USER_RULE}")
 
 
-def _size(value: Any) -> int:
-    """Encoded bytes of a payload; the server always holds it as ``Raw``."""
-    return len(value.cbor) if type(value) is Raw else 1  # None: null, one byte
-
-
 def _token(frame: Hello | Refresh, limits: Limits) -> None:
     if len(frame.token) > MAX_TOKEN_CHARS:
         raise _too_large(f"token longer than {MAX_TOKEN_CHARS} characters")
@@ -121,8 +115,7 @@ def _content(name: str, frame: Send | Post, limits: Limits) -> None:
         raise _invalid(f"{name} needs text, data or both")
     if frame.text is not None and len(frame.text) > limits.max_text_chars:
         raise _too_large(f"text longer than {limits.max_text_chars} characters")
-    if frame.data is not None and _size(frame.data) > limits.max_data_bytes:
-        raise _too_large(f"data larger than {limits.max_data_bytes} bytes")
+    # data's size was refused by the decoder, which reads no further than the limit.
 
 
 def _create(frame: Create, limits: Limits) -> None:
@@ -200,11 +193,8 @@ def _kv_put(frame: KvPut, limits: Limits) -> None:
             raise _invalid(f"write {i}: a key is 1-{limits.kv_key_bytes} UTF-8 bytes, no NUL")
         if write.hlc == 0:
             raise _invalid(f"write {i}: hlc must be above 0")
-        if write.deleted:
-            if write.value is not None:
-                raise _invalid(f"write {i}: a deletion carries no value")
-        elif _size(write.value) > limits.kv_value_bytes:
-            raise _too_large(f"write {i}: value larger than {limits.kv_value_bytes} bytes")
+        if write.deleted and write.value is not None:  # (a value's size: the decoder's)
+            raise _invalid(f"write {i}: a deletion carries no value")
 
 
 def _kv_sync(frame: KvSync, limits: Limits) -> None:

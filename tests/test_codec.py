@@ -455,6 +455,25 @@ def test_refusals(payload: bytes, code: ErrorCode) -> None:
     assert refused(payload).code is code
 
 
+@pytest.mark.parametrize(
+    ("frame", "code", "says"),
+    [
+        (Hello(v=1, token="t" * 4097), ErrorCode.TOO_LARGE, "token longer than 4096"),
+        (Hello(v=1, token="t", resume={"r": (1, "e" * 33)}), ErrorCode.INVALID, "epoch longer"),
+        (Join(id=1, room="r", seq=1, epoch="e" * 33), ErrorCode.INVALID, "epoch longer than 32"),
+        (Send(id=1, room="r", cid="c", data={"b": b"x" * 8200}), ErrorCode.TOO_LARGE, "8192"),
+        (
+            KvPut(id=1, dev="d", items=(KvWrite(key="k", hlc=1, value="v" * 16400),)),
+            ErrorCode.TOO_LARGE,
+            "value larger than 16384 bytes",
+        ),
+    ],
+)
+def test_limits_of_fields_are_refused_by_name(frame: Any, code: ErrorCode, says: str) -> None:
+    error = refused(encode(frame))
+    assert error.code is code and says in str(error), error
+
+
 def test_refusal_names_the_request_id() -> None:
     assert refused(cbor2.dumps({0: 15, 1: 42, 2: "r", 6: "c"})).request_id == 42
     assert refused(cbor2.dumps({0: 99, 1: 43})).request_id == 43
