@@ -292,3 +292,30 @@ def test_a_worker_reads_the_supervisors_options_from_its_environment(tmp_path: P
     assert args.worker == 3
     expected = attrs.evolve(config, workers=1, ops_host="unix:/run/w3.sock", ops_port=0)
     assert config_from_args(args) == expected
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited child not reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_workers_drain_when_their_supervisor_is_killed(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    """SIGKILL of the supervisor: the orphaned workers notice, drain and exit, rather
+    than hold the port out of anyone's control."""
+    async with machine(tmp_path, postgres_url, redis_url) as server:
+        workers = pids(await until_ready(server))
+        with killed_at_the_end(workers.values()):
+            assert await server.signal(signal.SIGKILL) == -signal.SIGKILL
+            with trio.fail_after(30):
+                while any(_running(pid) for pid in workers.values()):  # noqa: ASYNC110 - other processes
+                    await trio.sleep(0.05)
+            log = server.log()
+    assert server.proc is not None
+    assert log.count(f"the supervisor (pid {server.proc.pid}) is gone: draining") == 2, log
+    assert log.count("stopped cleanly") == 2, log
