@@ -185,6 +185,7 @@ class Link:
         self._wake = trio.Event()
         self._session: trio.CancelScope | None = None
         self._read_scope: trio.CancelScope | None = None
+        self._read_for_reply = False  # the read's deadline is a reply's, not the keepalive's
         self._broken: str | None = None
 
     @property
@@ -321,21 +322,27 @@ class Link:
             self._out_count = 0
             scope = self._read_scope
             if scope is not None:
-                scope.deadline = min(scope.deadline, trio.current_time() + self.timeout)
+                # The oldest command unanswered sets the deadline. An idle read's is the
+                # keepalive's, which may be due in a moment: it must not cut this one short.
+                due = trio.current_time() + self.timeout
+                scope.deadline = min(scope.deadline, due) if self._read_for_reply else due
+                self._read_for_reply = True
             await stream.send_all(data)
             # Counted until sent: what waits in send_all is memory we hold too.
             self._out_bytes -= len(data)
 
     async def _read(self, stream: trio.SocketStream, reader: hiredis.Reader) -> None:
         while True:
-            wait = self.timeout if self._owes() else KEEPALIVE
+            self._read_for_reply = self._owes()
+            wait = self.timeout if self._read_for_reply else KEEPALIVE
             scope = self._read_scope = trio.CancelScope(deadline=trio.current_time() + wait)
             with scope:
                 data = await stream.receive_some(RECV_SIZE)
             if scope.cancelled_caught:
-                if self._owes():
+                if self._read_for_reply:
                     raise RedisUnavailable(f"no reply from Redis within {self.timeout} s")
-                self._ping()
+                if not self._owes():  # else what was just queued is the probe
+                    self._ping()
                 continue
             if not data:
                 raise RedisUnavailable("Redis closed the connection")

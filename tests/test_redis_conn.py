@@ -13,9 +13,11 @@ from collections.abc import Callable
 import hiredis
 import pytest
 import trio
+import trio.testing
 
 from storage import redis_link
 from storage.redis_conn import (
+    RedisError,
     RedisUnavailable,
     ReplyError,
     Script,
@@ -409,3 +411,51 @@ async def test_a_password_and_a_user_are_sent_and_a_wrong_password_is_refused(
         assert "WRONGPASS" in str(redis.error)
         with pytest.raises(RedisUnavailable):
             await redis.call("PING")
+
+
+async def test_an_idle_healthy_connection_is_pinged_and_stays(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keepalive PING of a quiet connection is answered (on the pub/sub connection
+    too, where the answer has its own shape) and nothing is torn down."""
+    monkeypatch.setattr(redis_link, "KEEPALIVE", 0.05)
+    async with open_redis(redis_url, timeout=2) as (redis, subscriber):
+        got: list[bytes] = []
+        subscriber.subscribe(b"idle", got.append)
+        await subscriber.subscribed(b"idle")
+        reconnects = subscriber.reconnects + redis.reconnects
+
+        async def sub_pinged() -> bool:
+            clients = (await redis.call("CLIENT", "LIST")).decode().splitlines()
+            sub = next(c for c in clients if " name=parley-sub " in c)
+            return " cmd=ping " in sub
+
+        with trio.fail_after(PATIENCE):
+            while not await sub_pinged():  # noqa: ASYNC110 - what Redis says of a connection
+                await trio.sleep(0.05)
+        assert subscriber.connected and redis.connected
+        assert subscriber.reconnects + redis.reconnects == reconnects
+        await redis.call("PUBLISH", "idle", "still heard")
+        await until(lambda: got == [b"still heard"])
+
+
+async def test_subscribed_answers_only_for_a_channel_followed(own_redis: PrivateRedis) -> None:
+    async with open_redis(own_redis.url, timeout=5) as (_, subscriber):
+        with pytest.raises(RedisError, match="not subscribed"):
+            await subscriber.subscribed(b"never")
+        subscriber.unsubscribe(b"never")  # nothing to do
+        subscriber.subscribe(b"gone", lambda payload: None)
+        own_redis.pause()  # the confirmation cannot come
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(subscriber.subscribed, b"gone")  # never returns: raises
+                await trio.testing.wait_all_tasks_blocked()
+                assert subscriber.channels == {b"gone"}
+                subscriber.unsubscribe(b"gone")
+        except* RedisError as group:
+            assert "unsubscribed from b'gone' while waiting" in str(group.exceptions[0])
+        else:
+            raise AssertionError("subscribed() returned for a channel unsubscribed")
+        finally:
+            own_redis.resume()
+        assert subscriber.channels == frozenset()
