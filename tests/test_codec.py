@@ -640,3 +640,14 @@ def test_direct_room_ids() -> None:
     assert direct_room_users("dm:alice:bob") == ("alice", "bob")
     for bad in ("dm:bob:alice", "dm:a", "dm:a:b:c", "room", "dm:a:a"):
         assert direct_room_users(bad) is None
+
+
+def test_float_fields_take_integers_and_refuse_anything_else() -> None:
+    """PROTOCOL.md: a float field is read from any CBOR float or integer."""
+    fields = {0: 60, 1: 1, 6: "c", 46: 48, 47: -2, 49: "news", 7: "x"}
+    post = decode_client(cbor2.dumps(fields), LIMITS)
+    assert isinstance(post, Post)
+    assert (post.lat, post.lon) == (48.0, -2.0)
+    assert type(post.lat) is float and type(post.lon) is float
+    error = refused(cbor2.dumps({**fields, 46: "48"}))
+    assert error.code is ErrorCode.INVALID and "must be a number" in str(error), error

@@ -66,3 +66,14 @@ def test_parse_server_frames_reassembles_any_split(
         del buffer[:used]
         parsed.extend(got)
     assert parsed == frames and not buffer
+
+
+def test_a_split_inside_a_long_header_waits_for_the_rest() -> None:
+    """Frames of a 16-bit and of a 64-bit length, cut at every byte of their headers:
+    nothing is parsed until the frame is whole."""
+    for size, head in ((300, 4), (70000, 10)):
+        wire = server_frame(b"y" * size)
+        for cut in range(1, head + 1):
+            assert parse_server_frames(wire[:cut]) == ([], 0)
+        assert parse_server_frames(wire[:-1]) == ([], 0)
+        assert parse_server_frames(wire + wire[:cut]) == ([(OP_BINARY, b"y" * size)], len(wire))

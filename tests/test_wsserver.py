@@ -273,11 +273,26 @@ def test_the_handshake_verdicts_match_wsproto() -> None:
         request(line=b"GET /ws"),
         request(add=[b"no colon here"]),
         request(add=[b"Bad Name: x"]),
+        request(add=[b"X-Bad: a\x00b"]),
+        request(line=b"GET /w\x7fs HTTP/1.1"),
+        request(add=[b"Content-Length: 0"]),
         b"GET /ws HTTP/1.1\r\nHost: x\r\n",  # incomplete
         b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n",  # plain HTTP
     ]
     for data in cases:
         assert our_verdict(data) == wsproto_verdict(data), data
+
+
+def test_where_the_handshake_is_stricter_than_wsproto() -> None:
+    """A control character in a header value (h11 lets all but NUL, CR and LF through),
+    and a request with a body: an upgrade has none, and bytes after the head are frames."""
+    for data in (
+        request(add=[b"X-Bad: a\x01b"]),
+        request(add=[b"Content-Length: 5"]),
+        request(add=[b"Transfer-Encoding: chunked"]),
+    ):
+        assert wsproto_verdict(data)[0] == "upgrade"
+        assert our_verdict(data) == ("refused", "Bad HTTP message"), data
 
 
 def test_bytes_after_the_request_are_kept_and_an_overlong_head_refused() -> None:
