@@ -18,8 +18,9 @@ from protocol.client import Disconnected, ServerError, open_client
 from protocol.codec import encode
 from protocol.errors import CloseCode, ErrorCode
 from protocol.frames import Error, Message, Welcome
+from protocol.kv import KvReplica
 from server.tokens import issue_token
-from tests.helpers import SECRET, memory_node
+from tests.helpers import SECRET, memory_node, run_server
 
 
 async def test_the_client_refreshes_its_token_through_the_callback(
@@ -188,3 +189,20 @@ async def test_a_wss_url_speaks_tls_and_checks_the_certificate(
         with trio.fail_after(10):
             async with open_client(url, "token") as client:
                 assert client.welcome is not None and client.welcome.session == "s1"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/ws", "ws:///ws", "127.0.0.1:80"])
+async def test_a_url_that_is_not_a_websocket_one_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="not a WebSocket URL"):
+        async with open_client(url, "token"):
+            pass
+
+
+async def test_the_query_of_the_url_goes_with_the_request(tmp_path: Path) -> None:
+    """The query string goes along (PROTOCOL.md: the server serves /ws whatever the query);
+    and a replica with nothing pending pushes nothing."""
+    async with run_server(tmp_path) as server:
+        url = server.url + "?client=ios&v=3"
+        async with open_client(url, issue_token(SECRET, "alice", 3600)) as alice:
+            assert alice.welcome is not None and alice.welcome.user == "alice"
+            assert await alice.kv_push(KvReplica("phone")) == []
