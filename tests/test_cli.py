@@ -483,3 +483,29 @@ def test_chat_that_could_not_send_what_was_typed_fails() -> None:
     )
     assert result.returncode == 1, result.stderr
     assert "1 line was not sent" in result.stderr
+
+
+async def test_chat_says_when_the_room_history_changed_under_it(tmp_path: Path) -> None:
+    """The server is killed (no clean stop): the rooms it had open get a new epoch, so a
+    chat that resumes is told its position no longer holds. It says so, and shows what
+    is said from then on."""
+    async with server_process(tmp_path) as server:
+        await server.start()
+        out_path, err_path = tmp_path / "alice.out", tmp_path / "alice.err"
+        async with trio.open_nursery() as nursery:
+            alice = await _start_chat(nursery, server.url, "alice", out_path, err_path)
+            async with open_client(server.url, server.token("bob")) as bob:
+                await bob.join("lobby")
+                await bob.send("lobby", "before")
+            await _until_written(out_path, b"[1] bob: before")
+            assert await server.signal(signal.SIGKILL) == -signal.SIGKILL
+            await server.start()
+            await _until_written(out_path, b"* history of lobby changed; showing from seq 1", 60)
+            async with open_client(server.url, server.token("bob")) as bob:
+                await bob.join("lobby")
+                await bob.send("lobby", "after")
+            await _until_written(out_path, b"[2] bob: after")
+            assert alice.stdin is not None
+            await alice.stdin.aclose()  # Ctrl-D
+            with trio.fail_after(30):
+                assert await alice.wait() == 0
