@@ -82,9 +82,10 @@ Conn = Any  # asyncpg.Connection: untyped
 MIGRATION_LOCK = 7_261_701  # pg_advisory_lock key for migrations
 NODE_LOCK = 7_261_702  # held by the node that serves this database
 MIGRATION_TIMEOUT = 86_400.0
-# Connection-level trouble, the server going away, a statement timeout, no resources:
-# retrying later may work.
-_UNAVAILABLE_CLASSES = ("08", "53", "57")
+# Connection-level trouble, a transaction rolled back (a serialization failure, a
+# deadlock), the server going away, a statement timeout, no resources: retrying later
+# may work.
+_UNAVAILABLE_CLASSES = ("08", "40", "53", "57")
 
 # Batches of the big kinds are COPYed into a temporary staging table (one per
 # connection, emptied at commit), then moved with one INSERT ... SELECT that keeps the

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 import trio
 
@@ -15,6 +16,7 @@ from protocol.frames import Joined, KvWrite, Message
 from protocol.hlc import pack
 from storage.migrations import migrations_for
 from storage.postgres import NODE_LOCK
+from storage.postgres import _translate as translate_error
 from storage.store import (
     KvSnapshot,
     StorageConfigError,
@@ -195,6 +197,29 @@ async def test_postgres_errors_are_unavailable_or_not_by_their_class(
         await trio.to_thread.run_sync(own_postgres.stop)
         with pytest.raises(StorageUnavailable), trio.fail_after(30):
             await store.fetch_messages("r", 1, 10)
+
+
+@pytest.mark.parametrize(
+    ("error", "unavailable"),
+    [
+        (asyncpg.exceptions.AdminShutdownError("terminating connection"), True),  # 57P01
+        (asyncpg.exceptions.TooManyConnectionsError("too many clients"), True),  # 53300
+        (asyncpg.exceptions.SerializationError("could not serialize"), True),  # 40001
+        (asyncpg.exceptions.DeadlockDetectedError("deadlock detected"), True),  # 40P01
+        (asyncpg.exceptions.UndefinedTableError('relation "x" does not exist'), False),
+        (ValueError("a bug of ours"), False),
+    ],
+)
+def test_every_postgres_error_is_classed_by_its_sqlstate(
+    error: Exception, unavailable: bool
+) -> None:
+    """Worth a retry (StorageUnavailable: TRY_LATER) or not (StorageError): the second
+    is what the admin API answers 500 for, and logs."""
+    translated = translate_error(error)
+    assert isinstance(translated, StorageError)
+    assert isinstance(translated, StorageUnavailable) is unavailable
+    assert str(error) in str(translated)
+    assert translate_error(translated) is translated  # classed once
 
 
 async def test_a_node_lock_taken_by_another_node_is_reported_then_taken_back(
