@@ -18,7 +18,7 @@ from protocol.client import ParleyClient, open_client
 from protocol.frames import Message, Sent
 from server.cli import build_parser
 from server.config import config_from_args
-from server.workers import Supervisor, Worker
+from server.workers import Supervisor, Worker, _exit_text
 from tests.helpers import ADMIN, SECRET, ServerProcess, events_until, node_config, run_cli
 from tests.helpers import server_process as single_process
 
@@ -319,3 +319,10 @@ async def test_workers_drain_when_their_supervisor_is_killed(
     assert server.proc is not None
     assert log.count(f"the supervisor (pid {server.proc.pid}) is gone: draining") == 2, log
     assert log.count("stopped cleanly") == 2, log
+
+
+def test_how_a_workers_exit_is_told() -> None:
+    assert _exit_text(0) == "with status 0"
+    assert _exit_text(3) == "with status 3"
+    assert _exit_text(-signal.SIGKILL) == "killed by SIGKILL"
+    assert _exit_text(-200) == "killed by signal 200"  # no such signal here
