@@ -9,8 +9,9 @@ leaves code untested fails here instead of going unnoticed. Raise them as tests 
 import json
 import sys
 
-BRANCHES = 89.0  # percent of all branches taken, over the product's packages (reached 89.9)
-FILE_LINES = 85.0  # percent of lines run, in every module but the exceptions (lowest 86.8)
+BRANCHES = 91.5  # percent of all branches taken, over the product's packages (92.2 reached;
+# runs differ by up to 0.3 points: some paths depend on timing, in the cluster tests)
+FILE_LINES = 88.0  # percent of lines run, in every module but the exceptions (lowest 90.6)
 # Modules allowed under FILE_LINES, each with a floor of its own: none left.
 EXCEPTIONS: dict[str, float] = {}
 
