@@ -16,7 +16,7 @@ from protocol.client import open_client
 from server.cli import build_parser
 from server.config import SERVE_OPTIONS, config_from_args
 from server.tokens import DEV_SECRETS_NAME, issue_token, load_dev_secrets, token_verifier
-from tests.helpers import SECRET, run_cli, run_server, server_process
+from tests.helpers import SECRET, ServerProcess, run_cli, run_server, server_process
 
 
 def test_help_lists_the_commands() -> None:
@@ -396,24 +396,34 @@ async def test_chat_waits_for_a_full_server_then_gets_in(tmp_path: Path) -> None
     assert b"not a Parley endpoint" not in err_path.read_bytes()
 
 
+async def _bob_says(server: ServerProcess, text: str) -> None:
+    async with open_client(server.url, server.token("bob")) as bob:
+        await bob.join("lobby")
+        await bob.send("lobby", text)
+
+
+async def _alice_saw_bob_say_before(
+    nursery: trio.Nursery, server: ServerProcess
+) -> tuple[trio.Process, Path, Path]:
+    """alice's chat in lobby, and its two output files, once it showed bob's "before"."""
+    out_path, err_path = server.tmp_path / "alice.out", server.tmp_path / "alice.err"
+    alice = await _start_chat(nursery, server.url, "alice", out_path, err_path)
+    await _bob_says(server, "before")
+    await _until_written(out_path, b"[1] bob: before")
+    return alice, out_path, err_path
+
+
 async def test_chat_reconnects_and_resumes_without_repeating_a_line(tmp_path: Path) -> None:
     """The server restarts under a running chat: it says so, reconnects with backoff,
     resumes from the last seq it printed, and shows what came meanwhile exactly once."""
     async with server_process(tmp_path) as server:
         await server.start()
-        out_path, err_path = tmp_path / "alice.out", tmp_path / "alice.err"
         async with trio.open_nursery() as nursery:
-            alice = await _start_chat(nursery, server.url, "alice", out_path, err_path)
-            async with open_client(server.url, server.token("bob")) as bob:
-                await bob.join("lobby")
-                await bob.send("lobby", "before")
-            await _until_written(out_path, b"[1] bob: before")
+            alice, out_path, err_path = await _alice_saw_bob_say_before(nursery, server)
             assert await server.signal(signal.SIGTERM) == 0
             await _until_written(err_path, b"* disconnected")
             await server.start()
-            async with open_client(server.url, server.token("bob")) as bob:
-                await bob.join("lobby")
-                await bob.send("lobby", "after")
+            await _bob_says(server, "after")
             await _until_written(out_path, b"[2] bob: after", 60)
             assert alice.stdin is not None
             await alice.stdin.aclose()  # Ctrl-D
@@ -491,19 +501,12 @@ async def test_chat_says_when_the_room_history_changed_under_it(tmp_path: Path) 
     is said from then on."""
     async with server_process(tmp_path) as server:
         await server.start()
-        out_path, err_path = tmp_path / "alice.out", tmp_path / "alice.err"
         async with trio.open_nursery() as nursery:
-            alice = await _start_chat(nursery, server.url, "alice", out_path, err_path)
-            async with open_client(server.url, server.token("bob")) as bob:
-                await bob.join("lobby")
-                await bob.send("lobby", "before")
-            await _until_written(out_path, b"[1] bob: before")
+            alice, out_path, _ = await _alice_saw_bob_say_before(nursery, server)
             assert await server.signal(signal.SIGKILL) == -signal.SIGKILL
             await server.start()
             await _until_written(out_path, b"* history of lobby changed; showing from seq 1", 60)
-            async with open_client(server.url, server.token("bob")) as bob:
-                await bob.join("lobby")
-                await bob.send("lobby", "after")
+            await _bob_says(server, "after")
             await _until_written(out_path, b"[2] bob: after")
             assert alice.stdin is not None
             await alice.stdin.aclose()  # Ctrl-D

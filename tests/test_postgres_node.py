@@ -22,6 +22,7 @@ from storage.store import (
     StorageConfigError,
     StorageError,
     StorageUnavailable,
+    Store,
     open_store,
 )
 from tests.helpers import run_server, until_status
@@ -119,6 +120,18 @@ async def test_a_database_outage_holds_acks_then_drains(
             assert [s.seq for s in before] == [1, 2, 3]
 
 
+async def until_ping_answers(store: Store) -> None:
+    """Until the store's readiness probe passes; at most 30 s."""
+    with trio.fail_after(30):
+        while True:
+            try:
+                await store.ping()
+            except StorageUnavailable:
+                await trio.sleep(0.1)
+            else:
+                return
+
+
 async def test_ping_fails_while_the_database_is_down_and_answers_again(
     own_postgres: PrivatePostgres,
 ) -> None:
@@ -130,14 +143,7 @@ async def test_ping_fails_while_the_database_is_down_and_answers_again(
         with pytest.raises(StorageUnavailable), trio.fail_after(30):
             await store.ping()
         await trio.to_thread.run_sync(own_postgres.start)
-        with trio.fail_after(30):
-            while True:
-                try:
-                    await store.ping()
-                except StorageUnavailable:
-                    await trio.sleep(0.1)  # the pool reconnects as the server comes up
-                else:
-                    break
+        await until_ping_answers(store)  # the pool reconnects as the server comes up
 
 
 async def test_the_database_password_appears_in_no_log_line_or_status(
@@ -249,14 +255,7 @@ async def test_a_node_lock_taken_by_another_node_is_reported_then_taken_back(
             ] * 2
         finally:
             thief.release()
-        with trio.fail_after(30):
-            while True:
-                try:
-                    await store.ping()
-                except StorageUnavailable:
-                    await trio.sleep(0.1)  # until the server has ended the other session
-                else:
-                    break
+        await until_ping_answers(store)  # once the server has ended the other session
         async with open_store(url) as other:
             with pytest.raises(StorageConfigError, match="another Parley node"):
                 await other.begin_run()
