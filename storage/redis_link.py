@@ -185,7 +185,8 @@ class Link:
         self._wake = trio.Event()
         self._session: trio.CancelScope | None = None
         self._read_scope: trio.CancelScope | None = None
-        self._read_for_reply = False  # the read's deadline is a reply's, not the keepalive's
+        # When the replies owed must have begun to come; None while nothing is owed.
+        self._reply_due: float | None = None
         self._broken: str | None = None
 
     @property
@@ -301,7 +302,7 @@ class Link:
             reason = describe(_first(group))
         finally:
             self._connected = False
-            self._session = self._read_scope = None
+            self._session = self._read_scope = self._reply_due = None
             reason = self._broken or reason
             self.error = f"lost the connection to Redis at {self.address}: {reason}"
             self._out.clear()
@@ -320,32 +321,40 @@ class Link:
             self.batches += 1
             self.commands += self._out_count
             self._out_count = 0
-            scope = self._read_scope
-            if scope is not None:
-                # The oldest command unanswered sets the deadline. An idle read's is the
-                # keepalive's, which may be due in a moment: it must not cut this one short.
-                due = trio.current_time() + self.timeout
-                scope.deadline = min(scope.deadline, due) if self._read_for_reply else due
-                self._read_for_reply = True
+            if self._reply_due is None:  # the first command owed since Redis last spoke
+                self._reply_due = trio.current_time() + self.timeout
+                scope = self._read_scope
+                if scope is not None:
+                    scope.deadline = min(scope.deadline, self._reply_due)
             await stream.send_all(data)
             # Counted until sent: what waits in send_all is memory we hold too.
             self._out_bytes -= len(data)
 
     async def _read(self, stream: trio.SocketStream, reader: hiredis.Reader) -> None:
         while True:
-            self._read_for_reply = self._owes()
-            wait = self.timeout if self._read_for_reply else KEEPALIVE
-            scope = self._read_scope = trio.CancelScope(deadline=trio.current_time() + wait)
+            now = trio.current_time()
+            if self._owes():
+                if self._reply_due is None:  # queued, and the writer has not run yet
+                    self._reply_due = now + self.timeout
+                deadline = self._reply_due
+            else:
+                self._reply_due = None
+                deadline = now + KEEPALIVE
+            scope = self._read_scope = trio.CancelScope(deadline=deadline)
             with scope:
                 data = await stream.receive_some(RECV_SIZE)
             if scope.cancelled_caught:
-                if self._read_for_reply:
+                # The deadline is checked again, not the scope's: a keepalive's may fire
+                # in the same instant as a command is sent, which must get its own time.
+                due = self._reply_due
+                if self._owes() and due is not None and trio.current_time() >= due:
                     raise RedisUnavailable(f"no reply from Redis within {self.timeout} s")
                 if not self._owes():  # else what was just queued is the probe
                     self._ping()
                 continue
             if not data:
                 raise RedisUnavailable("Redis closed the connection")
+            self._reply_due = None  # Redis spoke: what is still owed has the timeout again
             reader.feed(data)
             while (reply := reader.gets()) is not _MORE:
                 self._reply(reply)

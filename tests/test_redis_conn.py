@@ -439,6 +439,24 @@ async def test_an_idle_healthy_connection_is_pinged_and_stays(
         await until(lambda: got == [b"still heard"])
 
 
+async def test_a_command_sent_as_the_keepalive_comes_due_gets_its_own_time(
+    redis_url: str,
+) -> None:
+    """The reader's keepalive deadline passes in the very instant a command is queued
+    (forced here; in a server it is the 10 s keepalive meeting a command by chance).
+    The command gets the whole timeout for its reply: nothing is torn down. Trio runs
+    the reader and the writer in either order, so the test tries it many times."""
+    async with open_redis(redis_url, timeout=2) as (redis, _):
+        for _ in range(30):
+            await trio.testing.wait_all_tasks_blocked()  # the reader waits, idle
+            scope = redis._read_scope
+            assert scope is not None and redis._reply_due is None
+            scope.deadline = trio.current_time()
+            redis.send("PING")
+            assert await redis.call("ECHO", "still here") == b"still here"
+        assert redis.connected and redis.reconnects == 0, redis.error
+
+
 async def test_subscribed_answers_only_for_a_channel_followed(own_redis: PrivateRedis) -> None:
     async with open_redis(own_redis.url, timeout=5) as (_, subscriber):
         with pytest.raises(RedisError, match="not subscribed"):
