@@ -62,7 +62,11 @@ def _show(frame: object, out: TextIO) -> None:
     elif isinstance(frame, Goaway):
         print(f"* server going away: {frame.msg}", file=out, flush=True)
     elif isinstance(frame, Joined) and frame.recovered is False:
-        print(f"* history of {frame.room} changed; showing from seq {frame.seq}", file=out)
+        print(
+            f"* history of {frame.room} changed; showing from seq {frame.seq}",
+            file=out,
+            flush=True,
+        )
 
 
 async def _enter(client: ParleyClient, room: str, private: bool) -> Joined:

@@ -13,9 +13,10 @@ and the writer sends everything queued with one ``send_all``. The reader receive
 most ``RECV_SIZE`` bytes at a time and hands every reply hiredis can parse from them to
 the subclass (``_reply``) before it receives more, so a burst is never buffered on our
 side beyond one receive. Every wait is bounded: while replies are owed the reader must
-hear from Redis within the timeout, else the connection is declared dead (a stopped or
-partitioned server); while nothing is owed it sends a PING after ``KEEPALIVE`` seconds
-of silence, so a dead idle connection is found too.
+hear from Redis within the timeout, counted from the first command sent since Redis
+last spoke, else the connection is declared dead (a stopped or partitioned server);
+while nothing is owed it sends a PING after ``KEEPALIVE`` seconds of silence, so a dead
+idle connection is found too.
 """
 
 import logging

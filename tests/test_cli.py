@@ -1,6 +1,7 @@
 """server/cli.py and server/config.py: the commands a new user types."""
 
 import functools
+import os
 import signal
 import socket
 import sqlite3
@@ -311,7 +312,9 @@ async def _start_chat(
     until: bytes | None = None,
 ) -> trio.Process:
     """``parley chat`` as ``user`` in lobby, its output into the two files; once it says
-    ``until`` (default: that it is in)."""
+    ``until`` (default: that it is in). Its output is buffered, as a user's would be when
+    piped (a line it forgets to flush is seen late, and the test fails)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     with out_path.open("wb") as out, err_path.open("wb") as err:
         process: trio.Process = await nursery.start(
             functools.partial(
@@ -321,6 +324,7 @@ async def _start_chat(
                 stdout=out,
                 stderr=err,
                 check=False,
+                env=env,
             )
         )
     await _until_written(err_path, until or f"{user} in lobby".encode())
