@@ -31,6 +31,7 @@ FATAL = {
 # Parley's answers to an upgrade it cannot take now (the server is full, or this address
 # has too many connections): retried, with the same backoff.
 BUSY = {429, 503}
+MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is taken as this
 
 
 class ChatError(Exception):
@@ -47,6 +48,20 @@ def _refused(reason: str) -> str:
         "than the server's; pass the server's secret as --secret=..., or run where "
         "`parley serve --dev` runs"
     )
+
+
+def retry_after(headers: tuple[tuple[bytes, bytes], ...]) -> float:
+    """The seconds a refusal's ``Retry-After`` asks for (0 without one we can read)."""
+    for name, value in headers:
+        if name.lower() == b"retry-after" and value.strip().isdigit():
+            return min(float(value), MAX_RETRY_AFTER)
+    return 0.0
+
+
+def printable(body: bytes | None) -> str:
+    """Another server's words, safe for a terminal: no control characters, one line."""
+    text = (body or b"").decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else " " for c in text).strip()[:200]
 
 
 def _show(frame: object, out: TextIO) -> None:
@@ -178,6 +193,7 @@ async def run_chat(
         delay = FIRST_DELAY
         connected_once = False
         while True:
+            wait = delay * random.uniform(0.8, 1.2)
             try:
                 done = await _session(
                     url,
@@ -208,8 +224,13 @@ async def run_chat(
                     raise ChatError(
                         f"{url} is not a Parley endpoint (HTTP {exc.status_code})"
                     ) from None
-                why = (exc.body or b"").decode("utf-8", "replace").strip()
-                print(f"* server busy (HTTP {exc.status_code}: {why})", file=err, flush=True)
+                wait = max(wait, retry_after(exc.headers))
+                print(
+                    f"* server busy (HTTP {exc.status_code}: {printable(exc.body)}); "
+                    f"retrying in {wait:.0f} s",
+                    file=err,
+                    flush=True,
+                )
             except (OSError, HandshakeError, Disconnected) as exc:
                 if not connected_once and delay == FIRST_DELAY:
                     again = "" if input_ended.is_set() else " Retrying."
@@ -219,7 +240,7 @@ async def run_chat(
                         file=err,
                         flush=True,
                     )
-            with trio.move_on_after(delay * random.uniform(0.8, 1.2)):
+            with trio.move_on_after(wait):
                 await input_ended.wait()
             if input_ended.is_set():  # Ctrl-D while disconnected: quit now
                 unsent = lines.statistics().current_buffer_used

@@ -14,6 +14,7 @@ import trio
 
 from loadtests.cli import free_port
 from protocol.client import open_client
+from server.chat import printable, retry_after
 from server.cli import build_parser
 from server.config import SERVE_OPTIONS, config_from_args
 from server.tokens import DEV_SECRETS_NAME, issue_token, load_dev_secrets, token_verifier
@@ -383,14 +384,27 @@ async def test_chat_says_when_the_url_is_not_a_parley_endpoint(tmp_path: Path) -
     assert b"is not a Parley endpoint (HTTP 404)" in result.stderr, result.stderr
 
 
+def test_what_chat_shows_of_another_servers_refusal() -> None:
+    """Its words without control characters (no escape sequence reaches the terminal),
+    on one line, cut at 200 characters; its Retry-After, within reason."""
+    assert printable(b"\x1b[2Jbusy\r\nnow\x07") == "[2Jbusy  now"
+    assert printable(b"x" * 500) == "x" * 200 and printable(None) == ""
+    assert retry_after(((b"Retry-After", b"10"),)) == 10.0
+    assert retry_after(((b"retry-after", b"86400"),)) == 300.0
+    assert retry_after(((b"retry-after", b"Wed, 21 Oct 2026 07:28:00 GMT"),)) == 0.0
+    assert retry_after(()) == 0.0
+
+
 async def test_chat_waits_for_a_full_server_then_gets_in(tmp_path: Path) -> None:
     """A server at its connection limit answers the upgrade 503: chat says the server is
-    busy and tries again with its backoff, and gets in once a place is free."""
+    busy and tries again after the Retry-After the server asks for (PROTOCOL.md), and
+    gets in once a place is free."""
     async with run_server(tmp_path, max_connections=1) as server:
         out_path, err_path = tmp_path / "alice.out", tmp_path / "alice.err"
         async with trio.open_nursery() as nursery:
             async with server.client("bob"):  # the one place
-                busy = b"* server busy (HTTP 503: the server is full; try again later)"
+                busy = b"* server busy (HTTP 503: the server is full; try again later); "
+                busy += b"retrying in 10 s"  # the server's Retry-After, over chat's backoff
                 alice = await _start_chat(nursery, server.url, "alice", out_path, err_path, busy)
             await _until_written(err_path, b"alice in lobby")
             assert alice.stdin is not None
