@@ -82,10 +82,13 @@ Conn = Any  # asyncpg.Connection: untyped
 MIGRATION_LOCK = 7_261_701  # pg_advisory_lock key for migrations
 NODE_LOCK = 7_261_702  # held by the node that serves this database
 MIGRATION_TIMEOUT = 86_400.0
-# Connection-level trouble, a transaction rolled back (a serialization failure, a
-# deadlock), the server going away, a statement timeout, no resources: retrying later
-# may work.
-_UNAVAILABLE_CLASSES = ("08", "40", "53", "57")
+# Connection-level trouble, the server going away, a statement timeout, no resources:
+# retrying later may work.
+_UNAVAILABLE_CLASSES = ("08", "53", "57")
+# And a transaction rolled back by a serialization failure or a deadlock; not the rest of
+# class 40 (an integrity violation at commit fails again; "completion unknown" may have
+# been applied).
+_UNAVAILABLE_STATES = ("40001", "40P01")
 
 # Batches of the big kinds are COPYed into a temporary staging table (one per
 # connection, emptied at commit), then moved with one INSERT ... SELECT that keeps the
@@ -155,13 +158,13 @@ def _translate(exc: Exception) -> StorageError:
         return exc
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = getattr(exc, "sqlstate", None) or ""
-        if sqlstate[:2] in _UNAVAILABLE_CLASSES:
+        if sqlstate[:2] in _UNAVAILABLE_CLASSES or sqlstate in _UNAVAILABLE_STATES:
             return StorageUnavailable(f"PostgreSQL: {exc}")
         return StorageError(f"PostgreSQL: {type(exc).__name__}: {exc}")
-    if isinstance(exc, TimeoutError):  # its text is empty
+    if isinstance(exc, TimeoutError):  # asyncio's has no text; a socket's has its errno
         return StorageUnavailable(
             "PostgreSQL did not answer in time (a statement, the wait for a pooled "
-            "connection, or the call as a whole timed out)"
+            f"connection, or the call as a whole timed out){f': {exc}' if str(exc) else ''}"
         )
     if isinstance(exc, _ERRORS) or type(exc).__module__.startswith("asyncpg"):
         # Refused or lost connections, timeouts, and the driver's own state errors

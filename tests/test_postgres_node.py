@@ -212,7 +212,12 @@ async def test_postgres_errors_are_unavailable_or_not_by_their_class(
         (asyncpg.exceptions.TooManyConnectionsError("too many clients"), True),  # 53300
         (asyncpg.exceptions.SerializationError("could not serialize"), True),  # 40001
         (asyncpg.exceptions.DeadlockDetectedError("deadlock detected"), True),  # 40P01
+        (asyncpg.exceptions.ConnectionFailureError("connection failure"), True),  # 08006
+        (asyncpg.exceptions.TransactionIntegrityConstraintViolationError("x"), False),  # 40002
         (asyncpg.exceptions.UndefinedTableError('relation "x" does not exist'), False),
+        (TimeoutError(), True),  # asyncio's, from our bound on a call
+        (TimeoutError(110, "Connection timed out"), True),  # a socket's
+        (ConnectionRefusedError(111, "Connection refused"), True),
         (ValueError("a bug of ours"), False),
     ],
 )
