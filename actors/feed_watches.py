@@ -35,7 +35,8 @@ from protocol.ranking import EARTH_RADIUS_M, WEIGHTS, freshness, popularity, ran
 Key = tuple[float, int]
 _NO_FLOOR: Key = (math.inf, 0)  # fewer than k posts answered: any visible post enters
 TILES = 4  # per degree: views are found by the tiles of 0.25° their circle touches
-MAX_TILES = 400  # a view touching more is checked for every change (near a pole)
+MAX_TILES = 400  # a view touching more is checked for every change (near a pole, or
+# across the antimeridian: see _box)
 REORDER = 256  # uses of a tile's order of views before it is sorted again
 # Along a meridian (a hair less: a lower bound of a distance must stay one).
 METRES_PER_DEGREE = math.radians(1) * EARTH_RADIUS_M * (1 - 1e-9)
@@ -72,7 +73,10 @@ def _box(viewer: Viewer) -> tuple[float, float, float, float]:
     widest = math.cos(math.radians(max(abs(south), abs(north))))
     dlon = dlat / widest
     west, east = viewer.lon - dlon, viewer.lon + dlon
-    if west < -180 or east > 180:  # all longitudes, or across the antimeridian
+    if west < -180 or east > 180:
+        # Across the antimeridian a post's longitude (-179.9) is not between the box's
+        # (179.9 to 180.1): take every longitude, and let the ranking's distance decide.
+        # Rare views, and few posts near them: cheaper than a box in two parts.
         return south, north, -math.inf, math.inf
     return south, north, west, east
 
@@ -100,7 +104,7 @@ class Watches:
         # until it asks again (which drops the tile's order), so a view whose old bar is
         # above a post's bound is above it still. Rebuilt every REORDER uses.
         self._order: dict[tuple[int, int], tuple[list[float], list[Watch], list[int]]] = {}
-        self._wide: set[Watch] = set()  # views of too many tiles: always looked at
+        self._wide: set[Watch] = set()  # views of no tiles (_tiles): always looked at
         self._gen = 0
         self._bounds: tuple[float, int] | None = None  # lowest floor score, oldest instant
 

@@ -623,29 +623,37 @@ async def test_a_crashed_shard_keeps_its_posts_views_and_cids(server: RunningSer
 
 
 @pytest.mark.parametrize(
-    ("viewer", "near", "other_side"),
+    ("viewer", "radius", "near", "other_side", "outside"),
     [
-        ((-16.5, 179.99), (-16.5, 179.995), (-16.5, -179.99)),  # Fiji, on the antimeridian
-        ((82.5, 10.0), (82.5, 10.5), (82.5, 15.0)),  # the far north: a view of many tiles
+        # Fiji, on the antimeridian: the other side is at -179.99, and 7.5 km away is
+        # beyond the 5 km radius though within any box around it. It failed live before
+        # the box took every longitude there.
+        ((-16.5, 179.99), 5_000, (-16.5, 179.995), (-16.5, -179.99), (-16.5, -179.94)),
+        # The far north: a view of more tiles than the shard follows one by one; the last
+        # post is 105 km away, beyond the 100 km radius but within the view's box.
+        ((82.5, 10.0), 100_000, (82.5, 10.5), (82.5, 15.0), (82.5, 17.2)),
     ],
 )
 async def test_views_at_the_edges_of_the_map_see_new_posts_live(
     server: RunningServer,
     viewer: tuple[float, float],
+    radius: int,
     near: tuple[float, float],
     other_side: tuple[float, float],
+    outside: tuple[float, float],
 ) -> None:
     """A view whose circle crosses the antimeridian, or spans more longitude than the
     shard's tiles follow one by one, still gets each new post within it live, from
-    either side, and not one outside it."""
+    either side, and not one just beyond its radius."""
+    assert distance_m(*viewer, *outside) > radius > distance_m(*viewer, *other_side)
     async with server.client("alice") as alice, server.client("bob") as bob:
-        view = await bob.feed_open(*viewer, 100_000 if viewer[0] > 80 else 5_000)
+        view = await bob.feed_open(*viewer, radius)
         here = await alice.post(*near, "news", "here")
         await changed(bob, view, until=here.post)
         there = await alice.post(*other_side, "news", "across")
         await changed(bob, view, until=there.post)
-        far = await alice.post(viewer[0] - 10, viewer[1] * -0.5, "news", "far away")
-        await alice.like(there.post)  # a change after the far post: it would come first
+        beyond = await alice.post(*outside, "news", "just beyond")
+        await alice.like(there.post)  # a change after that post: it would come first
         await changed(bob, view)
         assert sorted(view.posts) == sorted([here.post, there.post])
-        assert far.post not in view.posts
+        assert beyond.post not in view.posts
