@@ -25,13 +25,18 @@ import logging
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionTimeout,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from protocol.codec import decode_server, encode
 from protocol.errors import ErrorCode, RemoteProtocolError, sole_exception
@@ -108,6 +113,7 @@ REFRESH_RETRY = 5.0  # seconds between tries when refreshing fails
 TokenSource = Callable[[], Awaitable[str]]
 SUBPROTOCOL = "parley.v1"
 CLOSE_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 10.0  # seconds for the TCP connect, TLS and the WebSocket handshake
 
 
 class ServerError(Exception):
@@ -459,14 +465,25 @@ async def handshake(
             raise ServerError(frame)
 
 
+@contextmanager
+def _connecting(deadline: float, late: str) -> Iterator[None]:
+    with trio.move_on_at(deadline) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise ConnectionTimeout(late)
+
+
 @asynccontextmanager
 async def open_websocket(
-    url: str, *, max_message_size: int = 2**24
+    url: str, *, max_message_size: int = 2**24, connect_timeout: float = CONNECT_TIMEOUT
 ) -> AsyncIterator[WebSocketConnection]:
     """A WebSocket to ``url`` (ws:// or wss://) whose TCP stream we own and close.
 
     trio-websocket's own ``open_websocket_url`` leaves the client socket open when the
-    server ends the connection first, which a long-running client would leak.
+    server ends the connection first, which a long-running client would leak. Connecting
+    takes at most ``connect_timeout`` seconds, else ``ConnectionTimeout`` (a
+    ``HandshakeError``): trio-websocket's handshake waits for ever for a server that
+    closes the connection, or says nothing, before it answers.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -476,7 +493,10 @@ async def open_websocket(
     resource = parts.path or "/"
     if parts.query:
         resource += "?" + parts.query
-    tcp = await trio.open_tcp_stream(parts.hostname, port)
+    deadline = trio.current_time() + connect_timeout
+    late = f"no WebSocket connection to {url} in {connect_timeout:g} s"
+    with _connecting(deadline, late):
+        tcp = await trio.open_tcp_stream(parts.hostname, port)
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
     try:
         with sole_exception():
@@ -486,17 +506,19 @@ async def open_websocket(
                 )
                 # Here, not on the WebSocket's first write: a certificate that does not
                 # verify failed inside trio-websocket's reader and the client hung.
-                await stream.do_handshake()  # trio.BrokenResourceError from ssl.SSLError
+                with _connecting(deadline, late):
+                    await stream.do_handshake()  # BrokenResourceError from ssl.SSLError
             async with trio.open_nursery() as nursery:
-                ws = await wrap_client_stream(
-                    nursery,
-                    stream,
-                    parts.netloc,
-                    resource,
-                    subprotocols=[SUBPROTOCOL],
-                    max_message_size=max_message_size,
-                    message_queue_size=EVENT_BUFFER,
-                )
+                with _connecting(deadline, late):
+                    ws = await wrap_client_stream(
+                        nursery,
+                        stream,
+                        parts.netloc,
+                        resource,
+                        subprotocols=[SUBPROTOCOL],
+                        max_message_size=max_message_size,
+                        message_queue_size=EVENT_BUFFER,
+                    )
                 try:
                     yield ws
                 finally:
@@ -515,10 +537,13 @@ async def open_client(
     resume: dict[str, tuple[int, str]] | None = None,
     max_message_size: int = 2**24,
     refresh: TokenSource | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> AsyncIterator[ParleyClient]:
     """Connect, authenticate and keep reading until the block ends; with ``refresh``,
     keep the token fresh too."""
-    async with open_websocket(url, max_message_size=max_message_size) as ws:
+    async with open_websocket(
+        url, max_message_size=max_message_size, connect_timeout=connect_timeout
+    ) as ws:
         async with run_client(ws, token, resume=resume, refresh=refresh) as client:
             yield client
 

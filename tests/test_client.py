@@ -13,6 +13,7 @@ import cbor2
 import pytest
 import trio
 import trio_websocket
+from trio_websocket import ConnectionTimeout
 
 from protocol.client import Disconnected, ServerError, open_client
 from protocol.codec import encode
@@ -198,11 +199,33 @@ async def test_a_url_that_is_not_a_websocket_one_is_refused(url: str) -> None:
             pass
 
 
-async def test_the_query_of_the_url_goes_with_the_request(tmp_path: Path) -> None:
-    """The query string goes along (PROTOCOL.md: the server serves /ws whatever the query);
-    and a replica with nothing pending pushes nothing."""
+async def test_the_query_goes_with_the_request_and_a_silent_server_times_out() -> None:
+    """What the client sends, read by a listener of the test's own: the path and the
+    query of the URL on the request line. The listener then closes without an answer:
+    the client gives up after its connect timeout (it waited for ever before)."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    heads: list[bytes] = []
+
+    async def read_one_request() -> None:
+        async with await listener.accept() as stream:
+            head = b""
+            with trio.fail_after(10):
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive_some(4096)
+            heads.append(head)  # and close: no answer
+
+    async with listener, trio.open_nursery() as nursery:
+        nursery.start_soon(read_one_request)
+        url = f"ws://127.0.0.1:{port}/ws?client=ios&v=3"
+        with pytest.raises(ConnectionTimeout, match=r"no WebSocket connection to .* in 1 s"):
+            async with open_client(url, "token", connect_timeout=1):
+                pass
+    assert heads and heads[0].startswith(b"GET /ws?client=ios&v=3 HTTP/1.1\r\n"), heads
+
+
+async def test_a_replica_with_nothing_pending_pushes_nothing(tmp_path: Path) -> None:
     async with run_server(tmp_path) as server:
-        url = server.url + "?client=ios&v=3"
-        async with open_client(url, issue_token(SECRET, "alice", 3600)) as alice:
-            assert alice.welcome is not None and alice.welcome.user == "alice"
+        async with open_client(server.url, issue_token(SECRET, "alice", 3600)) as alice:
             assert await alice.kv_push(KvReplica("phone")) == []
+            assert await alice.ping() >= 0  # nothing was sent that the server refused
