@@ -132,7 +132,8 @@ class PrivatePostgres:
             text=True,
         )
         assert process.stdin is not None and process.stdout is not None
-        process.stdin.write(f"{sql};\n\\echo parley-held\n")
+        # A lock that never comes fails the statement, so the test fails, not hangs.
+        process.stdin.write(f"SET lock_timeout = '30s'; {sql};\n\\echo parley-held\n")
         process.stdin.flush()
         for line in process.stdout:  # psql runs the statements in order, then echoes
             if line.strip() == "parley-held":
@@ -157,6 +158,8 @@ class PrivatePostgres:
 
 
 class HeldSession:
+    """A psql session ``PrivatePostgres.hold`` left open."""
+
     def __init__(self, process: "subprocess.Popen[str]") -> None:
         self._process = process
 

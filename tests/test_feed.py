@@ -602,9 +602,11 @@ async def test_a_crashed_profile_keeps_the_views_it_tells(server: RunningServer)
 
 
 async def test_a_crashed_shard_keeps_its_posts_views_and_cids(server: RunningServer) -> None:
-    """A bug crashes a feed shard while a view watches it and a post of it is fresh. Its
-    successor keeps what the shard held: the post is still ranked, a like still counts
-    once, a retried cid gets the original, and a new post enters the open view live."""
+    """A bug crashes a feed shard while a view watches it. Its successor keeps the views
+    it was telling: a new post enters the open view live (a successor that reloaded from
+    storage would not know the view). The post, its like and its cid are stored already,
+    so they stay right either way: this checks the successor serves them, not that it
+    inherited them."""
     async with server.client("alice") as alice, server.client("bob") as bob:
         first = await alice.post(*NEAR, "events", "tonight", cid="c-1")
         view = await bob.feed_open(*PARIS, 1000)

@@ -254,7 +254,11 @@ async def test_a_node_lock_taken_by_another_node_is_reported_then_taken_back(
             for _ in range(2):
                 with pytest.raises(StorageUnavailable, match="another Parley node took"):
                     await store.ping()
-            errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+            errors = [
+                r
+                for r in caplog.records
+                if r.levelno == logging.ERROR and r.name == "storage.postgres"
+            ]
             assert [r.getMessage() for r in errors] == [
                 "the node lock of this database is held by another node"
             ] * 2

@@ -167,9 +167,10 @@ async def test_a_second_signal_exits_at_once_while_a_drain_waits(tmp_path: Path)
 
 
 async def test_a_draining_node_takes_no_new_write_or_session(tmp_path: Path) -> None:
-    """Between goaway and the close, a send and a kv put are refused TRY_LATER (reconnect
-    elsewhere), and so is a hello on a connection that had not said one; the drain holds
-    open here because storage is locked and a message waits to be stored."""
+    """Between goaway and the close, a send, a kv put, a post and a follow are refused
+    TRY_LATER (reconnect elsewhere), and so is a hello on a connection that had not said
+    one; the drain holds open here because storage is locked and a message waits to be
+    stored."""
     async with run_server(tmp_path, drain_timeout=30.0) as server:
         async with (
             server.client("alice") as alice,
@@ -196,12 +197,14 @@ async def test_a_draining_node_takes_no_new_write_or_session(tmp_path: Path) -> 
                     for write in (
                         lambda: alice.send("r", "later"),
                         lambda: alice.kv_put("d", KvWrite(key="k", hlc=1, value=1)),
+                        lambda: alice.post(48.86, 2.35, "news", "later"),
+                        lambda: alice.follow("bob"),
                     ):
                         with pytest.raises(ServerError) as refused:
                             await write()
                         refusals.append((refused.value.code, refused.value.error.msg))
                     assert (
-                        refusals == [(ErrorCode.TRY_LATER, "server is going away; reconnect")] * 2
+                        refusals == [(ErrorCode.TRY_LATER, "server is going away; reconnect")] * 4
                     )
                     await late.send_message(encode(Hello(v=1, token=server.token("bob"))))
                     with trio.fail_after(10):

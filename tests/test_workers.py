@@ -68,6 +68,15 @@ async def until_ready(server: ServerProcess) -> dict[str, Any]:
         raise AssertionError(f"not ready: {body}\n{server.log()}") from None
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited child not reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 @contextmanager
 def killed_at_the_end(stopped: Iterable[int]) -> Iterator[None]:
     """Workers a test stopped (SIGSTOP) die with it even if it fails: a stopped orphan
@@ -76,8 +85,9 @@ def killed_at_the_end(stopped: Iterable[int]) -> Iterator[None]:
         yield
     finally:
         for pid in stopped:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            if _running(pid):  # not one that exited, whose number may be another's now
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def pids(body: dict[str, Any]) -> dict[int, int]:
@@ -292,15 +302,6 @@ def test_a_worker_reads_the_supervisors_options_from_its_environment(tmp_path: P
     assert args.worker == 3
     expected = attrs.evolve(config, workers=1, ops_host="unix:/run/w3.sock", ops_port=0)
     assert config_from_args(args) == expected
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (an exited child not reaped yet does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_workers_drain_when_their_supervisor_is_killed(
