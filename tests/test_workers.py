@@ -168,11 +168,12 @@ async def test_workers_share_the_port_chat_across_and_drain(
             async with ops(server) as http:
                 room = (await http.get("/admin/rooms/lobby")).json()
                 refused = await http.get("/admin/stats", headers={"Authorization": "Bearer x"})
-                await http.post("/admin/rooms", json={"room": "second"})
+                created = await http.post("/admin/rooms", json={"room": "second"})
                 page = (await http.get("/admin/rooms?limit=1")).json()  # the query goes along
                 health = await http.get("/healthz")
             assert room["seq"] == 20
             assert refused.status_code == 401  # the worker checked the token
+            assert created.status_code == 201, created.text
             assert [r["room"] for r in page["rooms"]] == ["lobby"] and page["next"] == "lobby"
             assert health.status_code == 200
             assert health.json() == {
