@@ -29,7 +29,7 @@ FATAL = {
 
 
 # Parley's answers to an upgrade it cannot take now (the server is full, or this address
-# has too many connections): retried, with the same backoff.
+# has too many connections): retried after their Retry-After, or the backoff if longer.
 BUSY = {429, 503}
 MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is taken as this
 
