@@ -414,6 +414,31 @@ async def test_chat_waits_for_a_full_server_then_gets_in(tmp_path: Path) -> None
     assert b"not a Parley endpoint" not in err_path.read_bytes()
 
 
+async def test_chat_retries_a_room_storage_cannot_find_yet(tmp_path: Path) -> None:
+    """Storage cannot say whether the room exists (its table is renamed away by another
+    connection): the join is refused TRY_LATER, which chat shows and retries with its
+    backoff, connected again each time; once storage answers, chat is in the room."""
+    db = tmp_path / "parley.db"
+    async with run_server(tmp_path) as server:
+        await trio.to_thread.run_sync(_rename_table, db, "rooms", "rooms_away")
+        out_path, err_path = tmp_path / "alice.out", tmp_path / "alice.err"
+        async with trio.open_nursery() as nursery:
+            refused = b"* server refused (storage unavailable; retry)"
+            alice = await _start_chat(nursery, server.url, "alice", out_path, err_path, refused)
+            await trio.to_thread.run_sync(_rename_table, db, "rooms_away", "rooms")
+            await _until_written(err_path, b"alice in lobby")
+            assert alice.stdin is not None
+            await alice.stdin.aclose()  # Ctrl-D
+            with trio.fail_after(30):
+                assert await alice.wait() == 0
+
+
+def _rename_table(db: Path, old: str, new: str) -> None:
+    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+    conn.close()
+
+
 async def _bob_says(server: ServerProcess, text: str) -> None:
     async with open_client(server.url, server.token("bob")) as bob:
         await bob.join("lobby")
