@@ -4,9 +4,10 @@ import functools
 import json
 import os
 import resource
+import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -320,3 +321,22 @@ def actor_crashes(node: Node, kind: str) -> float | None:
     return node.services.metrics.registry.get_sample_value(
         "parley_actor_crashes_total", {"kind": kind}
     )
+
+
+#: Bounds a wait for something that must happen, so that a bug fails instead of hanging.
+PATIENCE = 15
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds (a state of other tasks or servers); at most PATIENCE s."""
+    with trio.fail_after(PATIENCE):
+        while not condition():  # noqa: ASYNC110 - no event tells of these states
+            await trio.sleep(0.01)
+
+
+def rename_table(db: Path, old: str, new: str) -> None:
+    """Rename a table of a node's SQLite file from another connection: the node's reads
+    of it fail until it is renamed back."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+    conn.close()

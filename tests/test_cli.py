@@ -18,7 +18,14 @@ from server.chat import printable, retry_after
 from server.cli import build_parser
 from server.config import SERVE_OPTIONS, config_from_args
 from server.tokens import DEV_SECRETS_NAME, issue_token, load_dev_secrets, token_verifier
-from tests.helpers import SECRET, ServerProcess, run_cli, run_server, server_process
+from tests.helpers import (
+    SECRET,
+    ServerProcess,
+    rename_table,
+    run_cli,
+    run_server,
+    server_process,
+)
 
 
 def test_help_lists_the_commands() -> None:
@@ -420,23 +427,17 @@ async def test_chat_retries_a_room_storage_cannot_find_yet(tmp_path: Path) -> No
     backoff, connected again each time; once storage answers, chat is in the room."""
     db = tmp_path / "parley.db"
     async with run_server(tmp_path) as server:
-        await trio.to_thread.run_sync(_rename_table, db, "rooms", "rooms_away")
+        await trio.to_thread.run_sync(rename_table, db, "rooms", "rooms_away")
         out_path, err_path = tmp_path / "alice.out", tmp_path / "alice.err"
         async with trio.open_nursery() as nursery:
             refused = b"* server refused (storage unavailable; retry)"
             alice = await _start_chat(nursery, server.url, "alice", out_path, err_path, refused)
-            await trio.to_thread.run_sync(_rename_table, db, "rooms_away", "rooms")
+            await trio.to_thread.run_sync(rename_table, db, "rooms_away", "rooms")
             await _until_written(err_path, b"alice in lobby")
             assert alice.stdin is not None
             await alice.stdin.aclose()  # Ctrl-D
             with trio.fail_after(30):
                 assert await alice.wait() == 0
-
-
-def _rename_table(db: Path, old: str, new: str) -> None:
-    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
-    conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
-    conn.close()
 
 
 async def _bob_says(server: ServerProcess, text: str) -> None:

@@ -3,7 +3,6 @@ other nodes run, the mirrors it seeds for local followers, and what it does when
 holds an entry it cannot read or cannot be reached. Two books stand for two nodes."""
 
 import logging
-from collections.abc import Callable
 
 import pytest
 import trio
@@ -12,16 +11,11 @@ from actors.cluster_presence import ClusterPresence, presence_key
 from actors.presence import PresenceNote, presence_note
 from protocol.frames import PresenceState, Status
 from storage.redis_conn import open_redis
+from tests.helpers import until
 from tests.redis_server import PrivateRedis
 
 LEASE = 10.0  # seconds: no renewal runs in these tests unless one starts it
 NOBODY: frozenset[str] = frozenset()
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    with trio.fail_after(15):
-        while not condition():  # noqa: ASYNC110 - states of other tasks and of Redis
-            await trio.sleep(0.01)
 
 
 async def test_who_reads_the_users_of_other_nodes_from_redis(

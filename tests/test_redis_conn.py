@@ -8,7 +8,6 @@ timeouts make failures quick; no test asserts how long anything took.
 import socket
 import threading
 import tracemalloc
-from collections.abc import Callable
 
 import hiredis
 import pytest
@@ -25,16 +24,8 @@ from storage.redis_conn import (
     parse_url,
 )
 from storage.redis_link import RedisAddress
+from tests.helpers import PATIENCE, until
 from tests.redis_server import PrivateRedis
-
-#: Bounds a wait for something that must happen, so that a bug fails instead of hanging.
-PATIENCE = 15
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    with trio.fail_after(PATIENCE):
-        while not condition():  # noqa: ASYNC110 - states of other tasks and servers
-            await trio.sleep(0.01)
 
 
 def test_url_forms() -> None:

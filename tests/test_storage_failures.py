@@ -14,13 +14,7 @@ import trio
 from protocol.client import ServerError
 from protocol.errors import ErrorCode
 from protocol.frames import Joined, KvWrite, Message, Status
-from tests.helpers import run_server
-
-
-def _rename(path: Path, old: str, new: str) -> None:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
-    conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
-    conn.close()
+from tests.helpers import rename_table, run_server
 
 
 async def test_failed_reads_answer_try_later_and_the_session_goes_on(tmp_path: Path) -> None:
@@ -32,7 +26,7 @@ async def test_failed_reads_answer_try_later_and_the_session_goes_on(tmp_path: P
                 await alice.send("r", f"m{i}", cid=f"c{i}")
             with trio.fail_after(10):
                 await server.node.write_behind.wait_flushed()
-            await trio.to_thread.run_sync(_rename, db, "messages", "messages_away")
+            await trio.to_thread.run_sync(rename_table, db, "messages", "messages_away")
 
             # Older than the room's ring (the last 2): read from storage, which fails.
             with pytest.raises(ServerError) as history:
@@ -46,7 +40,7 @@ async def test_failed_reads_answer_try_later_and_the_session_goes_on(tmp_path: P
             assert {history.value.code, resend.value.code} == {ErrorCode.TRY_LATER}
 
             assert await alice.ping() >= 0 and await bob.ping() >= 0  # both sessions go on
-            await trio.to_thread.run_sync(_rename, db, "messages_away", "messages")
+            await trio.to_thread.run_sync(rename_table, db, "messages_away", "messages")
             page = await alice.history("r", after=0)
             assert [m.text for m in page.items] == [f"m{i}" for i in range(5)]
             assert (await alice.send("r", "m0", cid="c0", retry=True)).seq == 1
@@ -60,7 +54,7 @@ async def test_failed_reads_answer_try_later_and_the_session_goes_on(tmp_path: P
 
             # The room list, whether a room exists, and presence: each read fails alone.
             for table in ("rooms", "users"):
-                await trio.to_thread.run_sync(_rename, db, table, f"{table}_away")
+                await trio.to_thread.run_sync(rename_table, db, table, f"{table}_away")
             refusals = {}
             for name, read in {
                 "rooms": alice.rooms,
@@ -76,7 +70,7 @@ async def test_failed_reads_answer_try_later_and_the_session_goes_on(tmp_path: P
                 "who": (ErrorCode.TRY_LATER, "presence unavailable"),
             }
             for table in ("rooms", "users"):
-                await trio.to_thread.run_sync(_rename, db, f"{table}_away", table)
+                await trio.to_thread.run_sync(rename_table, db, f"{table}_away", table)
             assert [r.room for r in (await alice.rooms()).items] == ["r"]
             with pytest.raises(ServerError) as missing:
                 await alice.join("elsewhere")
