@@ -21,6 +21,7 @@ from protocol.codec import encode
 from protocol.errors import CloseCode, ErrorCode
 from protocol.frames import Error, Hello, Join, Message, Ping, Pong, Send, Welcome
 from protocol.wsframe import client_frame, parse_server_frames
+from server.listener import TASK_NAME
 from tests.helpers import RunningServer, next_frame, run_server
 
 
@@ -383,8 +384,6 @@ async def test_an_idle_connection_waits_in_one_short_chain(server: RunningServer
     """An idle session's memory is mostly its reader's waiting chain (ARCHITECTURE.md,
     "An idle session"): the connection task waits in wait_readable straight from
     Connection.run, under a name trio did not format for it."""
-    from server.listener import TASK_NAME
-
     async with server.raw() as ws:
         await hello(ws, server)
         await trio.testing.wait_all_tasks_blocked()

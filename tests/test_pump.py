@@ -8,7 +8,7 @@ import socket
 import trio
 import trio.testing
 
-from actors.outbox import Outbox
+from actors.outbox import Outbox, write_through
 from actors.pump import WritePump
 
 
@@ -237,8 +237,6 @@ async def test_pump_writes_a_large_fan_out_in_steps_of_a_chunk() -> None:
 
 
 async def test_write_through_writes_idle_outboxes_itself_and_keeps_order_elsewhere() -> None:
-    from actors.outbox import write_through
-
     pairs = [socket.socketpair() for _ in range(3)]
     pump = WritePump()
     idle, busy, held = (Outbox(2**20, pump=pump, fd=a.fileno()) for a, _ in pairs)
@@ -262,8 +260,6 @@ async def test_write_through_writes_idle_outboxes_itself_and_keeps_order_elsewhe
 
 
 def test_write_through_hands_a_full_socket_to_the_writer_and_a_reset_one_is_broken() -> None:
-    from actors.outbox import write_through
-
     full, gone = socket.socketpair(), socket.socketpair()
     try:
         for a, _ in (full, gone):

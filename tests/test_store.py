@@ -1,6 +1,7 @@
 """The store contract (storage/store.py), run against every backend."""
 
 import socket
+import sqlite3
 from pathlib import Path
 
 import cbor2
@@ -223,8 +224,6 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
         await store.begin_run()
     async with open_store(url) as store:  # a second start must not re-run them
         await store.begin_run()
-    import sqlite3
-
     with sqlite3.connect(tmp_path / "m.db") as conn:
         rows = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
     assert rows == [(m.version, m.name) for m in migrations_for("sqlite")]
@@ -283,8 +282,6 @@ async def test_user_state_and_blocks(store: Store) -> None:
 async def test_a_failed_sqlite_user_read_is_unavailable(tmp_path: Path) -> None:
     """The user's read runs on the event loop's own connection; an error there is typed
     like any other read's (callers retry ``StorageUnavailable``)."""
-    import sqlite3
-
     path = tmp_path / "broken.db"
     async with open_store(f"sqlite:///{path}") as store:
         assert await store.load_user("alice") == UserSnapshot()
